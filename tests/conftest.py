@@ -1,0 +1,15 @@
+"""Shared test set-up: the repository root is importable and runs go to a temporary folder."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    """A private runs root for one test (via MPN_RUNS_DIR, as a user would set it)."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("MPN_RUNS_DIR", str(root))
+    return root
