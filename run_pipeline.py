@@ -1,0 +1,174 @@
+"""Run the whole pipeline for one configuration: train -> analyze -> cluster -> lesion ->
+lesion plots -> state space, for one seed or several.
+
+Reads: config files (`configs/*.py`) and `--key=value` overrides. Each key is handed to every
+stage whose CONFIG has it (e.g. --n_hidden goes to training, --n_test to the lesion stage,
+--device to all); a key that no stage knows is an error.
+Writes: everything each stage writes under runs/<aname>/, plus runs/<aname>/pipeline.json
+(which stages ran, with which config, how long); with several seeds, the multi-seed summary
+under runs/summary/.
+
+A stage whose outputs exist, are newer than its inputs and were made with the same config is
+skipped; --force redoes everything.
+
+Example:
+    python run_pipeline.py configs/cpu_quick.py
+    python run_pipeline.py configs/cpu_quick.py --seeds=1,2,3 --jobs=3
+"""
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import helper
+
+CONFIG = dict(
+    seeds="",  # comma-separated seeds, e.g. "1,2,3"; empty = the training config's seed
+    jobs=1,  # seeds run in parallel as local processes (each gets cores // jobs threads)
+    force=False,  # redo every stage even when its outputs are up to date
+    stages="train,analyze,cluster,lesion,lesion_plot,state_space",  # stages to run, in order
+)
+
+# (stage name, module, RunPaths attributes it reads, RunPaths attributes it writes)
+STAGES = [
+    ("train", "multiple_task", [], ["checkpoint", "log"]),
+    ("analyze", "multiple_task_analysis", ["checkpoint"], ["variance"]),
+    ("cluster", "clustering", ["variance"], ["cluster_info", "cluster_info_mod"]),
+    ("lesion", "lesion", ["checkpoint", "cluster_info", "cluster_info_mod"], ["lesion"]),
+    ("lesion_plot", "lesion_plot", ["lesion"], []),
+    ("state_space", "state_space_shift", ["checkpoint"], ["state_space"]),
+]
+
+
+def stage_defaults():
+    """Each stage's CONFIG, imported lazily so that --help stays quick."""
+    import importlib
+    return {name: importlib.import_module(module).CONFIG for name, module, _, _ in STAGES}
+
+
+def split_overrides(argv, defaults_by_stage):
+    """Hand every override (from files and --key=value) to each stage that knows the key."""
+    pipeline_cfg, per_stage = dict(CONFIG), {name: {} for name in defaults_by_stage}
+    merged = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            # seeds stay text: "1,2,3" is a list of seeds, not a tuple literal
+            merged[key] = text if key == "seeds" else (helper._parse_value(text) if sep else True)
+        else:
+            merged.update(helper._read_config_file(arg))
+    for key, value in merged.items():
+        owners = [name for name, defaults in defaults_by_stage.items() if key in defaults]
+        if key in CONFIG:
+            pipeline_cfg = helper.apply_overrides(pipeline_cfg, {key: value}, echo=False)
+        elif not owners:
+            every = set(CONFIG).union(*defaults_by_stage.values())
+            raise helper._unknown_key(key, every)
+        for name in owners:
+            per_stage[name][key] = value
+    return pipeline_cfg, per_stage
+
+
+def stage_config(name, defaults, overrides, aname, runs_dir):
+    cfg = helper.apply_overrides(defaults, overrides, echo=False)
+    if name != "train":
+        cfg["run"] = aname
+    if "runs_dir" in cfg and runs_dir is not None:
+        cfg["runs_dir"] = runs_dir
+    return cfg
+
+
+def is_up_to_date(paths, state, name, cfg, inputs, outputs):
+    """Outputs present, newer than the inputs, and made with this very config."""
+    if state.get(name, {}).get("config_hash") != helper.config_hash(cfg):
+        return False
+    out_files = [getattr(paths, attr) for attr in outputs] or [paths.figures]
+    if not all(p.exists() for p in out_files):
+        return False
+    in_files = [getattr(paths, attr) for attr in inputs]
+    newest_input = max((p.stat().st_mtime for p in in_files if p.exists()), default=0.0)
+    return min(p.stat().st_mtime for p in out_files) >= newest_input
+
+
+def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
+    import importlib
+    wanted = pipeline_cfg["stages"].split(",")
+    unknown = set(wanted) - {name for name, *_ in STAGES}
+    if unknown:
+        raise helper.StageError(f"unknown stage(s) {sorted(unknown)}; choose from "
+                                f"{[name for name, *_ in STAGES]}.")
+    train_cfg = helper.apply_overrides(defaults_by_stage["train"], per_stage["train"], echo=False)
+    aname, runs_dir = helper.run_name(train_cfg), train_cfg.get("runs_dir")
+    paths = helper.run_paths(aname, runs_dir)
+    state_file = paths.dir / "pipeline.json"
+    state = helper.load_json(state_file) if state_file.exists() else {}
+    for name, module, inputs, outputs in STAGES:
+        if name not in wanted:
+            continue
+        cfg = stage_config(name, defaults_by_stage[name], per_stage[name], aname, runs_dir)
+        if not pipeline_cfg["force"] and is_up_to_date(paths, state, name, cfg, inputs, outputs):
+            print(f"[{aname}] {name}: up to date, skipped")
+            continue
+        print(f"[{aname}] {name}: running {module}.py")
+        start = time.time()
+        importlib.import_module(module).main(cfg)
+        state[name] = dict(config_hash=helper.config_hash(cfg), seconds=round(time.time() - start, 1),
+                           finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        helper.save_json(state_file, state)
+        print(f"[{aname}] {name}: done in {state[name]['seconds']:.0f} s")
+    print_figures(paths)
+    return paths
+
+
+def print_figures(paths):
+    figures = sorted(paths.figures.glob("*.png")) if paths.figures.exists() else []
+    print(f"\n{len(figures)} figures of {paths.name} in {paths.figures}:")
+    for fig in figures:
+        print(f"  {fig}")
+
+
+def run_seeds_in_parallel(argv, seeds, jobs):
+    """Each seed in its own process (python run_pipeline.py ... --seed=S), jobs at a time."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    base = [a for a in argv if not a.startswith(("--seeds", "--jobs"))]
+
+    def one(seed):
+        cmd = [sys.executable, __file__, *base, f"--seed={seed}"]
+        return seed, subprocess.run(cmd, env=env).returncode
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failed = [seed for seed, rc in pool.map(one, seeds) if rc != 0]
+    if failed:
+        raise helper.StageError(f"the pipeline failed for seed(s) {failed}; see their output above.")
+
+
+def main(argv):
+    defaults_by_stage = stage_defaults()
+    pipeline_cfg, per_stage = split_overrides(argv, defaults_by_stage)
+    seeds = [int(s) for s in str(pipeline_cfg["seeds"]).split(",") if str(s).strip()]
+    if len(seeds) <= 1:
+        if seeds:
+            per_stage["train"]["seed"] = seeds[0]
+        return run_one_seed(pipeline_cfg, per_stage, defaults_by_stage)
+    run_seeds_in_parallel(argv, seeds, pipeline_cfg["jobs"])
+    train_cfg = helper.apply_overrides(defaults_by_stage["train"], per_stage["train"], echo=False)
+    pattern = helper.run_name(dict(train_cfg, seed=0)).replace("_seed0_", "_seed*_")
+    import multiple_task_analysis
+    summary_cfg = dict(multiple_task_analysis.CONFIG, summary=True, runs=pattern,
+                       runs_dir=train_cfg.get("runs_dir"))
+    multiple_task_analysis.main(summary_cfg)
+
+
+if __name__ == "__main__":
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print(__doc__)
+        helper.print_help(CONFIG)
+        sys.exit(0)
+    try:
+        main(sys.argv[1:])
+    except helper.StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
