@@ -1,0 +1,228 @@
+"""The training stage (multiple_task.py) end to end on configs/tiny.py: artifacts, learning,
+exact resume after a kill, adaptive sampling, stopping, NaN handling, config refusal."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import helper
+import mpn_tasks
+import multiple_task as mt
+import net_helpers
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = helper.load_config(mt.CONFIG, [str(REPO / "configs" / "tiny.py")], echo=False)
+
+
+def tiny(root, **overrides):
+    return dict(TINY, runs_dir=str(root), **overrides)
+
+
+def params(paths):
+    return net_helpers.load_checkpoint(paths.checkpoint)["state_dict"]
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted tiny run, shared by the tests that compare against it."""
+    return mt.main(tiny(tmp_path_factory.mktemp("ref")))
+
+
+# ----------------------------------------------------------------------------------------
+# Adaptive sampling on hand-set accuracies (SPEC §4)
+
+
+def test_sampler_follows_spec_and_floor():
+    s = mt.AdaptiveSampler(3, p_min=0.2 / 3)
+    np.testing.assert_allclose(s.p, [1 / 3] * 3)
+    # g = (1 - acc) / sum = [0, 1/3, 2/3]; S = 0.9 g; p = g, then floored at 1/15 and renormalised
+    p = s.update([1.0, 0.5, 0.0])
+    np.testing.assert_allclose(s.S, 0.9 * np.array([0, 1 / 3, 2 / 3]))
+    np.testing.assert_allclose(p, np.array([1 / 15, 1 / 3, 2 / 3]) / (16 / 15))
+    # second update, g = [1/3, 1/3, 1/3]: S = 0.9 (0.9 g1 + g2)
+    p = s.update([0.0, 0.0, 0.0])
+    S = 0.9 * (0.9 * np.array([0, 1 / 3, 2 / 3]) + 1 / 3)
+    np.testing.assert_allclose(s.S, S)
+    np.testing.assert_allclose(p, S / S.sum())  # all above the floor: no clipping
+    assert p.sum() == pytest.approx(1.0)
+
+
+def test_sampler_all_perfect_relaxes_to_uniform_without_nan():
+    s = mt.AdaptiveSampler(4, p_min=0.05)
+    s.update([0.0, 1.0, 1.0, 1.0])
+    for _ in range(200):
+        p = s.update([1.0] * 4)
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p, 0.25, atol=1e-6)
+
+
+def test_sampler_uniform_mode_never_moves():
+    s = mt.AdaptiveSampler(5, p_min=0.04, adaptive=False)
+    np.testing.assert_allclose(s.update([1, 0, 0.5, 0.2, 0.9]), 0.2)
+
+
+def test_sampler_floor_keeps_every_rule_sampled():
+    s = mt.AdaptiveSampler(15, p_min=0.2 / 15)
+    for _ in range(50):
+        p = s.update([0.0] + [1.0] * 14)
+    assert p.min() >= 0.2 / 15 / (1 + 0.2)  # floored, then renormalised
+    assert p[0] > 0.8 and p.sum() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# End to end
+
+
+def test_tiny_run_writes_every_artifact(reference_run):
+    paths, cfg = reference_run["paths"], TINY
+    assert reference_run["step"] == cfg["max_steps"] and reference_run["stop_reason"] == "max_steps"
+    assert helper.load_json(paths.config)["n_hidden"] == cfg["n_hidden"]
+    ckpt = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["step"] == cfg["max_steps"]
+    for key in ("optimizer", "scheduler", "sampler", "rng", "torch_rng"):
+        assert key in ckpt["extra"]
+    net = net_helpers.model_from_checkpoint(ckpt)
+    assert net.n_trainable() > 0
+    log = helper.load_json(paths.log)["evals"]
+    assert [e["step"] for e in log] == list(range(0, cfg["max_steps"] + 1, cfg["eval_every"]))
+    rules = mpn_tasks.RULESETS[cfg["ruleset"]]
+    for e in log:
+        assert set(e["acc"]["angle"]) == set(rules) == set(e["acc"]["trial"]) == set(e["p"])
+        assert {"wall_s", "lr", "loss", "loss_mse", "mean_angle", "mean_trial"} <= set(e)
+        assert sum(e["p"].values()) == pytest.approx(1.0)
+    assert set(log[-1]["train"]) >= {"loss", "mse", "weight", "activity"}
+    for step in (0, 1, cfg["max_steps"]):
+        snap = torch.load(paths.snapshot(step), map_location="cpu", weights_only=True)
+        assert snap["step"] == step
+    for name in ("training_curves", "training_accuracy_heatmap", "training_sampling",
+                 "training_example_trials"):
+        assert paths.figure(name).stat().st_size > 1000
+    assert reference_run["final"]["step"] == cfg["max_steps"]
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    cfg = dict(TINY, lr=1e-2)
+    meta = mt.derived(cfg)
+    net, opt, _ = mt.build(cfg, meta, torch.device("cpu"))
+    batch = mpn_tasks.random_batch("fdgo", 16, np.random.default_rng(0))
+    losses = [mt.train_step(net, opt, batch, cfg, "cpu")["loss"] for _ in range(50)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_completed_run_is_not_retrained(reference_run, capsys):
+    paths = reference_run["paths"]
+    before = paths.checkpoint.stat().st_mtime_ns
+    again = mt.main(tiny(paths.dir.parent))
+    assert again["step"] == TINY["max_steps"]
+    assert paths.checkpoint.stat().st_mtime_ns == before
+    assert "resuming" in capsys.readouterr().out
+
+
+def test_stops_when_every_rule_reaches_target(tmp_path):
+    out = mt.main(tiny(tmp_path, target_acc=0.0, patience_evals=2))
+    # evaluations at steps 0 and 10 both satisfy acc >= 0
+    assert out["stop_reason"] == "target_acc" and out["step"] == TINY["eval_every"]
+    assert net_helpers.load_checkpoint(out["paths"].checkpoint)["step"] == TINY["eval_every"]
+
+
+# ----------------------------------------------------------------------------------------
+# Resume
+
+
+def test_resume_after_a_crash_is_bit_identical(reference_run, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_step = mt.train_step
+
+    def crashing_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 25:  # after the checkpoint at step 20, before the one at 30
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(mt, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        mt.main(tiny(tmp_path))
+    monkeypatch.undo()
+    assert net_helpers.load_checkpoint(reference_run["paths"].checkpoint)["step"] == 30
+    out = mt.main(tiny(tmp_path, resume=True))
+    assert out["step"] == TINY["max_steps"]
+    assert_same_params(params(out["paths"]), params(reference_run["paths"]))
+    ref_log = helper.load_json(reference_run["paths"].log)["evals"]
+    log = helper.load_json(out["paths"].log)["evals"]
+    assert [e["loss"] for e in log] == [e["loss"] for e in ref_log]
+    assert [e["p"] for e in log] == [e["p"] for e in ref_log]
+
+
+def test_extending_max_steps_continues_exactly(reference_run, tmp_path):
+    mt.main(tiny(tmp_path, max_steps=20))
+    out = mt.main(tiny(tmp_path, max_steps=30))
+    assert_same_params(params(out["paths"]), params(reference_run["paths"]))
+
+
+def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
+    """A real process killed with SIGKILL once a mid-run checkpoint exists."""
+    cfg_file = REPO / "configs" / "tiny.py"
+    env = dict(os.environ, MPN_RUNS_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(REPO / "multiple_task.py"), str(cfg_file),
+                             "--ckpt_every=5"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = helper.run_paths(reference_run["paths"].name, tmp_path).checkpoint
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 5:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 5 <= killed_at < TINY["max_steps"]
+    out = mt.main(tiny(tmp_path, ckpt_every=5, resume=True))
+    assert_same_params(params(out["paths"]), params(reference_run["paths"]))
+
+
+# ----------------------------------------------------------------------------------------
+# Failures a user can cause
+
+
+def test_changed_config_is_refused(reference_run):
+    root = reference_run["paths"].dir.parent
+    with pytest.raises(helper.StageError, match=r"lr: 0.001 -> 0.002.*--run_tag"):
+        mt.main(tiny(root, lr=2e-3))
+    with pytest.raises(helper.StageError, match="already holds a trained run"):
+        mt.main(tiny(root, resume=False))
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(helper.StageError, match="does not exist"):
+        mt.main(tiny(tmp_path, resume=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = net_helpers.compute_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        total, parts = real_loss(*args, **kwargs)
+        return (total * float("nan"), parts) if calls["n"] == 15 else (total, parts)
+
+    monkeypatch.setattr(net_helpers, "compute_loss", poisoned)
+    with pytest.raises(helper.StageError, match=r"diverged at step 14 .*checkpoint \(step 10\)"):
+        mt.main(tiny(tmp_path))
+    paths = helper.run_paths(tiny(tmp_path))
+    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
+    assert ckpt["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
