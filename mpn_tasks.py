@@ -1,0 +1,532 @@
+"""The 15 cognitive tasks of SPEC §2: declarations, batch generation and accuracy (SPEC §3).
+
+Axis order everywhere: trials x time x channels, written (B, T, N). Times are in ms unless a
+name ends in `_steps`; one step is DT_MS = 40 ms and a duration of d ms lasts int(d / DT_MS)
+steps. Angles are radians in [0, 2π).
+
+Provides
+- RULES (SPEC order = rule index), RULESETS, RULE_GROUPS, TASKS (the registry: one short
+  declaration per rule; rules differing by a flag share a family), epoch_names(rule);
+- n_inputs(io_mode), n_outputs(io_mode) for io_mode "low_dim" (21 in, 3 out) or "ring"
+  (1 + 2·32 + 15 in, 1 + 32 out);
+- Batch, random_batch (training: every trial draws its own durations and conditions),
+  aligned_batch (analysis: shared epoch boundaries, stim1 directions balanced),
+  concat_batches;
+- score_angle, score_trial, accuracy_by_rule: both accuracy measures, vectorised, on numpy
+  arrays or torch tensors.
+
+Every sampling function takes an explicit numpy.random.Generator (same seed -> same batch).
+Generation is vectorised over trials; Python loops run only over epochs, stimuli and rings.
+"""
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+DT_MS = 40
+GRACE_STEPS = int(100 / DT_MS)  # cost mask is 0 for 100 ms at trial start and after the go cue
+N_DIRS = 8  # stimulus/response directions on the grid 0, 45°, ..., 315°
+N_RING = 32  # units per ring in io_mode "ring"
+RING_SIGMA = np.pi / 8  # bump width in io_mode "ring"
+BUMP_PEAK = 0.8  # bump height at strength 1 in io_mode "ring"
+NOISE_SCALE = np.sqrt(2 / 0.8)  # input noise std per unit sigma_x (reference convention)
+ACC_TOL = 0.2 * np.pi  # `trial` measure: largest accepted response-direction error
+ANGLE_ZERO = 0.05  # `angle` measure: |sin| or |cos| below this counts as 0 before atan2
+IO_MODES = ("low_dim", "ring")
+EPOCH_NAMES = ("fix1", "stim1", "delay1", "stim2", "delay2", "go1")
+
+RULES = ["fdgo", "fdanti", "reactgo", "reactanti", "delaygo", "delayanti",
+         "delaydm1", "delaydm2", "contextdelaydm1", "contextdelaydm2", "multidelaydm",
+         "dmsgo", "dmsnogo", "dmcgo", "dmcnogo"]
+RULESETS = {
+    "everything": RULES,
+    "go": RULES[:6],
+    "decision": RULES[6:11],
+    "match": RULES[11:],
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Task declarations
+
+
+@dataclass(frozen=True)
+class Task:
+    """One rule: its epochs, when its stimuli are shown, and the flags its family reads."""
+    family: str  # key of FAMILIES: the sampler that draws directions, strengths, response
+    group: str  # task group used to colour plots (Go/Anti, Reaction, Delay, ...)
+    epochs: tuple  # ((name, lo_ms, hi_ms), ...) in trial order; durations ~ U(lo, hi)
+    stim_windows: tuple  # per stimulus: (first_epoch, last_epoch) during which it is shown
+    fixate_whole_trial: bool = False  # fixation input stays on: the go cue is a stimulus onset
+    stim1_dirs: tuple = tuple(range(N_DIRS))  # grid indices stim1 may take
+    anti: bool = False  # respond opposite to the stimulus
+    ring: int = 1  # ring holding stim1 (delaydm) or the attended ring (contextdm)
+    nogo: bool = False  # match tasks: respond on non-match and fixate on match
+    category: bool = False  # match tasks: compare categories (θ < π), not directions
+
+
+_FD_EPOCHS = (("fix1", 300, 700), ("stim1", 200, 1500), ("go1", 300, 700))
+_REACT_EPOCHS = (("fix1", 500, 2500), ("go1", 300, 1700))
+_DELAY_EPOCHS = (("fix1", 300, 700), ("stim1", 200, 1600), ("delay1", 200, 1600),
+                 ("go1", 300, 700))
+_DM_EPOCHS = (("fix1", 200, 600), ("stim1", 200, 1600), ("delay1", 200, 1600),
+              ("stim2", 200, 1600), ("delay2", 100, 300), ("go1", 300, 700))
+_MATCH_EPOCHS = (("fix1", 200, 600), ("stim1", 200, 1600), ("delay1", 200, 1600),
+                 ("go1", 300, 700))
+
+_FD = Task("single", "Go/Anti", _FD_EPOCHS, (("stim1", "go1"),))
+_REACT = Task("single", "Reaction", _REACT_EPOCHS, (("go1", "go1"),), fixate_whole_trial=True)
+_DELAY = Task("single", "Delay", _DELAY_EPOCHS, (("stim1", "stim1"),))
+_DM = Task("delaydm", "Decision-making", _DM_EPOCHS, (("stim1", "stim1"), ("stim2", "stim2")))
+_MATCH = Task("match", "Match", _MATCH_EPOCHS, (("stim1", "stim1"), ("go1", "go1")),
+              fixate_whole_trial=True)
+_DMC = replace(_MATCH, category=True, stim1_dirs=(1, 2, 3, 5, 6, 7))  # 0 and π are boundaries
+
+TASKS = {
+    "fdgo": _FD, "fdanti": replace(_FD, anti=True),
+    "reactgo": _REACT, "reactanti": replace(_REACT, anti=True),
+    "delaygo": _DELAY, "delayanti": replace(_DELAY, anti=True),
+    "delaydm1": _DM, "delaydm2": replace(_DM, ring=2),
+    "contextdelaydm1": replace(_DM, family="contextdm"),
+    "contextdelaydm2": replace(_DM, family="contextdm", ring=2),
+    "multidelaydm": replace(_DM, family="multidm"),
+    "dmsgo": _MATCH, "dmsnogo": replace(_MATCH, nogo=True),
+    "dmcgo": _DMC, "dmcnogo": replace(_DMC, nogo=True),
+}
+RULE_GROUPS = {rule: TASKS[rule].group for rule in RULES}
+
+
+def epoch_names(rule):
+    """Names of the rule's epochs in trial order."""
+    return tuple(name for name, _, _ in _task(rule).epochs)
+
+
+def n_inputs(io_mode="low_dim"):
+    """Inputs: fixation, go cue, 2 x (sin, cos), rules; or fixation, 2 rings, rules."""
+    _check_io_mode(io_mode)
+    return 6 + len(RULES) if io_mode == "low_dim" else 1 + 2 * N_RING + len(RULES)
+
+
+def n_outputs(io_mode="low_dim"):
+    """Output channels: fixation, then (sin, cos) or a response ring."""
+    _check_io_mode(io_mode)
+    return 3 if io_mode == "low_dim" else 1 + N_RING
+
+
+def _check_io_mode(io_mode):
+    if io_mode not in IO_MODES:
+        raise ValueError(f"unknown io_mode {io_mode!r}; use one of {IO_MODES}")
+
+
+def _task(rule):
+    if rule not in TASKS:
+        raise ValueError(f"unknown rule {rule!r}; known rules: {', '.join(RULES)}")
+    return TASKS[rule]
+
+
+# ---------------------------------------------------------------------------------------
+# Condition samplers: one per family, vectorised over trials
+
+
+@dataclass
+class _Conditions:
+    """What a family draws for B trials (before rendering into time series)."""
+    dirs: np.ndarray  # (B, 2) direction of stimulus 1 and 2, rad; nan where absent
+    ring_strength: np.ndarray  # (B, 2, 2) strength of stimulus k on ring r (0 = not shown)
+    strength: np.ndarray  # (B, 2) decision-relevant strength of each stimulus; nan if absent
+    stim1_ring: np.ndarray  # (B,) ring of stim1: 1 or 2, 0 when it is shown on both rings
+    resp_dir: np.ndarray  # (B,) rad, nan on no-go trials
+    resp_amp: np.ndarray  # (B,) response amplitude
+    is_go: np.ndarray  # (B,) bool
+
+
+def _grid(index):
+    return np.asarray(index, dtype=np.float64) * (2 * np.pi / N_DIRS)
+
+
+def _sample_single(task, rng, i1):
+    """fd / react / delay: one stimulus, strength 1, on a random ring; go or anti response."""
+    n = len(i1)
+    ring = rng.integers(1, 3, size=n)
+    ring_strength = np.zeros((n, 2, 2))
+    ring_strength[np.arange(n), 0, ring - 1] = 1.0
+    theta = _grid(i1)
+    return _Conditions(
+        dirs=np.stack([theta, np.full(n, np.nan)], axis=1), ring_strength=ring_strength,
+        strength=np.stack([np.ones(n), np.full(n, np.nan)], axis=1), stim1_ring=ring,
+        resp_dir=theta + np.pi * task.anti, resp_amp=np.ones(n), is_go=np.ones(n, bool))
+
+
+def _strength_pair(rng, n):
+    """Strengths μ ± c·s: μ ~ U(0.8, 1.2), c ∈ {0.08, 0.16, 0.32}, s = ±1 (never equal)."""
+    mu = rng.uniform(0.8, 1.2, size=n)
+    c = rng.choice(np.array([0.08, 0.16, 0.32]), size=n)
+    s = rng.choice(np.array([-1.0, 1.0]), size=n)
+    return mu + c * s, mu - c * s
+
+
+def _dm_dirs(rng, i1):
+    """θ1 from i1, θ2 = θ1 + one of 90°..270° on the grid (the two never look alike)."""
+    i2 = i1 + rng.integers(2, 7, size=len(i1))
+    return np.stack([_grid(i1), _grid(i2)], axis=1)
+
+
+def _dm_conditions(dirs, ring_strength, strength, decisive, stim1_ring, amp_is_strength):
+    """Respond to the stimulus whose `decisive` value is larger."""
+    n = len(dirs)
+    first = decisive[:, 0] > decisive[:, 1]
+    resp_amp = np.where(first, strength[:, 0], strength[:, 1]) if amp_is_strength else np.ones(n)
+    return _Conditions(dirs=dirs, ring_strength=ring_strength, strength=strength,
+                       stim1_ring=stim1_ring, resp_dir=np.where(first, dirs[:, 0], dirs[:, 1]),
+                       resp_amp=resp_amp, is_go=np.ones(n, bool))
+
+
+def _sample_delaydm(task, rng, i1):
+    """stim1 on ring `task.ring`, stim2 on the other; the stronger wins, amp = its strength."""
+    n = len(i1)
+    s = np.stack(_strength_pair(rng, n), axis=1)
+    dirs = _dm_dirs(rng, i1)
+    ring_strength = np.zeros((n, 2, 2))
+    ring_strength[:, 0, task.ring - 1] = s[:, 0]
+    ring_strength[:, 1, 2 - task.ring] = s[:, 1]
+    return _dm_conditions(dirs, ring_strength, s, s, np.full(n, task.ring), True)
+
+
+def _sample_contextdm(task, rng, i1):
+    """Both stimuli on both rings, independent strengths per ring; only `task.ring` counts."""
+    n = len(i1)
+    ring_strength = np.zeros((n, 2, 2))
+    for r in range(2):
+        ring_strength[:, 0, r], ring_strength[:, 1, r] = _strength_pair(rng, n)
+    attended = ring_strength[:, :, task.ring - 1]
+    return _dm_conditions(_dm_dirs(rng, i1), ring_strength, attended.copy(), attended,
+                          np.zeros(n, np.int64), False)
+
+
+def _sample_multidm(task, rng, i1):
+    """Stimulus i shows s_i ± d_i/2 on ring 1/2, d_i = ±s_i·U(0.2, 0.8); larger 2·s_i wins."""
+    n = len(i1)
+    s = np.stack(_strength_pair(rng, n), axis=1)
+    d = s * rng.uniform(0.2, 0.8, size=(n, 2)) * rng.choice(np.array([-1.0, 1.0]), size=(n, 2))
+    ring_strength = np.stack([s + d / 2, s - d / 2], axis=2)
+    return _dm_conditions(_dm_dirs(rng, i1), ring_strength, s, s, np.zeros(n, np.int64), False)
+
+
+def _category_test(rng, i1, match):
+    """dmc test index: a usable direction (not 0 or π) of the sample's category or the other."""
+    sample_upper = i1 > N_DIRS // 2  # category θ > π (0 and π are never drawn)
+    test_upper = sample_upper == match
+    return 1 + rng.integers(0, 3, size=len(i1)) + (N_DIRS // 2) * test_upper
+
+
+def _sample_match(task, rng, i1):
+    """dms / dmc: sample on a random ring during stim1, test on the other ring from go1 on."""
+    n = len(i1)
+    ring = rng.integers(1, 3, size=n)
+    match = rng.random(n) < 0.5
+    if task.category:
+        i2 = _category_test(rng, i1, match)
+    else:  # a non-match test is one of the 7 other directions
+        i2 = np.where(match, i1, i1 + rng.integers(1, N_DIRS, size=n))
+    ring_strength = np.zeros((n, 2, 2))
+    ring_strength[np.arange(n), 0, ring - 1] = 1.0
+    ring_strength[np.arange(n), 1, 2 - ring] = 1.0
+    dirs = np.stack([_grid(i1), _grid(i2)], axis=1)
+    is_go = match != task.nogo
+    return _Conditions(dirs=dirs, ring_strength=ring_strength, strength=np.ones((n, 2)),
+                       stim1_ring=ring, resp_dir=np.where(is_go, dirs[:, 1], np.nan),
+                       resp_amp=np.ones(n), is_go=is_go)
+
+
+FAMILIES = {"single": _sample_single, "delaydm": _sample_delaydm,
+            "contextdm": _sample_contextdm, "multidm": _sample_multidm, "match": _sample_match}
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    """A batch of trials of one or more rules; every array's first axis is the trial."""
+    inputs: np.ndarray  # (B, T, n_in) float32
+    targets: np.ndarray  # (B, T, n_out) float32
+    mask: np.ndarray  # (B, T, n_out) float32, effective squared-error weight (SPEC §2.5)
+    rule: np.ndarray  # (B,) int64 index into RULES
+    length: np.ndarray  # (B,) int64 steps; everything is 0 from here on
+    go_step: np.ndarray  # (B,) int64 step of the go cue (= go1 start)
+    epochs: dict  # name -> (B, 2) int64 [start, stop) steps; (-1, -1) where absent
+    stim1_dir: np.ndarray  # (B,) rad
+    stim2_dir: np.ndarray  # (B,) rad, nan where the rule has one stimulus
+    stim1_strength: np.ndarray  # (B,) decision-relevant strength (attended ring / mean of rings)
+    stim2_strength: np.ndarray  # (B,) likewise, nan where absent
+    stim1_ring: np.ndarray  # (B,) int64 1 or 2; 0 = shown on both rings
+    resp_dir: np.ndarray  # (B,) rad, nan on no-go trials
+    is_go: np.ndarray  # (B,) bool
+    io_mode: str
+    ring_strength: np.ndarray  # (B, 2, 2) strength of stimulus k on ring r as shown
+    resp_amp: np.ndarray  # (B,) response amplitude (0 on no-go trials)
+
+    @property
+    def rule_names(self):
+        return [RULES[r] for r in self.rule]
+
+    def take(self, index):
+        """A sub-batch of the trials selected by `index` (same T)."""
+        return replace(self, **{f.name: _take_field(getattr(self, f.name), index)
+                                for f in fields(self) if f.name != "io_mode"})
+
+
+def _take_field(value, index):
+    if isinstance(value, dict):
+        return {k: v[index] for k, v in value.items()}
+    return value[index]
+
+
+def random_batch(rule, batch_size, rng, *, sigma_x=0.0, io_mode="low_dim"):
+    """Training batch: every trial draws its own durations and conditions.
+
+    In io_mode "ring" the angles are continuous: each trial's whole geometry is rotated by a
+    uniform jitter of at most ±22.5°, which keeps every relation of the rule (and the dmc
+    categories, whose usable directions sit 45° from the boundaries) intact.
+    """
+    task = _task(rule)
+    _check_io_mode(io_mode)
+    ms = np.stack([rng.uniform(lo, hi, size=batch_size) for _, lo, hi in task.epochs], axis=1)
+    steps = (ms / DT_MS).astype(np.int64)
+    choices = np.asarray(task.stim1_dirs)
+    i1 = choices[rng.integers(0, len(choices), size=batch_size)]
+    return _make_batch(rule, steps, i1, rng, sigma_x, io_mode, jitter=io_mode == "ring")
+
+
+def aligned_batch(rule, n_trials, rng, *, quantile=1.0, sigma_x=0.0, io_mode="low_dim"):
+    """Analysis batch: shared epoch boundaries (each epoch at `quantile` of its range).
+
+    Trial i has stim1 direction index i % 8; dmc rules, which never use 0 or π, cycle over
+    their 6 usable directions instead. Other conditions are drawn from `rng`; angles stay on
+    the grid in both io modes so trials can be grouped by direction.
+    """
+    task = _task(rule)
+    _check_io_mode(io_mode)
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    ms = np.array([lo + quantile * (hi - lo) for _, lo, hi in task.epochs])
+    steps = np.tile((ms / DT_MS).astype(np.int64), (n_trials, 1))
+    choices = np.asarray(task.stim1_dirs)
+    i1 = choices[np.arange(n_trials) % len(choices)]
+    return _make_batch(rule, steps, i1, rng, sigma_x, io_mode, jitter=False)
+
+
+def _make_batch(rule, steps, i1, rng, sigma_x, io_mode, jitter):
+    task = TASKS[rule]
+    n = len(i1)
+    cond = FAMILIES[task.family](task, rng, i1)
+    rotation = rng.uniform(-np.pi / N_DIRS, np.pi / N_DIRS, size=n) if jitter else np.zeros(n)
+    cond.dirs = np.mod(cond.dirs + rotation[:, None], 2 * np.pi)
+    cond.resp_dir = np.mod(cond.resp_dir + rotation, 2 * np.pi)
+    epochs, go, length = _epoch_windows(task, steps)
+    inputs = _render_inputs(task, RULES.index(rule), cond, epochs, go, length, io_mode)
+    if sigma_x > 0:
+        valid = (np.arange(inputs.shape[1]) < length[:, None])[:, :, None]
+        noise = rng.standard_normal(inputs.shape, dtype=np.float32)
+        inputs += noise * np.float32(sigma_x * NOISE_SCALE) * valid
+    return Batch(
+        inputs=inputs, targets=_render_targets(cond, go, length, io_mode),
+        mask=_cost_mask(go, length, n_outputs(io_mode)), rule=np.full(n, RULES.index(rule)),
+        length=length, go_step=go, epochs=epochs, stim1_dir=cond.dirs[:, 0],
+        stim2_dir=cond.dirs[:, 1], stim1_strength=cond.strength[:, 0],
+        stim2_strength=cond.strength[:, 1], stim1_ring=cond.stim1_ring.astype(np.int64),
+        resp_dir=cond.resp_dir, is_go=cond.is_go, io_mode=io_mode,
+        ring_strength=cond.ring_strength, resp_amp=np.where(cond.is_go, cond.resp_amp, 0.0))
+
+
+def _epoch_windows(task, steps):
+    """[start, stop) step windows per epoch name from per-trial durations (B, n_epochs)."""
+    stops = np.cumsum(steps, axis=1)
+    starts = stops - steps
+    epochs = {name: np.full((len(steps), 2), -1, dtype=np.int64) for name in EPOCH_NAMES}
+    for j, (name, _, _) in enumerate(task.epochs):
+        epochs[name] = np.stack([starts[:, j], stops[:, j]], axis=1)
+    return epochs, epochs["go1"][:, 0].copy(), stops[:, -1].copy()
+
+
+def _encode(theta, strength, io_mode):
+    """(B,) angles and strengths -> (B, width): strength·(sin, cos), or a ring of bumps."""
+    theta = np.nan_to_num(theta)  # absent stimuli have strength 0 anyway
+    if io_mode == "low_dim":
+        return np.stack([strength * np.sin(theta), strength * np.cos(theta)], axis=1)
+    return _bumps(theta, strength)
+
+
+_PREFERRED = 2 * np.pi * np.arange(N_RING) / N_RING  # preferred direction of each ring unit
+
+
+def _bumps(theta, strength):
+    d = np.mod(_PREFERRED[None, :] - theta[:, None] + np.pi, 2 * np.pi) - np.pi
+    return BUMP_PEAK * np.exp(-d ** 2 / (2 * RING_SIGMA ** 2)) * strength[:, None]
+
+
+def _ring_channels(io_mode):
+    """Input slice of ring 1 followed by ring 2, and the first rule channel."""
+    if io_mode == "low_dim":
+        return slice(2, 6), 6
+    return slice(1, 1 + 2 * N_RING), 1 + 2 * N_RING
+
+
+def _render_inputs(task, rule_index, cond, epochs, go, length, io_mode):
+    n, n_steps = len(length), int(length.max())
+    t = np.arange(n_steps)[None, :]
+    valid = t < length[:, None]
+    after_go = valid & (t >= go[:, None])
+    x = np.zeros((n, n_steps, n_inputs(io_mode)), dtype=np.float32)
+    x[:, :, 0] = valid if task.fixate_whole_trial else valid & ~after_go
+    if io_mode == "low_dim":  # the ring format signals the go cue by fixation off only
+        x[:, :, 1] = after_go
+    rings, rule0 = _ring_channels(io_mode)
+    for k, (first, last) in enumerate(task.stim_windows):
+        shown = (t >= epochs[first][:, :1]) & (t < epochs[last][:, 1:])
+        # both rings in one write: they are adjacent channels in either layout
+        code = np.concatenate([_encode(cond.dirs[:, k], cond.ring_strength[:, k, r], io_mode)
+                               for r in range(2)], axis=1).astype(np.float32)
+        x_rings = x[:, :, rings]  # a view: writing only the shown steps is what keeps this fast
+        x_rings[shown] += np.repeat(code, shown.sum(axis=1), axis=0)
+    x[:, :, rule0 + rule_index] = valid
+    return x
+
+
+def _render_targets(cond, go, length, io_mode):
+    """Fixation target 1 until the go cue (whole trial on no-go); response during go1."""
+    n, n_steps = len(length), int(length.max())
+    t = np.arange(n_steps)[None, :]
+    valid = t < length[:, None]
+    respond = valid & (t >= go[:, None]) & cond.is_go[:, None]
+    y = np.zeros((n, n_steps, n_outputs(io_mode)), dtype=np.float32)
+    y[:, :, 0] = valid & ~respond
+    code = _encode(cond.resp_dir, np.where(cond.is_go, cond.resp_amp, 0.0), io_mode)
+    y_response = y[:, :, 1:]  # a view, written at the response steps only (fast)
+    y_response[respond] = np.repeat(code.astype(np.float32), respond.sum(axis=1), axis=0)
+    return y
+
+
+def _cost_mask(go, length, n_out):
+    """SPEC §2.5: 0 (first 100 ms), 1 (to go cue), 0 (100 ms), 5 (to end); fixation half."""
+    t = np.arange(int(length.max()))[None, :]
+    go = go[:, None]
+    weight = np.where(t < go, 1.0, 5.0)
+    grace = (t < GRACE_STEPS) | ((t >= go) & (t < go + GRACE_STEPS)) | (t >= length[:, None])
+    weight = np.where(grace, 0.0, weight).astype(np.float32)
+    mask = np.repeat(weight[:, :, None], n_out, axis=2)
+    mask[:, :, 0] *= 0.5
+    return mask
+
+
+def concat_batches(batches):
+    """One batch from several (same io_mode), zero-padded in time to the longest."""
+    modes = {b.io_mode for b in batches}
+    if len(modes) != 1:
+        raise ValueError(f"cannot concatenate batches of different io_modes {sorted(modes)}")
+    n_steps = max(b.inputs.shape[1] for b in batches)
+    merged = {"io_mode": modes.pop(), "epochs": {
+        name: np.concatenate([b.epochs[name] for b in batches]) for name in EPOCH_NAMES}}
+    for f in fields(Batch):
+        if f.name in merged:
+            continue
+        parts = [getattr(b, f.name) for b in batches]
+        if f.name in ("inputs", "targets", "mask"):
+            parts = [np.pad(p, ((0, 0), (0, n_steps - p.shape[1]), (0, 0))) for p in parts]
+        merged[f.name] = np.concatenate(parts)
+    return Batch(**merged)
+
+
+# ---------------------------------------------------------------------------------------
+# Accuracy (SPEC §3)
+
+
+def _to_numpy(array):
+    if hasattr(array, "detach"):  # torch tensor
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def _ring_norm():
+    """Population-vector length of a strength-1 response bump, so ring and low_dim agree."""
+    bump = _bumps(np.zeros(1), np.ones(1))[0]
+    return np.hypot(bump @ np.sin(_PREFERRED), bump @ np.cos(_PREFERRED))
+
+
+_RING_NORM = _ring_norm()
+
+
+def _response_vectors(y, io_mode):
+    """(B, T, n_out) -> (B, T, 2) response (sin, cos); ring: normalised population vector."""
+    if io_mode == "low_dim":
+        return y[..., 1:3]
+    ring = y[..., 1:]
+    return np.stack([ring @ np.sin(_PREFERRED), ring @ np.cos(_PREFERRED)], axis=-1) / _RING_NORM
+
+
+def _checked_outputs(outputs, batch):
+    y = _to_numpy(outputs)
+    if y.shape != batch.targets.shape:
+        raise ValueError(f"outputs have shape {y.shape}, batch targets {batch.targets.shape}")
+    return y
+
+
+def _response_window(batch):
+    """(B, T) scored response steps: from go + 100 ms + ⌊remaining / 4⌋ to the trial end."""
+    t = np.arange(batch.targets.shape[1])[None, :]
+    first = batch.go_step + GRACE_STEPS
+    start = first + (batch.length - first) // 4
+    return (t >= start[:, None]) & (t < batch.length[:, None])
+
+
+def _grid_index(vectors):
+    """Nearest of the 8 directions after zeroing components below ANGLE_ZERO (0 vector -> 0)."""
+    v = np.where(np.abs(vectors) < ANGLE_ZERO, 0.0, vectors)
+    angle = np.arctan2(v[..., 0], v[..., 1])
+    return np.round(angle / (2 * np.pi / N_DIRS)).astype(np.int64) % N_DIRS
+
+
+def score_angle(outputs, batch):
+    """`angle` measure: per trial, (number of correct, number of scored) response steps."""
+    y = _checked_outputs(outputs, batch)
+    window = _response_window(batch)
+    hit = (_grid_index(_response_vectors(y, batch.io_mode))
+           == _grid_index(_response_vectors(batch.targets, batch.io_mode)))
+    return (hit & window).sum(axis=1), window.sum(axis=1)
+
+
+def score_trial(outputs, batch):
+    """`trial` measure: (B,) bool, fixation held before the go cue and every scored response
+    step right (go: fixation < 0.5 and direction within ACC_TOL; no-go: fixation > 0.5 and
+    response norm < 0.5). A zero response vector has no direction and fails a go trial."""
+    y = _checked_outputs(outputs, batch)
+    t = np.arange(y.shape[1])[None, :]
+    fixation = y[..., 0]
+    pre = (batch.mask[..., 0] > 0) & (t < batch.go_step[:, None])
+    held = np.all(~pre | (fixation > 0.5), axis=1)
+    out = _response_vectors(y, batch.io_mode)
+    target = _response_vectors(batch.targets, batch.io_mode)
+    norm = np.hypot(out[..., 0], out[..., 1])
+    error = np.arctan2(out[..., 0], out[..., 1]) - np.arctan2(target[..., 0], target[..., 1])
+    error = np.abs(np.mod(error + np.pi, 2 * np.pi) - np.pi)
+    go_ok = (fixation < 0.5) & (error < ACC_TOL) & (norm > 0)
+    nogo_ok = (fixation > 0.5) & (norm < 0.5)
+    step_ok = np.where(batch.is_go[:, None], go_ok, nogo_ok)
+    return held & np.all(~_response_window(batch) | step_ok, axis=1)
+
+
+def accuracy_by_rule(outputs, batch):
+    """{"angle": {rule: acc}, "trial": {rule: acc}} for every rule present in the batch.
+
+    `angle` accuracy is the mean over the rule's scored (trial, step) points; `trial`
+    accuracy the fraction of its trials that are correct.
+    """
+    y = _to_numpy(outputs)
+    n_correct, n_scored = score_angle(y, batch)
+    correct = score_trial(y, batch)
+    result = {"angle": {}, "trial": {}}
+    for r in np.unique(batch.rule):
+        trials = batch.rule == r
+        result["angle"][RULES[r]] = float(n_correct[trials].sum() / max(n_scored[trials].sum(), 1))
+        result["trial"][RULES[r]] = float(correct[trials].mean())
+    return result
