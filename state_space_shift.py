@@ -47,28 +47,25 @@ CONFIG = dict(
     trial_seed=0,  # seed of the numpy Generator drawing the analysis trials
     subspace_dim=3,  # top PCs of a rule's hidden activity spanning its subspace
     subspace_stat="mean",  # principal angles summarised by "mean" or "max" in the heatmap
-    device="cpu",  # "cpu", "cuda" or "auto"
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
 )
 
 PRODUCER = "python state_space_shift.py"
 REPRESENTATIONS = ("hidden", "M", "WM")  # h; M flattened; W ⊙ M flattened
 REP_LABELS = {"hidden": "hidden h", "M": "modulation M", "WM": "W ⊙ M"}
-FAMILIES = {
-    "Go/Anti": ("fdgo", "fdanti"),
-    "Reaction": ("reactgo", "reactanti"),
-    "Delay": ("delaygo", "delayanti"),
-    "Decision-making": ("delaydm1", "delaydm2", "contextdelaydm1", "contextdelaydm2",
-                        "multidelaydm"),
-    "Match": ("dmsgo", "dmsnogo", "dmcgo", "dmcnogo"),
-}
 N_DIRS = 8  # stimulus directions 0, 45, ..., 315 degrees
 
 
 def family_of(rule):
-    for family, rules in FAMILIES.items():
-        if rule in rules:
-            return family
-    raise ValueError(f"rule {rule!r} belongs to no task family")
+    """Task family (Go/Anti, Reaction, Delay, Decision-making, Match) of a rule."""
+    import mpn_tasks
+    return mpn_tasks.RULE_GROUPS[rule]
+
+
+def family_names():
+    """The task families in rule order."""
+    import mpn_tasks
+    return list(dict.fromkeys(mpn_tasks.RULE_GROUPS.values()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,9 +75,7 @@ def family_of(rule):
 def run_rules(train_cfg):
     """The rules a run was trained on, in SPEC order."""
     import mpn_tasks
-    if train_cfg.get("rules"):
-        return list(train_cfg["rules"])
-    return list(mpn_tasks.RULESETS[train_cfg.get("ruleset", "everything")])
+    return list(mpn_tasks.RULESETS[train_cfg["ruleset"]])
 
 
 def load_network(paths, device):
@@ -177,12 +172,35 @@ def effective_modulation(net, M_flat):
 # Analyses (plain numpy in, plain numpy out)
 
 
-def context_pca(pre, seed=0):
+def top_pcs(X, k):
+    """The k leading principal components of the rows of X (n, D), from the n x n Gram matrix
+    when D > n (M has N² columns) or the D x D covariance otherwise. Returns the projection
+    (n, k), the orthonormal components (D, k) and their explained variance ratio (k,); each
+    component's sign makes its largest projection positive."""
+    from scipy.linalg import eigh
+    X = np.asarray(X, dtype=np.float64)
+    X = X - X.mean(0)
+    n, D = X.shape
+    k = min(k, n, D)
+    small = X.T @ X if D <= n else X @ X.T
+    vals, vecs = eigh(small, subset_by_index=[len(small) - k, len(small) - 1])
+    vals, vecs = np.clip(vals[::-1], 0.0, None), vecs[:, ::-1]
+    if D <= n:
+        components, proj = vecs, X @ vecs
+    else:
+        proj = vecs * np.sqrt(vals)
+        components = X.T @ vecs / np.where(vals > 0, np.sqrt(vals), 1.0)
+    sign = np.sign(proj[np.abs(proj).argmax(0), np.arange(k)])
+    sign[sign == 0] = 1.0
+    total = np.trace(small)
+    return {"proj": proj * sign, "components": components * sign,
+            "explained_variance_ratio": vals / total if total > 0 else np.zeros(k)}
+
+
+def context_pca(pre):
     """2-component PCA of the pre-onset states (n, D): projection (n, 2), explained ratio."""
-    from sklearn.decomposition import PCA
-    pca = PCA(n_components=2, random_state=seed)
-    proj = pca.fit_transform(np.asarray(pre, dtype=np.float64))
-    return {"proj": proj, "explained_variance_ratio": pca.explained_variance_ratio_}
+    pcs = top_pcs(pre, 2)
+    return {"proj": pcs["proj"], "explained_variance_ratio": pcs["explained_variance_ratio"]}
 
 
 def pairwise_distances(X):
@@ -239,10 +257,8 @@ def shift_test(pre, disp, rule, direction):
 def rule_subspace(trajectories, dim):
     """Orthonormal basis (N, dim) of the top PCs of one rule's hidden states, all trials and
     steps pooled, with the variance ratio each PC explains."""
-    from sklearn.decomposition import PCA
-    X = np.concatenate(trajectories).astype(np.float64)
-    pca = PCA(n_components=dim, svd_solver="full").fit(X)
-    return pca.components_.T, pca.explained_variance_ratio_
+    pcs = top_pcs(np.concatenate(trajectories), dim)
+    return pcs["components"], pcs["explained_variance_ratio"]
 
 
 def subspace_angle_matrix(bases):
@@ -251,9 +267,10 @@ def subspace_angle_matrix(bases):
     R = len(bases)
     largest, mean = np.zeros((R, R)), np.zeros((R, R))
     for i in range(R):
-        for j in range(R):
+        for j in range(i + 1, R):  # symmetric, and 0 on the diagonal
             theta = np.degrees(subspace_angles(bases[i], bases[j]))
-            largest[i, j], mean[i, j] = theta.max(), theta.mean()
+            largest[i, j] = largest[j, i] = theta.max()
+            mean[i, j] = mean[j, i] = theta.mean()
     return {"max_deg": largest, "mean_deg": mean}
 
 
@@ -292,7 +309,7 @@ def rule_colors(rules):
 def family_colors():
     import matplotlib.pyplot as plt
     cmap = plt.get_cmap("tab10")
-    return {family: cmap(i) for i, family in enumerate(FAMILIES)}
+    return {family: cmap(i) for i, family in enumerate(family_names())}
 
 
 def plot_context_pca(ax, proj, evr, groups, names, colors, title):
@@ -336,9 +353,12 @@ def plot_shift_summary(ax, r_by_rep):
     reps = list(r_by_rep)
     for i, rep in enumerate(reps):
         r = np.asarray(r_by_rep[rep], dtype=float)
-        ax.bar(i, np.nanmean(r), yerr=np.nanstd(r), capsize=4, color="tab:blue", alpha=0.5)
-        ax.scatter(np.full(r.size, i), r, s=12, color="k", zorder=3)
+        ax.bar(i, np.nanmean(r), yerr=np.nanstd(r), capsize=4, color="tab:blue", alpha=0.5,
+               label="mean ± s.d." if i == 0 else None)
+        jitter = np.linspace(-0.15, 0.15, r.size) if r.size > 1 else np.zeros(1)
+        ax.scatter(i + jitter, r, s=12, color="k", zorder=3, label="run" if i == 0 else None)
     ax.axhline(0, color="0.5", lw=0.8)
+    ax.legend(loc="best", fontsize=7)
     ax.set_xticks(range(len(reps)), [REP_LABELS[rep] for rep in reps])
     ax.set_ylabel("Pearson r (distance vs angle)")
     ax.set_xlabel("representation")
@@ -353,7 +373,7 @@ def figure_context_pca(result, path):
     reps, rules = result["representations"], result["rules"]
     rule_names = np.array(rules)[result["trial_rule"]]
     fams = np.array([family_of(rule) for rule in rule_names])
-    fam_names = [f for f in FAMILIES if f in set(fams)]
+    fam_names = [f for f in family_names() if f in set(fams)]
     fig, axes = plt.subplots(2, len(reps), figsize=(3.6 * len(reps) + 1.6, 6.6), squeeze=False)
     for k, rep in enumerate(reps):
         pca = result["context_pca"][rep]

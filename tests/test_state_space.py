@@ -1,11 +1,16 @@
 """state_space_shift.py: the shift-test geometry and regression on constructed data, subspace
 angles, M streaming, and the whole stage on a tiny run (one and several runs)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import helper
 import state_space_shift as sss
+
+REPO = Path(__file__).resolve().parents[1]
+RULES_GO = ["fdgo", "fdanti", "reactgo", "reactanti", "delaygo", "delayanti"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -81,6 +86,20 @@ def test_rule_subspace_finds_the_plane_activity_lives_in():
     assert evr.sum() == pytest.approx(1.0)
 
 
+def test_top_pcs_match_an_svd_in_both_regimes():
+    rng = np.random.default_rng(5)
+    for shape in ((40, 7), (7, 40)):  # covariance route, Gram route
+        X = rng.normal(size=shape) * np.linspace(3, 1, shape[1])
+        pcs = sss.top_pcs(X, 3)
+        Xc = X - X.mean(0)
+        _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
+        np.testing.assert_allclose(np.abs(pcs["components"]), np.abs(Vt[:3].T), atol=1e-8)
+        np.testing.assert_allclose(pcs["proj"], Xc @ pcs["components"], atol=1e-8)
+        np.testing.assert_allclose(pcs["explained_variance_ratio"], S[:3] ** 2 / (S ** 2).sum())
+        np.testing.assert_allclose(pcs["components"].T @ pcs["components"], np.eye(3),
+                                   atol=1e-8)
+
+
 def test_m_capture_keeps_only_the_requested_steps():
     captured, m_reduce = sss.m_capture({2, 3})
     for t in range(6):
@@ -89,7 +108,109 @@ def test_m_capture_keeps_only_the_requested_steps():
     assert captured[3].shape == (2, 12) and np.all(captured[3] == 3.0)
 
 
-def test_families_cover_the_fifteen_rules_once():
-    rules = [r for family in sss.FAMILIES.values() for r in family]
-    assert len(rules) == len(set(rules)) == 15
-    assert sss.family_of("reactanti") == "Reaction" and sss.family_of("dmcnogo") == "Match"
+def test_task_families_follow_the_spec():
+    assert sss.family_names() == ["Go/Anti", "Reaction", "Delay", "Decision-making", "Match"]
+    expect = {"fdanti": "Go/Anti", "reactanti": "Reaction", "delaygo": "Delay",
+              "contextdelaydm2": "Decision-making", "multidelaydm": "Decision-making",
+              "dmsnogo": "Match", "dmcgo": "Match"}
+    assert {rule: sss.family_of(rule) for rule in expect} == expect
+
+
+# ----------------------------------------------------------------------------------------
+# The stage on tiny runs
+
+
+def tiny_train_cfg(root, **overrides):
+    import multiple_task as mt
+    cfg = helper.load_config(mt.CONFIG, [str(REPO / "configs" / "tiny.py")], echo=False)
+    return dict(cfg, runs_dir=str(root), **overrides)
+
+
+def stage_cfg(root, run, **overrides):
+    return dict(sss.CONFIG, run=run, runs_dir=str(root), trials_per_rule=8, device="cpu",
+                **overrides)
+
+
+def test_streamed_m_matches_the_recorded_history():
+    """The two M states captured through m_reduce equal the full recorded history there."""
+    import mpn
+    import mpn_tasks
+    net = mpn.build_model("dmpn", n_hidden=6, seed=3).eval()
+    batch = mpn_tasks.aligned_batch("fdgo", 4, np.random.default_rng(0), quantile=0.0,
+                                    sigma_x=0.01)
+    states, h, onset = sss.rule_states(net, batch, "cpu")
+    with torch.no_grad():
+        out = net(torch.as_tensor(batch.inputs), record=("M",))
+    M = out["M"].reshape(*out["M"].shape[:2], -1).numpy()  # M[:, t] = M_{t-1}
+    assert onset == batch.epochs["stim1"][0, 0]
+    np.testing.assert_allclose(states["M"][0], M[:, onset], atol=1e-6)  # M after onset - 1
+    np.testing.assert_allclose(states["M"][1], M[:, onset + 1] - M[:, onset], atol=1e-6)
+    np.testing.assert_allclose(states["hidden"][0], out["h"][:, onset - 1].numpy(), atol=1e-6)
+    assert np.abs(states["M"][1]).max() > 0  # the stimulus moves M at onset
+
+
+def test_react_rules_use_the_go_onset():
+    import mpn_tasks
+    batch = mpn_tasks.aligned_batch("reactgo", 8, np.random.default_rng(0))
+    assert sss.onset_step(batch) == batch.epochs["go1"][0, 0]
+    assert list(sss.trial_directions(batch)) == list(range(8))
+
+
+def test_missing_run_names_the_training_command(runs_dir):
+    with pytest.raises(helper.StageError, match="python multiple_task.py"):
+        sss.main(stage_cfg(runs_dir, "no_such_run"))
+
+
+def save_untrained_run(cfg):
+    """A run folder with an untrained checkpoint of `cfg` (no training needed)."""
+    import mpn
+    import multiple_task as mt
+    import net_helpers
+    net = mpn.build_model(cfg["net"], **mt.model_kwargs(cfg, mt.derived(cfg)))
+    paths = helper.run_paths(cfg)
+    net_helpers.save_checkpoint(paths.checkpoint, net, cfg, step=0)
+    return paths
+
+
+def test_stage_on_tiny_trained_runs(runs_dir):
+    """Train a tiny run, analyse it, then it and a second (untrained) seed: every artifact,
+    and the multi-run summary."""
+    import multiple_task as mt
+    names = [mt.main(tiny_train_cfg(runs_dir, seed=1))["paths"].name,
+             save_untrained_run(tiny_train_cfg(runs_dir, seed=2)).name]
+    out = sss.main(stage_cfg(runs_dir, names[0]))
+    paths = helper.run_paths(names[0], runs_dir)
+    assert out["summary"] is None and len(out["figures"]) == 3
+    for name in ("state_space_context_pca", "state_space_shift_test",
+                 "state_space_subspace_angles"):
+        assert paths.figure(name).stat().st_size > 10_000
+    res = helper.load_pickle(paths.state_space, sss.PRODUCER,
+                             expect_hash=helper.config_hash(out["results"][0]["config"]))
+    n_rules = len(res["rules"])
+    assert n_rules == 15 and res["representations"] == ["hidden", "M", "WM"]
+    for rep in res["representations"]:
+        assert res["context_pca"][rep]["proj"].shape == (8 * n_rules, 2)
+        shift = res["shift"][rep]
+        assert shift["n"] == len(shift["distance"]) > 0 and np.isfinite(shift["slope"])
+        assert -1 <= shift["r"] <= 1 and 0 <= shift["p"] <= 1
+        assert np.all((shift["angle_deg"] >= 0) & (shift["angle_deg"] <= 180))
+    angles = res["subspace"][f"{res['subspace']['stat']}_deg"]
+    assert angles.shape == (n_rules, n_rules) and np.allclose(np.diag(angles), 0, atol=1e-4)
+    assert res["onset_step"]["reactgo"] > 0
+
+    both = sss.main(stage_cfg(runs_dir, "everything_dmpn_seed*"))
+    summary = both["summary"]
+    assert summary["runs"] == sorted(names) and (helper.summary_dir(runs_dir) /
+                                                 "state_space_shift_r.png").exists()
+    for rep in ("hidden", "M", "WM"):
+        assert len(summary["r"][rep]) == 2
+        assert summary["r_mean"][rep] == pytest.approx(np.mean(summary["r"][rep]))
+
+
+def test_stage_on_a_vanilla_checkpoint_analyses_hidden_only(runs_dir):
+    """Without training: a saved vanilla-RNN checkpoint has no M, so only h is analysed."""
+    paths = save_untrained_run(tiny_train_cfg(runs_dir, net="vanilla", ruleset="go"))
+    res = sss.main(stage_cfg(runs_dir, paths.name, subspace_stat="max"))["results"][0]
+    assert res["representations"] == ["hidden"] and res["rules"] == RULES_GO
+    assert res["shift"]["hidden"]["n"] == 15 * sss.N_DIRS  # 6 rules -> 15 pairs
+    assert paths.state_space.exists() and paths.figure("state_space_context_pca").exists()
