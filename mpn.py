@@ -1,0 +1,282 @@
+"""The models: the multi-plastic network "dmpn" (SPEC §1.1) and the vanilla-RNN and GRU
+baselines (SPEC §1.2), all behind one interface (net_helpers.BaseNetwork).
+
+Axis order: trials x time x units, (B, T, N). Weights are (N_post, N_pre); M is
+(B, N_post, N_pre) and is reset to zero at the start of every trial.
+
+Example:
+    net = build_model("dmpn", n_hidden=300, seed=749)
+    out = net(inputs)                      # inputs (B, T, 21) -> out["y"] (B, T, 3), out["h"]
+    out = net(inputs, record=("x", "M"))   # also x (B, T, N) and M_{t-1} (B, T, N, N)
+
+Perturbations (net_helpers.Perturbation) each model applies:
+    dmpn:    in_mask on x (the embedding output, or u itself when input_layer=False),
+             hid_mask on h, w_mask / w_noise on W (the plastic layer), m_freeze on M.
+    vanilla: hid_mask on h; w_mask / w_noise on W_rec (N, N). No embedding, so no in_mask.
+    gru:     hid_mask on h; w_mask / w_noise on the recurrent weights, the same (N, N) mask or
+             noise applied to each of the three gate blocks of W_rec. No in_mask.
+A field a model cannot apply is a ValueError, never silently ignored.
+"""
+import torch
+from torch import nn
+
+import mpn_engine
+import net_helpers
+from net_helpers import BaseNetwork, bias_normal, make_generator, per_trial, xavier_uniform
+
+DT_MS = 40  # simulation step (SPEC: dt = 40 ms)
+COEF_TYPES = ("scalar", "pre_vector", "post_vector", "matrix")
+
+
+def coef_shape(kind, n_post, n_pre):
+    """Shape of η or λ for eta_type / lam_type `kind` (broadcasts against (N_post, N_pre))."""
+    shapes = {"scalar": (), "pre_vector": (1, n_pre), "post_vector": (n_post, 1),
+              "matrix": (n_post, n_pre)}
+    if kind not in shapes:
+        raise ValueError(f"unknown coefficient type {kind!r}; use one of {COEF_TYPES}")
+    return shapes[kind]
+
+
+def resolve_engine(engine):
+    """'auto' falls back to the reference loop until mpn_engine provides it."""
+    if engine == "auto" and "auto" not in mpn_engine.ENGINES:
+        return "reference"
+    return engine
+
+
+class MultiPlasticLayer(nn.Module):
+    """The plastic layer N_pre -> N_post of SPEC §1.1 (steps 2 and 4), run over whole trials
+    by mpn_engine.plastic_forward."""
+
+    def __init__(self, n_pre, n_post, gen, *, mp_type="mult", m_update="hebb_assoc",
+                 eta_type="scalar", lam_type="scalar", eta_train=True, lam_train=False,
+                 eta_init=1.0, lam_init=0.99, lam_max=0.99, m_bounds=(-1.0, 1.0),
+                 recurrent=False, engine="auto"):
+        super().__init__()
+        if mp_type not in ("mult", "add"):
+            raise ValueError(f"unknown mp_type {mp_type!r}; use 'mult' or 'add'")
+        if m_update not in ("hebb_assoc", "hebb_pre"):
+            raise ValueError(f"unknown m_update {m_update!r}; use 'hebb_assoc' or 'hebb_pre'")
+        self.mp_type, self.m_update, self.engine = mp_type, m_update, engine
+        self.m_bounds = None if m_bounds is None else (float(m_bounds[0]), float(m_bounds[1]))
+        self.lam_max = lam_max
+        self.W = nn.Parameter(xavier_uniform((n_post, n_pre), gen))
+        self.b = nn.Parameter(bias_normal(n_post, gen))
+        eta = torch.full(coef_shape(eta_type, n_post, n_pre), float(eta_init))
+        lam = torch.full(coef_shape(lam_type, n_post, n_pre), float(lam_init))
+        self._coef("eta", eta, eta_train)
+        self._coef("lam", lam, lam_train)
+        self.W_rec = nn.Parameter(xavier_uniform((n_post, n_post), gen)) if recurrent else None
+
+    def _coef(self, name, value, trainable):
+        if trainable:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def clamp_parameters(self):
+        """λ in [0, 1 − dt/tau_M] when it is trained; η is never clamped."""
+        if isinstance(self.lam, nn.Parameter):
+            with torch.no_grad():
+                self.lam.clamp_(0.0, self.lam_max)
+
+    def forward(self, x, pert=None, record=None):
+        """x (B, T, N_pre) -> h (B, T, N_post), final M (B, N_post, N_pre)."""
+        B = x.shape[0]
+        W, hid_mask, m_freeze = self.W, None, None
+        if pert is not None:
+            if pert.w_mask is not None:
+                W = W * pert.w_mask
+            if pert.w_noise is not None:
+                W = W + pert.w_noise
+            hid_mask = per_trial(pert.hid_mask, 1, B)
+            m_freeze = pert.m_freeze
+        return mpn_engine.plastic_forward(
+            x, W, self.b, self.eta, self.lam, mp_type=self.mp_type, m_update=self.m_update,
+            m_bounds=self.m_bounds, W_rec=self.W_rec, hid_mask=hid_mask, m_freeze=m_freeze,
+            record=record, engine=resolve_engine(self.engine))
+
+
+class DeepMultiPlasticNet(BaseNetwork):
+    """dmpn: x_t = tanh(W_in u_t); h_t = tanh((W ⊙ (1 + M_{t-1})) x_t + b); y_t = W_out h_t;
+    M_t = clip(λ M_{t-1} + η h_t x_tᵀ, −1, 1). Options as SPEC §1.1."""
+    net_type = "dmpn"
+    perturbable = ("in_mask", "hid_mask", "w_mask", "m_freeze", "w_noise")
+
+    def __init__(self, n_input=21, n_hidden=300, n_output=3, *, mp_type="mult",
+                 m_update="hebb_assoc", eta_type="scalar", lam_type="scalar", eta_train=True,
+                 lam_train=False, eta_init=1.0, tau_M_ms=4000.0, dt_ms=DT_MS,
+                 m_bounds=(-1.0, 1.0), recurrent=False, input_layer=True, seed=0,
+                 engine="auto"):
+        super().__init__()
+        m_bounds = None if m_bounds is None else [float(m_bounds[0]), float(m_bounds[1])]
+        self.init_args = dict(
+            n_input=n_input, n_hidden=n_hidden, n_output=n_output, mp_type=mp_type,
+            m_update=m_update, eta_type=eta_type, lam_type=lam_type, eta_train=eta_train,
+            lam_train=lam_train, eta_init=eta_init, tau_M_ms=tau_M_ms, dt_ms=dt_ms,
+            m_bounds=m_bounds, recurrent=recurrent, input_layer=input_layer, seed=seed,
+            engine=engine)
+        gen = make_generator(seed)
+        self.input_layer = input_layer
+        n_pre = n_hidden if input_layer else n_input
+        # Drawn in a fixed order (W_in, W, b, W_out, W_rec) so an option never changes the
+        # initial values of the weights it does not add.
+        self.W_in = nn.Parameter(xavier_uniform((n_hidden, n_input), gen)) if input_layer else None
+        lam0 = 1.0 - dt_ms / tau_M_ms
+        self.mp = MultiPlasticLayer(
+            n_pre, n_hidden, gen, mp_type=mp_type, m_update=m_update, eta_type=eta_type,
+            lam_type=lam_type, eta_train=eta_train, lam_train=lam_train, eta_init=eta_init,
+            lam_init=lam0, lam_max=lam0, m_bounds=m_bounds, recurrent=False, engine=engine)
+        self.W_out = nn.Parameter(xavier_uniform((n_output, n_hidden), gen))
+        if recurrent:
+            self.mp.W_rec = nn.Parameter(xavier_uniform((n_hidden, n_hidden), gen))
+
+    def weight_params(self):
+        ws = [self.W_in, self.mp.W, self.W_out, self.mp.W_rec]
+        return [w for w in ws if w is not None]
+
+    def clamp_parameters(self):
+        self.mp.clamp_parameters()
+
+    def forward(self, inputs, perturbation=None, record=(), m_reduce=None):
+        pert = self._perturbation(perturbation, inputs)
+        x = torch.tanh(inputs @ self.W_in.T) if self.input_layer else inputs
+        if pert is not None and pert.in_mask is not None:
+            m = pert.in_mask
+            x = x * (m[:, None, :] if m.ndim == 2 else m)
+        Ms = [] if "M" in record else None
+
+        def on_step(t, M_prev):
+            if Ms is not None:
+                Ms.append(M_prev.clone())
+            if m_reduce is not None:
+                m_reduce(t, M_prev)
+
+        hook = on_step if (Ms is not None or m_reduce is not None) else None
+        h, M_final = self.mp(x, pert, record=hook)
+        out = {"y": h @ self.W_out.T, "h": h, "M_final": M_final}
+        if "x" in record:
+            out["x"] = x
+        if Ms is not None:
+            out["M"] = torch.stack(Ms, dim=1)
+        return out
+
+
+def _recurrent_weights(W_rec, pert, n_blocks=1):
+    """W_rec with the perturbation's synapse mask and noise; per trial when they are."""
+    if pert is None:
+        return W_rec
+    for name in ("w_mask", "w_noise"):
+        v = getattr(pert, name)
+        if v is None:
+            continue
+        v = torch.cat([v] * n_blocks, dim=-2) if n_blocks > 1 else v
+        W_rec = W_rec * v if name == "w_mask" else W_rec + v
+    return W_rec
+
+
+def _rec_input(W_rec, h):
+    """W_rec h for a shared (N_out, N) or per-trial (B, N_out, N) W_rec."""
+    if W_rec.ndim == 3:
+        return torch.einsum("bij,bj->bi", W_rec, h)
+    return h @ W_rec.T
+
+
+class VanillaRNN(BaseNetwork):
+    """Leaky RNN: h_t = (1−α) h_{t−1} + α tanh(W_in u_t + W_rec h_{t−1} + b), α = dt/tau;
+    y_t = W_out h_t (SPEC §1.2)."""
+    net_type = "vanilla"
+    perturbable = ("hid_mask", "w_mask", "w_noise")
+
+    def __init__(self, n_input=21, n_hidden=300, n_output=3, *, tau_ms=200.0, dt_ms=DT_MS,
+                 seed=0):
+        super().__init__()
+        self.init_args = dict(n_input=n_input, n_hidden=n_hidden, n_output=n_output,
+                              tau_ms=tau_ms, dt_ms=dt_ms, seed=seed)
+        self.alpha = dt_ms / tau_ms
+        gen = make_generator(seed)
+        self.W_in = nn.Parameter(xavier_uniform((n_hidden, n_input), gen))
+        self.W_rec = nn.Parameter(xavier_uniform((n_hidden, n_hidden), gen))
+        self.b = nn.Parameter(bias_normal(n_hidden, gen))
+        self.W_out = nn.Parameter(xavier_uniform((n_output, n_hidden), gen))
+
+    def weight_params(self):
+        return [self.W_in, self.W_rec, self.W_out]
+
+    def forward(self, inputs, perturbation=None, record=(), m_reduce=None):
+        pert = self._perturbation(perturbation, inputs)
+        B, T, _ = inputs.shape
+        W_rec = _recurrent_weights(self.W_rec, pert)
+        hid_mask = None if pert is None else per_trial(pert.hid_mask, 1, B)
+        drive = inputs @ self.W_in.T + self.b
+        h = inputs.new_zeros(B, self.W_rec.shape[0])
+        hs = []
+        for t in range(T):
+            h = (1 - self.alpha) * h + self.alpha * torch.tanh(drive[:, t] + _rec_input(W_rec, h))
+            if hid_mask is not None:
+                h = h * hid_mask
+            hs.append(h)
+        h = torch.stack(hs, dim=1)
+        out = {"y": h @ self.W_out.T, "h": h}
+        if "x" in record:
+            out["x"] = inputs
+        return out
+
+
+class GRUNet(BaseNetwork):
+    """GRU with torch.nn.GRUCell semantics (gate order r, z, n):
+    r = σ(W_ir u + b_ir + W_hr h + b_hr), z = σ(W_iz u + b_iz + W_hz h + b_hz),
+    n = tanh(W_in u + b_in + r ⊙ (W_hn h + b_hn)), h' = (1 − z) ⊙ n + z ⊙ h; y = W_out h.
+    W_in (3N, n_in) and W_rec (3N, N) are Xavier-uniform per gate block, biases zero."""
+    net_type = "gru"
+    perturbable = ("hid_mask", "w_mask", "w_noise")
+
+    def __init__(self, n_input=21, n_hidden=300, n_output=3, *, seed=0):
+        super().__init__()
+        self.init_args = dict(n_input=n_input, n_hidden=n_hidden, n_output=n_output, seed=seed)
+        gen = make_generator(seed)
+        N = n_hidden
+        self.W_in = nn.Parameter(torch.cat([xavier_uniform((N, n_input), gen) for _ in range(3)]))
+        self.W_rec = nn.Parameter(torch.cat([xavier_uniform((N, N), gen) for _ in range(3)]))
+        self.b_in = nn.Parameter(torch.zeros(3 * N))
+        self.b_rec = nn.Parameter(torch.zeros(3 * N))
+        self.W_out = nn.Parameter(xavier_uniform((n_output, N), gen))
+
+    def weight_params(self):
+        return [self.W_in, self.W_rec, self.W_out]
+
+    def forward(self, inputs, perturbation=None, record=(), m_reduce=None):
+        pert = self._perturbation(perturbation, inputs)
+        B, T, _ = inputs.shape
+        N = self.W_out.shape[1]
+        W_rec = _recurrent_weights(self.W_rec, pert, n_blocks=3)
+        hid_mask = None if pert is None else per_trial(pert.hid_mask, 1, B)
+        gi = inputs @ self.W_in.T + self.b_in
+        h = inputs.new_zeros(B, N)
+        hs = []
+        for t in range(T):
+            gh = _rec_input(W_rec, h) + self.b_rec
+            i_r, i_z, i_n = gi[:, t].split(N, dim=-1)
+            h_r, h_z, h_n = gh.split(N, dim=-1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = (1 - z) * n + z * h
+            if hid_mask is not None:
+                h = h * hid_mask
+            hs.append(h)
+        h = torch.stack(hs, dim=1)
+        out = {"y": h @ self.W_out.T, "h": h}
+        if "x" in record:
+            out["x"] = inputs
+        return out
+
+
+MODELS = {"dmpn": DeepMultiPlasticNet, "vanilla": VanillaRNN, "gru": GRUNet}
+
+
+def build_model(net, **kwargs):
+    """The model `net` ("dmpn", "vanilla" or "gru") built from its constructor arguments."""
+    if net not in MODELS:
+        raise ValueError(f"unknown net {net!r}; choose one of {sorted(MODELS)}")
+    return MODELS[net](**kwargs)
