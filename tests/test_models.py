@@ -261,8 +261,8 @@ def test_lambda_clamp_and_eta_never_clamped():
         net.mp.lam[0, 0] = 1.5
         net.mp.lam[1, 1] = -0.2
     net.clamp_parameters()
-    assert float(net.mp.lam[0, 0]) == pytest.approx(1 - 40 / 4000)
-    assert float(net.mp.lam[1, 1]) == 0.0
+    assert net.mp.lam[0, 0].item() == pytest.approx(1 - 40 / 4000)
+    assert net.mp.lam[1, 1].item() == 0.0
     assert torch.all(net.mp.eta == 7.0)
 
 
