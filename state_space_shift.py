@@ -10,7 +10,8 @@ direction i % 8) with input noise sigma_x = 0.01:
      their pre-stimulus states vs the angle between their one-step displacements at stimulus
      onset (state at onset − state just before), each averaged over the cross-rule trial pairs
      of that direction; angle = slope · distance fitted through the origin, with the Pearson r
-     and p (scipy.stats.pearsonr) of the points;
+     and p (scipy.stats.pearsonr) of the points (p is nominal: the points share rules, so
+     they are not independent);
   3. subspace angles (scipy.linalg.subspace_angles) between the rules' hidden-activity
      subspaces (top `subspace_dim` PCs of each rule's h over all steps of its trials), as a
      rules x rules heatmap of the mean (or max) principal angle in degrees.
@@ -127,7 +128,8 @@ def rule_states(net, batch, device):
     if not 1 <= onset < batch.inputs.shape[1] - 1:
         raise ValueError(f"stimulus onset at step {onset} leaves no pre-onset or onset state")
     captured, m_reduce = m_capture({onset, onset + 1})
-    inputs = torch.as_tensor(batch.inputs, dtype=torch.float32, device=device)
+    dtype = next(net.parameters()).dtype
+    inputs = torch.as_tensor(batch.inputs, dtype=dtype, device=device)
     out = net(inputs, m_reduce=m_reduce)
     h = out["h"].float().cpu().numpy()
     states = {"hidden": (h[:, onset - 1], h[:, onset] - h[:, onset - 1])}
@@ -275,7 +277,8 @@ def subspace_angle_matrix(bases):
 
 
 def subspace_analysis(trajectories, dim):
-    dim = min(dim, min(len(np.concatenate(t)) for t in trajectories), trajectories[0][0].shape[1])
+    n_states = min(sum(len(h) for h in trials) for trials in trajectories)
+    dim = min(dim, n_states, trajectories[0][0].shape[1])
     fits = [rule_subspace(t, dim) for t in trajectories]
     out = subspace_angle_matrix([basis for basis, _ in fits])
     return dict(out, dim=dim, explained_variance_ratio=np.array([evr for _, evr in fits]))

@@ -173,44 +173,49 @@ def save_untrained_run(cfg):
 
 
 def test_stage_on_tiny_trained_runs(runs_dir):
-    """Train a tiny run, analyse it, then it and a second (untrained) seed: every artifact,
-    and the multi-run summary."""
+    """A tiny trained run and a second (untrained) seed, analysed by one glob: every artifact
+    of each run, and the multi-run summary."""
     import multiple_task as mt
-    names = [mt.main(tiny_train_cfg(runs_dir, seed=1))["paths"].name,
+    names = [mt.main(tiny_train_cfg(runs_dir, seed=1, max_steps=10))["paths"].name,
              save_untrained_run(tiny_train_cfg(runs_dir, seed=2)).name]
-    out = sss.main(stage_cfg(runs_dir, names[0]))
-    paths = helper.run_paths(names[0], runs_dir)
-    assert out["summary"] is None and len(out["figures"]) == 3
-    for name in ("state_space_context_pca", "state_space_shift_test",
-                 "state_space_subspace_angles"):
-        assert paths.figure(name).stat().st_size > 10_000
-    res = helper.load_pickle(paths.state_space, sss.PRODUCER,
-                             expect_hash=helper.config_hash(out["results"][0]["config"]))
-    n_rules = len(res["rules"])
-    assert n_rules == 15 and res["representations"] == ["hidden", "M", "WM"]
-    for rep in res["representations"]:
-        assert res["context_pca"][rep]["proj"].shape == (8 * n_rules, 2)
-        shift = res["shift"][rep]
-        assert shift["n"] == len(shift["distance"]) > 0 and np.isfinite(shift["slope"])
-        assert -1 <= shift["r"] <= 1 and 0 <= shift["p"] <= 1
-        assert np.all((shift["angle_deg"] >= 0) & (shift["angle_deg"] <= 180))
-    angles = res["subspace"][f"{res['subspace']['stat']}_deg"]
-    assert angles.shape == (n_rules, n_rules) and np.allclose(np.diag(angles), 0, atol=1e-4)
-    assert res["onset_step"]["reactgo"] > 0
+    out = sss.main(stage_cfg(runs_dir, "everything_dmpn_seed*"))
+    assert [r["run"] for r in out["results"]] == sorted(names) and len(out["figures"]) == 7
+    for result in out["results"]:
+        paths = helper.run_paths(result["run"], runs_dir)
+        for name in ("state_space_context_pca", "state_space_shift_test",
+                     "state_space_subspace_angles"):
+            assert paths.figure(name).stat().st_size > 10_000
+        res = helper.load_pickle(paths.state_space, sss.PRODUCER,
+                                 expect_hash=helper.config_hash(result["config"]))
+        n_rules = len(res["rules"])
+        assert n_rules == 15 and res["representations"] == ["hidden", "M", "WM"]
+        for rep in res["representations"]:
+            assert res["context_pca"][rep]["proj"].shape == (8 * n_rules, 2)
+            shift = res["shift"][rep]
+            # dmc rules use 6 of the 8 directions: their 27 pairs lack 2 directions each
+            assert shift["n"] == len(shift["distance"]) == 105 * 8 - 27 * 2
+            assert np.isfinite(shift["slope"]) and -1 <= shift["r"] <= 1 and 0 <= shift["p"] <= 1
+            assert np.all((shift["angle_deg"] >= 0) & (shift["angle_deg"] <= 180))
+        angles = res["subspace"][f"{res['subspace']['stat']}_deg"]
+        assert angles.shape == (n_rules, n_rules) and np.allclose(np.diag(angles), 0, atol=1e-4)
+        assert np.all((angles >= 0) & (angles <= 90 + 1e-6))
 
-    both = sss.main(stage_cfg(runs_dir, "everything_dmpn_seed*"))
-    summary = both["summary"]
-    assert summary["runs"] == sorted(names) and (helper.summary_dir(runs_dir) /
-                                                 "state_space_shift_r.png").exists()
+    summary = out["summary"]
+    assert summary["runs"] == sorted(names)
+    assert (helper.summary_dir(runs_dir) / "state_space_shift_r.png").stat().st_size > 10_000
+    assert (helper.summary_dir(runs_dir) / "state_space_summary.pkl").exists()
     for rep in ("hidden", "M", "WM"):
-        assert len(summary["r"][rep]) == 2
+        assert summary["r"][rep] == [r["shift"][rep]["r"] for r in out["results"]]
         assert summary["r_mean"][rep] == pytest.approx(np.mean(summary["r"][rep]))
+        assert summary["r_std"][rep] == pytest.approx(np.std(summary["r"][rep]))
 
 
 def test_stage_on_a_vanilla_checkpoint_analyses_hidden_only(runs_dir):
     """Without training: a saved vanilla-RNN checkpoint has no M, so only h is analysed."""
     paths = save_untrained_run(tiny_train_cfg(runs_dir, net="vanilla", ruleset="go"))
-    res = sss.main(stage_cfg(runs_dir, paths.name, subspace_stat="max"))["results"][0]
+    out = sss.main(stage_cfg(runs_dir, paths.name, subspace_stat="max"))
+    res = out["results"][0]
+    assert out["summary"] is None and len(out["figures"]) == 3  # one run: no summary
     assert res["representations"] == ["hidden"] and res["rules"] == RULES_GO
     assert res["shift"]["hidden"]["n"] == 15 * sss.N_DIRS  # 6 rules -> 15 pairs
     assert paths.state_space.exists() and paths.figure("state_space_context_pca").exists()
