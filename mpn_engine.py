@@ -13,10 +13,12 @@ with M_{-1} = 0. Synapses in a freeze mask keep M = 0.
 implementation every faster engine is tested against.
 """
 import math
+import queue
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-ENGINES = ("reference",)
+ENGINES = ("reference", "fast", "auto")
 
 
 def _post_term(h, m_update, n_post):
@@ -64,6 +66,429 @@ def plastic_forward_reference(x, W, b, eta, lam, *, mp_type="mult", m_update="he
     return torch.stack(hs, dim=1), M
 
 
+# ---------------------------------------------------------------------------------------
+# Fast engine: the same equations, reordered for the cache and for memory.
+#
+# Trials never interact, so the batch is cut into chunks of c trials and each chunk runs its
+# whole time loop before the next starts: the chunk's M (c, N_post, N_pre) stays in cache
+# for all T steps instead of streaming 46 MB through DRAM at every step, and every update is
+# in place into preallocated buffers (baddbmm_ for λM + η post xᵀ, clamp_, mul_).
+# W ⊙ (1 + M) is never built: a_t = (W x_t + b) + (W ⊙ M_{t-1}) x_t, with W x_t for all
+# steps in one matmul. The whole sequence is one autograd Function (`_PlasticSequence`): its
+# forward keeps no state beyond its inputs; its backward reruns each chunk's forward storing
+# that chunk's M_{t-1} history (c·T·N_post·N_pre values, a few MB to ~100 MB), then walks
+# back in time with the exact reverse recurrence (see `_backward_chunk`).
+# ---------------------------------------------------------------------------------------
+CHUNK_BYTES = 1 << 20  # size of one chunk's M block; ~L2-sized blocks keep the step in cache
+
+
+def _param_kind(p, n_post, n_pre):
+    """'scalar' | 'pre' (1, N_pre) | 'post' (N_post, 1) | 'matrix' (N_post, N_pre) | None."""
+    if p.dim() > 2:
+        return None
+    shape = (1,) * (2 - p.dim()) + tuple(p.shape)
+    for kind, want in (("scalar", (1, 1)), ("pre", (1, n_pre)), ("post", (n_post, 1)),
+                       ("matrix", (n_post, n_pre))):
+        if shape == want:
+            return kind
+    return None
+
+
+def fast_unsupported(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
+                     m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None):
+    """Why the fast engine cannot run this call (one sentence), or None when it can."""
+    if x.dim() != 3 or W.dim() not in (2, 3):
+        return "x must be (B, T, N_pre) and W (N_post, N_pre) or (B, N_post, N_pre)"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"dtype {x.dtype} is not float32/float64"
+    if mp_type not in ("mult", "add") or m_update not in ("hebb_assoc", "hebb_pre"):
+        return f"unknown mp_type {mp_type!r} or m_update {m_update!r}"
+    n_post, n_pre = W.shape[-2:]
+    for name, p in (("eta", eta), ("lam", lam)):
+        if not torch.is_tensor(p) or _param_kind(p, n_post, n_pre) is None:
+            return f"{name} must be a tensor of shape (), (1, N_pre), (N_post, 1) or (N_post, N_pre)"
+    for name, m in (("hid_mask", hid_mask), ("m_freeze", m_freeze)):
+        if m is not None and m.requires_grad:
+            return f"{name} requires grad; the fast engine treats masks as constants"
+    tensors = [t for t in (x, W, b, eta, lam, W_rec, hid_mask, m_freeze) if torch.is_tensor(t)]
+    if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
+        return "all tensors must share one device and dtype"
+    return None
+
+
+class _Layer:
+    """The constants of one call, prepared once in the shapes the in-place kernels want."""
+
+    def __init__(self, x, W, b, eta, lam, mp_type, m_update, m_bounds, W_rec, hid_mask, keep):
+        self.B, self.T, self.n_pre = x.shape
+        self.n_post = W.shape[-2]
+        self.W, self.b, self.W_rec = W, b, W_rec
+        self.per_trial_W = W.dim() == 3
+        self.mult = mp_type == "mult"
+        self.assoc = m_update == "hebb_assoc"
+        self.bounds = None if m_bounds is None else (float(m_bounds[0]), float(m_bounds[1]))
+        self.eta_kind = _param_kind(eta, self.n_post, self.n_pre)
+        self.lam_kind = _param_kind(lam, self.n_post, self.n_pre)
+        self.eta2 = eta.detach().reshape((1,) * (2 - eta.dim()) + tuple(eta.shape))
+        self.lam2 = lam.detach().reshape((1,) * (2 - lam.dim()) + tuple(lam.shape))
+        self.eta_s = float(self.eta2) if self.eta_kind == "scalar" else 1.0
+        self.lam_s = float(self.lam2) if self.lam_kind == "scalar" else None
+        self.eta_row = self.eta2[0] if self.eta_kind == "pre" else None    # (N_pre,)
+        self.eta_col = self.eta2[:, 0] if self.eta_kind == "post" else None  # (N_post,)
+        self.hid_mask = None if hid_mask is None else hid_mask.expand(self.B, self.n_post)
+        self.keep = keep
+        self.post_const = 1.0 / math.sqrt(self.n_post)
+        per_trial = self.n_post * self.n_pre * x.element_size()
+        self.chunk = self.B if x.is_cuda else max(1, min(self.B, CHUNK_BYTES // per_trial))
+
+    def chunks(self):
+        return [slice(s, min(s + self.chunk, self.B)) for s in range(0, self.B, self.chunk)]
+
+    def W_of(self, sl):
+        return self.W[sl] if self.per_trial_W else self.W
+
+    def keep_of(self, sl):
+        if self.keep is None:
+            return None
+        return self.keep[sl] if self.keep.dim() == 3 and self.keep.shape[0] == self.B else self.keep
+
+    def drive(self, x_c, W_c):
+        """W x_t + b for every step of the chunk at once: (c, T, N_post)."""
+        if self.per_trial_W:
+            return torch.baddbmm(self.b, x_c, W_c.transpose(1, 2))
+        return torch.addmm(self.b, x_c.reshape(-1, self.n_pre), W_c.T).view(
+            x_c.shape[0], self.T, self.n_post)
+
+    def post(self, h):
+        return h if self.assoc else torch.full_like(h, self.post_const)
+
+    def pre_clip(self, M, post, x_t, out, scratch):
+        """out = λ ⊙ M + η ⊙ post x_tᵀ (out may be M; scratch is only used for a matrix η).
+        Two passes (scale, then a broadcast addcmul_); baddbmm with k = 1 was slower here."""
+        torch.mul(M, self.lam2 if self.lam_s is None else self.lam_s, out=out)
+        if self.eta_kind == "matrix":
+            torch.mul(post[:, :, None], x_t[:, None, :], out=scratch)
+            return out.addcmul_(scratch, self.eta2)
+        if self.eta_kind == "post":
+            post = post * self.eta_col
+        elif self.eta_kind == "pre":
+            x_t = x_t * self.eta_row
+        return out.addcmul_(post[:, :, None], x_t[:, None, :], value=self.eta_s)
+
+    def update(self, M, post, x_t, out, scratch, keep_c):
+        """out = clip(λ ⊙ M + η ⊙ post x_tᵀ) ⊙ keep."""
+        self.pre_clip(M, post, x_t, out, scratch)
+        if self.bounds is not None:
+            out.clamp_(*self.bounds)
+        if keep_c is not None:
+            out.mul_(keep_c)
+        return out
+
+
+def _bmv(A, v, transpose=False):
+    """Batched matrix-vector product A_k v_k (or A_kᵀ v_k). On CPU one mv per trial: batched
+    gemv through bmm is ~5x slower than a loop of mv calls for these shapes."""
+    if A.is_cuda:
+        A = A.transpose(1, 2) if transpose else A
+        return torch.bmm(A, v[:, :, None]).squeeze(2)
+    out = v.new_empty(A.shape[0], A.shape[2] if transpose else A.shape[1])
+    for k in range(A.shape[0]):
+        torch.mv(A[k].T if transpose else A[k], v[k], out=out[k])
+    return out
+
+
+def _map_chunks(fn, chunks):
+    """fn over the chunks, spread over torch's CPU threads with one thread per chunk: chunks
+    are independent, and per-op OpenMP fork/join on small blocks costs more than it gains
+    (badly so on a shared, oversubscribed machine)."""
+    def run(sl):  # grad mode is thread-local: the engine's own ops never build a graph
+        with torch.no_grad():
+            return fn(sl)
+
+    n = torch.get_num_threads()
+    if n <= 1 or len(chunks) <= 1:
+        return [run(sl) for sl in chunks]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(n, len(chunks)), initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            return list(pool.map(run, chunks))
+    finally:
+        torch.set_num_threads(n)
+
+
+def _forward_chunk(L, sl, x_c, store=None, record=None, want_final=True):
+    """Run trials `sl` through all T steps, M updated in place.
+
+    store (T, c, N_post, N_pre), when given, receives M_{t-1} at store[t] (the backward's
+    history); the final update is then skipped unless want_final. record gets a fresh tensor
+    per step, exactly as from the reference loop. Returns h (c,T,N_post), g = tanh(a)
+    (before the unit mask) or None, and the final M.
+    """
+    c, T = x_c.shape[0], L.T
+    W_c, keep_c = L.W_of(sl), L.keep_of(sl)
+    mask_c = None if L.hid_mask is None else L.hid_mask[sl]
+    drive = L.drive(x_c, W_c)
+    if store is not None:
+        store[0].zero_()
+        M = store[0]
+    else:
+        M = x_c.new_zeros(c, L.n_post, L.n_pre)
+    tmp = torch.empty_like(M) if (L.mult or L.eta_kind == "matrix") else None
+    hs = x_c.new_empty(c, T, L.n_post)
+    gs = x_c.new_empty(c, T, L.n_post) if (store is not None and mask_c is not None) else None
+    h = None
+    for t in range(T):
+        x_t = x_c[:, t]
+        if record is not None:
+            record(t, M)
+        a = drive[:, t]
+        if t > 0:  # M_{-1} = 0 and h_{-1} = 0
+            A = torch.mul(M, W_c, out=tmp) if L.mult else M
+            a = a + _bmv(A, x_t)
+            if L.W_rec is not None:
+                a = torch.addmm(a, h, L.W_rec.T)
+        g = torch.tanh(a)
+        if gs is not None:
+            gs[:, t] = g
+        h = g if mask_c is None else g * mask_c
+        hs[:, t] = h
+        if store is not None:
+            if t + 1 < T:
+                M = L.update(M, L.post(h), x_t, store[t + 1], tmp, keep_c)
+            elif want_final:
+                M = L.update(M, L.post(h), x_t, M.clone(), tmp, keep_c)
+        else:
+            out = torch.empty_like(M) if record is not None else M
+            M = L.update(M, L.post(h), x_t, out, tmp, keep_c)
+    return hs, (hs if gs is None else gs), M
+
+
+def _sum_to(grad_full_b, kind):
+    """Reduce a (c, N_post, N_pre) per-trial gradient to eta/lam's shape kind (2-D)."""
+    if kind == "scalar":
+        return grad_full_b.sum().reshape(1, 1)
+    if kind == "pre":
+        return grad_full_b.sum((0, 1))[None, :]
+    if kind == "post":
+        return grad_full_b.sum((0, 2))[:, None]
+    return grad_full_b.sum(0)
+
+
+def _backward_chunk(L, sl, x_c, gh_c, gM_c, buf, need):
+    """Gradients for trials `sl`; returns dict of per-chunk contributions.
+
+    Reverse recurrence, per step t from T-1 to 0 (G = dL/dM_t on entry):
+        G̃ = G ⊙ 1[lo ≤ M̃_t ≤ hi] ⊙ keep          (M̃_t: the pre-clip value, recomputed)
+        dλ += G̃ ⊙ M_{t-1},  dη += G̃ ⊙ post_t x_tᵀ  (summed to their shapes)
+        dL/dpost_t = (G̃ ⊙ η) x_t,  dL/dx_t += (G̃ ⊙ η)ᵀ post_t
+        δ_t = (dL/dh_t + [hebb_assoc] dL/dpost_t + W_recᵀ δ_{t+1}) ⊙ mask ⊙ (1 − tanh²(a_t))
+        dL/dM_{t-1} = λ ⊙ G̃ + W ⊙ δ_t x_tᵀ  (mult; add: + δ_t x_tᵀ)
+        dW += δ_t x_tᵀ ⊙ (1 + M_{t-1}),  dx_t += (W ⊙ (1 + M_{t-1}))ᵀ δ_t
+    The M-free parts (W x_t, b, W_rec h_{t-1}) are summed over all steps at once afterwards.
+    """
+    c, T = x_c.shape[0], L.T
+    W_c, keep_c = L.W_of(sl), L.keep_of(sl)
+    mask_c = None if L.hid_mask is None else L.hid_mask[sl]
+    store = buf["store"][:, :c]
+    tmp, tmp2 = buf["tmp"][:c], buf["tmp2"][:c]
+    hs, gs, _ = _forward_chunk(L, sl, x_c, store=store, want_final=False)
+    G = None
+    if gM_c is not None:
+        G = buf["G"][:c].copy_(gM_c)
+    acc = buf["acc"][:c].zero_() if (L.mult and need["W"]) else None
+    dx = torch.zeros_like(x_c) if need["x"] else None
+    deltas = torch.empty_like(hs)
+    deta = torch.zeros_like(L.eta2) if need["eta"] else None
+    dlam = torch.zeros_like(L.lam2) if need["lam"] else None
+    carry = None
+    for t in reversed(range(T)):
+        x_t, M_prev = x_c[:, t], store[t]
+        post = L.post(hs[:, t])
+        dh = gh_c[:, t] if gh_c is not None else torch.zeros_like(post)
+        if G is not None:
+            if L.bounds is not None:
+                Mt = L.pre_clip(M_prev, post, x_t, tmp, tmp2)
+                # 1[lo ≤ M̃ ≤ hi] as a float (bool kernels are several times slower here);
+                # without keep the stored clipped M_t equals M̃_t exactly where it is inside
+                ref = store[t + 1] if (keep_c is None and t + 1 < T) else torch.clamp(
+                    Mt, *L.bounds, out=tmp2)
+                G.mul_(torch.eq(Mt, ref, out=tmp2 if ref is not tmp2 else tmp))
+            if keep_c is not None:
+                G.mul_(keep_c)
+            if dlam is not None and t > 0:
+                dlam += _sum_to(torch.mul(G, M_prev, out=tmp2), L.lam_kind)
+            dpost, dxu = _through_update(L, G, post, x_t, tmp2, deta, need["x"])
+            if dpost is not None:
+                dh = dh + dpost
+            if dxu is not None:
+                dx[:, t] += dxu
+        if carry is not None:
+            dh = dh + carry
+        delta = dh * (1.0 - gs[:, t] * gs[:, t])
+        if mask_c is not None:
+            delta.mul_(mask_c)
+        deltas[:, t] = delta
+        if t == 0:
+            break
+        if dx is not None:
+            A = torch.mul(M_prev, W_c, out=tmp2) if L.mult else M_prev
+            dx[:, t] += _bmv(A, delta, transpose=True)
+        E = torch.mul(delta[:, :, None], x_t[:, None, :], out=tmp)
+        if acc is not None:
+            acc.addcmul_(E, M_prev)
+        if G is None:
+            G = buf["G"][:c]
+            torch.mul(E, W_c, out=G) if L.mult else G.copy_(E)
+        else:
+            G.mul_(L.lam2 if L.lam_s is None else L.lam_s)
+            G.addcmul_(E, W_c) if L.mult else G.add_(E)
+        if L.W_rec is not None:
+            carry = delta @ L.W_rec
+    return dict(dx=dx, deltas=deltas, hs=hs, acc=acc, deta=deta, dlam=dlam)
+
+
+def _through_update(L, G, post, x_t, scratch, deta, need_x):
+    """Push G̃ = dL/dM̃_t through η ⊙ post x_tᵀ: returns (dL/dpost or None, dL/dx_t or None)
+    and accumulates dη into deta in place."""
+    want_post = L.assoc
+    if L.eta_kind == "matrix":
+        if deta is not None:
+            deta += torch.mul(post[:, :, None], x_t[:, None, :], out=scratch).mul_(G).sum(0)
+        Ge = torch.mul(G, L.eta2, out=scratch)
+        dpost = _bmv(Ge, x_t) if want_post else None
+        dxu = _bmv(Ge, post, transpose=True) if need_x else None
+        return dpost, dxu
+    kind = L.eta_kind
+    x_s = x_t * L.eta_row if kind == "pre" else x_t
+    p_s = post * L.eta_col if kind == "post" else post
+    v = u = None
+    if want_post or (deta is not None and kind != "pre"):
+        v = _bmv(G, x_s)  # G̃ x  (x scaled by η if pre)
+    if need_x or (deta is not None and kind == "pre"):
+        u = _bmv(G, p_s, transpose=True)  # G̃ᵀ post
+    if deta is not None:
+        if kind == "scalar":
+            deta += (v * post).sum()
+        elif kind == "post":
+            deta += (v * post).sum(0)[:, None]
+        else:
+            deta += (u * x_t).sum(0)[None, :]
+    dpost = dxu = None
+    if want_post:
+        dpost = v * L.eta_s if kind != "post" else v * L.eta_col
+    if need_x:
+        dxu = u * L.eta_s if kind != "pre" else u * L.eta_row
+    return dpost, dxu
+
+
+def _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
+    mp_type, m_update, m_bounds = cfg
+    return _Layer(x, W, b, eta, lam, mp_type, m_update, m_bounds, W_rec, hid_mask, keep)
+
+
+def _run_forward(L, x, record):
+    """Forward over all chunks (or, with a record callback, over the whole batch at once so
+    that record sees M_{t-1} of every trial at step t)."""
+    if record is not None:
+        h, _, M = _forward_chunk(L, slice(None), x, record=record)
+        return h, M
+    h = x.new_empty(L.B, L.T, L.n_post)
+    M = x.new_empty(L.B, L.n_post, L.n_pre)
+
+    def one(sl):
+        h[sl], _, M[sl] = _forward_chunk(L, sl, x[sl])
+
+    _map_chunks(one, L.chunks())
+    return h, M
+
+
+class _PlasticSequence(torch.autograd.Function):
+    """The whole plastic sequence as one autograd node; saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg, record):
+        L = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg)
+        h, M = _run_forward(L, x, record)
+        ctx.save_for_backward(x, W, b, eta, lam, W_rec, hid_mask, keep)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return h, M
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh, gM):
+        x, W, b, eta, lam, W_rec, hid_mask, keep = ctx.saved_tensors
+        L = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, ctx.cfg)
+        n_in = ctx.needs_input_grad
+        need = dict(x=n_in[0], W=n_in[1], eta=n_in[3], lam=n_in[4])
+        if gh is None and gM is None:
+            return (None,) * 10
+        shape = (L.chunk, L.n_post, L.n_pre)
+        free = queue.SimpleQueue()  # one set of work buffers per worker thread
+        for _ in range(min(torch.get_num_threads(), len(L.chunks()))):
+            free.put(dict(store=x.new_empty((L.T,) + shape), tmp=x.new_empty(shape),
+                          tmp2=x.new_empty(shape), G=x.new_empty(shape),
+                          acc=x.new_empty(shape) if (L.mult and need["W"]) else None))
+        dx = torch.zeros_like(x) if need["x"] else None
+        dW = torch.zeros_like(W) if (need["W"] and L.per_trial_W) else None
+
+        def one(sl):
+            buf = free.get()
+            try:
+                r = _backward_chunk(L, sl, x[sl], None if gh is None else gh[sl],
+                                    None if gM is None else gM[sl], buf, need)
+            finally:
+                free.put(buf)
+            d, W_c, x_c = r["deltas"], L.W_of(sl), x[sl]
+            if dx is not None:
+                dx[sl] = r["dx"] + (torch.bmm(d, W_c) if L.per_trial_W else d @ W_c)
+            out = dict(db=d.sum((0, 1)), deta=r["deta"], dlam=r["dlam"], dW=None, dW_rec=None)
+            if need["W"] and L.per_trial_W:
+                dW[sl] = torch.bmm(d.transpose(1, 2), x_c)
+                if r["acc"] is not None:
+                    dW[sl] += r["acc"]
+            elif need["W"]:
+                out["dW"] = d.reshape(-1, L.n_post).T @ x_c.reshape(-1, L.n_pre)
+                if r["acc"] is not None:
+                    out["dW"] += r["acc"].sum(0)
+            if n_in[5] and L.T > 1:
+                out["dW_rec"] = (d[:, 1:].reshape(-1, L.n_post).T
+                                 @ r["hs"][:, :-1].reshape(-1, L.n_post))
+            return out
+
+        parts = _map_chunks(one, L.chunks())
+        total = {k: None if parts[0][k] is None else sum(p[k] for p in parts)
+                 for k in ("db", "deta", "dlam", "dW", "dW_rec")}
+        if dW is None:
+            dW = total["dW"]
+        db = total["db"] if n_in[2] else None
+        dW_rec = total["dW_rec"] if n_in[5] else None
+        deta, dlam = total["deta"], total["dlam"]
+        if n_in[5] and dW_rec is None:  # T == 1: W_rec never acts
+            dW_rec = torch.zeros_like(W_rec)
+        deta = None if deta is None else deta.reshape(eta.shape)
+        dlam = None if dlam is None else dlam.reshape(lam.shape)
+        return dx, dW, db, deta, dlam, dW_rec, None, None, None, None
+
+
+def plastic_forward_fast(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
+                         m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
+                         record=None):
+    """Chunked, in-place, recompute-in-backward engine. Same arguments as `plastic_forward`."""
+    why = fast_unsupported(x, W, b, eta, lam, mp_type=mp_type, m_update=m_update,
+                           m_bounds=m_bounds, W_rec=W_rec, hid_mask=hid_mask, m_freeze=m_freeze)
+    if why is not None:
+        raise ValueError(f"engine 'fast' cannot run this call: {why}; use engine='reference'")
+    keep = None if m_freeze is None else 1.0 - m_freeze
+    cfg = (mp_type, m_update, None if m_bounds is None else tuple(m_bounds))
+    args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
+    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+        return _PlasticSequence.apply(*args, cfg, record)
+    with torch.no_grad():
+        return _run_forward(_prepare(*args, cfg), x, record)
+
+
 def plastic_forward(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
                     m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
                     record=None, engine="reference"):
@@ -79,8 +504,12 @@ def plastic_forward(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
     used to compute h_t), for streaming statistics; it must not modify M.
     Returns h (B, T, N_post) and the final M (B, N_post, N_pre).
     """
+    kwargs = dict(mp_type=mp_type, m_update=m_update, m_bounds=m_bounds, W_rec=W_rec,
+                  hid_mask=hid_mask, m_freeze=m_freeze)
+    if engine == "auto":
+        engine = "reference" if fast_unsupported(x, W, b, eta, lam, **kwargs) else "fast"
     if engine == "reference":
-        return plastic_forward_reference(x, W, b, eta, lam, mp_type=mp_type, m_update=m_update,
-                                         m_bounds=m_bounds, W_rec=W_rec, hid_mask=hid_mask,
-                                         m_freeze=m_freeze, record=record)
+        return plastic_forward_reference(x, W, b, eta, lam, record=record, **kwargs)
+    if engine == "fast":
+        return plastic_forward_fast(x, W, b, eta, lam, record=record, **kwargs)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

@@ -1,0 +1,193 @@
+"""The fast plastic-layer engine against the plain reference loop (SPEC §1.1).
+
+Axis order (B, T, N). Every case compares outputs h, the final M and the gradients w.r.t.
+every input that requires grad: float64 to 1e-9, float32 to 1e-5 (relative to each tensor's
+largest entry). Sizes are tiny so the whole file runs in seconds.
+"""
+import itertools
+
+import pytest
+import torch
+
+import mpn_engine
+
+N_PRE, N_POST = 5, 4
+SHAPES = {"scalar": (), "pre": (1, N_PRE), "post": (N_POST, 1), "matrix": (N_POST, N_PRE)}
+
+
+def make_inputs(*, B=3, T=7, eta_kind="scalar", lam_kind="scalar", eta_scale=3.0,
+                recurrent=False, per_trial_W=False, hid_mask=False, m_freeze=None,
+                train_lam=True, dtype=torch.float64, seed=0):
+    """Inputs for one call; eta_scale = 3 makes λM + η post xᵀ leave [-1, 1] (the clip binds)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, dtype=dtype)
+
+    x = torch.tanh(2 * randn(B, T, N_PRE))
+    W = randn(B, N_POST, N_PRE) if per_trial_W else randn(N_POST, N_PRE)
+    eta = eta_scale * (1 + 0.3 * randn(*SHAPES[eta_kind]))
+    lam = 0.9 + 0.09 * torch.rand(SHAPES[lam_kind], generator=g, dtype=dtype)
+    args = dict(x=x, W=W, b=randn(N_POST), eta=eta, lam=lam,
+                W_rec=0.5 * randn(N_POST, N_POST) if recurrent else None)
+    for name, t in args.items():
+        if t is not None and (train_lam or name != "lam"):
+            t.requires_grad_()
+    masks = dict(hid_mask=None, m_freeze=None)
+    if hid_mask:
+        masks["hid_mask"] = (torch.rand(B, N_POST, generator=g) > 0.3).to(dtype)
+    if m_freeze == "shared":
+        masks["m_freeze"] = (torch.rand(N_POST, N_PRE, generator=g) > 0.7).to(dtype)
+    elif m_freeze == "per_trial":
+        masks["m_freeze"] = (torch.rand(B, N_POST, N_PRE, generator=g) > 0.7).to(dtype)
+    return args, masks
+
+
+def run(engine, args, masks, loss="both", **opts):
+    """Outputs and gradients of a fixed random-weighted loss, as one list of tensors."""
+    h, M = mpn_engine.plastic_forward(**args, **masks, **opts, engine=engine)
+    wh = torch.cos(torch.arange(h.numel(), dtype=h.dtype)).view_as(h)
+    wM = torch.sin(torch.arange(M.numel(), dtype=M.dtype)).view_as(M)
+    total = {"both": (h * wh).sum() + (M * wM).sum(), "h": (h * wh).sum(),
+             "M": (M * wM).sum()}[loss]
+    inputs = [t for t in args.values() if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    grads = [torch.zeros_like(t) if d is None else d for t, d in zip(inputs, grads)]
+    return [h.detach(), M.detach(), *grads]
+
+
+def assert_close(got, want, rtol):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        scale = b.abs().max().clamp_min(1e-12)
+        err = ((a - b).abs().max() / scale).item()
+        assert err <= rtol, f"tensor {i}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def clip_binds(args, masks, mp_type="mult", m_update="hebb_assoc", m_bounds=(-1.0, 1.0)):
+    """True when some pre-clip value λ M_{t-1} + η post_t x_tᵀ leaves the bounds."""
+    prev = []
+    with torch.no_grad():
+        h, _ = mpn_engine.plastic_forward(**args, **masks, mp_type=mp_type, m_update=m_update,
+                                          m_bounds=m_bounds, record=lambda t, M: prev.append(M),
+                                          engine="reference")
+        x = args["x"]
+        post = h if m_update == "hebb_assoc" else torch.full_like(h, N_POST ** -0.5)
+        for t, M in enumerate(prev):
+            pre = args["lam"] * M + args["eta"] * post[:, t, :, None] * x[:, t, None, :]
+            if (pre < m_bounds[0]).any() or (pre > m_bounds[1]).any():
+                return True
+    return False
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """One trial per chunk, so chunking and the worker threads are exercised."""
+    monkeypatch.setattr(mpn_engine, "CHUNK_BYTES", 1)
+
+
+@pytest.mark.parametrize("mp_type,m_update", itertools.product(["mult", "add"],
+                                                               ["hebb_assoc", "hebb_pre"]))
+@pytest.mark.parametrize("eta_kind,lam_kind", itertools.product(SHAPES, SHAPES))
+def test_fast_matches_reference_every_parameter_shape(mp_type, m_update, eta_kind, lam_kind):
+    args, masks = make_inputs(eta_kind=eta_kind, lam_kind=lam_kind)
+    opts = dict(mp_type=mp_type, m_update=m_update)
+    assert clip_binds(args, masks, **opts)
+    assert_close(run("fast", args, masks, **opts), run("reference", args, masks, **opts), 1e-9)
+
+
+OPTION_CASES = {
+    "recurrent": dict(recurrent=True),
+    "per_trial_W": dict(per_trial_W=True),
+    "hid_mask": dict(hid_mask=True),
+    "freeze_shared": dict(m_freeze="shared"),
+    "freeze_per_trial": dict(m_freeze="per_trial"),
+    "everything": dict(recurrent=True, per_trial_W=True, hid_mask=True, m_freeze="per_trial",
+                       eta_kind="matrix", lam_kind="post"),
+    "lam_fixed": dict(train_lam=False, eta_kind="pre"),
+    "long_T": dict(T=30, recurrent=True, eta_scale=1.0),
+}
+
+
+@pytest.mark.parametrize("case", OPTION_CASES)
+@pytest.mark.parametrize("mp_type", ["mult", "add"])
+@pytest.mark.parametrize("m_bounds", [(-1.0, 1.0), (-0.5, 0.8), None])
+def test_fast_matches_reference_options(case, mp_type, m_bounds, small_chunks):
+    args, masks = make_inputs(**OPTION_CASES[case])
+    opts = dict(mp_type=mp_type, m_bounds=m_bounds)
+    if m_bounds is not None:
+        assert clip_binds(args, masks, mp_type=mp_type, m_bounds=m_bounds)
+    assert_close(run("fast", args, masks, **opts), run("reference", args, masks, **opts), 1e-9)
+
+
+@pytest.mark.parametrize("loss", ["h", "M"])
+def test_gradient_from_one_output_only(loss):
+    args, masks = make_inputs(recurrent=True, hid_mask=True)
+    assert_close(run("fast", args, masks, loss=loss), run("reference", args, masks, loss=loss),
+                 1e-9)
+
+
+@pytest.mark.parametrize("case", ["everything", "recurrent"])
+def test_float32_matches_reference(case, small_chunks):
+    args, masks = make_inputs(**OPTION_CASES[case], B=4, T=20, dtype=torch.float32)
+    assert clip_binds(args, masks)
+    assert_close(run("fast", args, masks), run("reference", args, masks), 1e-5)
+
+
+def test_no_grad_forward_matches_reference(small_chunks):
+    args, masks = make_inputs(recurrent=True, hid_mask=True, m_freeze="shared")
+    with torch.no_grad():
+        want = mpn_engine.plastic_forward(**args, **masks, engine="reference")
+        got = mpn_engine.plastic_forward(**args, **masks, engine="fast")
+    assert_close(list(got), list(want), 1e-9)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_record_sees_the_same_M_history(grad):
+    args, masks = make_inputs(recurrent=True, m_freeze="per_trial")
+    seen = {}
+    for engine in ("reference", "fast"):
+        Ms = []  # stored without copying: each step must hand over its own tensor
+        with torch.set_grad_enabled(grad):
+            h, _ = mpn_engine.plastic_forward(**args, **masks, engine=engine,
+                                              record=lambda t, M: Ms.append((t, M)))
+        assert [t for t, _ in Ms] == list(range(args["x"].shape[1]))
+        assert h.requires_grad == grad
+        seen[engine] = [M.detach() for _, M in Ms]
+    assert seen["reference"][0].abs().max() == 0  # M_{-1} = 0
+    assert_close(seen["fast"], seen["reference"], 1e-9)
+    if grad:  # the recorded forward still trains
+        args2, masks2 = make_inputs(recurrent=True, m_freeze="per_trial")
+        got = run("fast", args2, masks2, record=lambda t, M: None)
+        assert_close(got, run("reference", args2, masks2), 1e-9)
+
+
+def test_gradcheck_custom_function():
+    args, masks = make_inputs(B=2, T=4, eta_kind="matrix", lam_kind="pre", eta_scale=1.5,
+                              recurrent=True, hid_mask=True, m_freeze="shared")
+    names = [k for k, v in args.items() if v is not None]
+
+    def f(*tensors):
+        kw = dict(zip(names, tensors))
+        return mpn_engine.plastic_forward_fast(**kw, **masks)
+
+    assert torch.autograd.gradcheck(f, [args[k] for k in names], eps=1e-6, atol=1e-7)
+
+
+def test_auto_picks_fast_when_it_can_and_reference_otherwise():
+    args, masks = make_inputs()
+    assert_close(run("auto", args, masks), run("fast", args, masks), 0.0)
+    # a mask that requires grad is outside the fast engine: auto falls back, fast refuses
+    masks = dict(hid_mask=torch.ones(3, N_POST, dtype=torch.float64, requires_grad=True))
+    assert mpn_engine.fast_unsupported(**args, **masks) is not None
+    h, _ = mpn_engine.plastic_forward(**args, **masks, engine="auto")
+    h.sum().backward()
+    assert masks["hid_mask"].grad is not None
+    with pytest.raises(ValueError, match="engine 'fast' cannot run"):
+        mpn_engine.plastic_forward(**args, **masks, engine="fast")
+    with pytest.raises(ValueError, match="unknown engine"):
+        mpn_engine.plastic_forward(**args, engine="nope")
+
+
+def test_engines_listed():
+    assert set(mpn_engine.ENGINES) == {"reference", "fast", "auto"}
