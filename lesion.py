@@ -1,0 +1,620 @@
+"""Lesions and perturbations of one trained run (SPEC §6): which clusters of input units,
+hidden units and synapses the network needs for which rule, how it tolerates pruning, and how
+robust it is to silencing and weight noise.
+
+Experiments (select them with --experiments):
+  single      each input (embedding) cluster and each hidden cluster silenced alone, at the
+              fixed k and at the selected k, for normalized and unnormalized clusterings,
+              each with `n_random` size-matched random controls drawn from the units
+              *outside* the cluster;
+  combined    every (input cluster, hidden cluster) pair at the fixed k silenced together,
+              with random controls (the pair of the two singles' controls);
+  modulation  every modulation clustering: `zero_W` (W = 0 on the cluster's synapses) and
+              `freeze_M` (M held at 0 there, W intact), with random synapse sets of the
+              same size outside the cluster as controls (shared by both kinds);
+  prune       the smallest |W| entries of the plastic layer zeroed at each sparsity;
+  robust      a random fraction of W entries zeroed, a random fraction of hidden units
+              silenced, Gaussian noise on W (absolute sigma, and sigma relative to the RMS
+              weight ‖W‖_F/√(N·N_pre)), `n_draws` draws per level.
+
+Every condition is data (a net_helpers.Perturbation), never an edit of the stored weights.
+Identical conditions are evaluated once. Conditions run batched: K conditions x n_test trial
+copies of one rule form one forward pass (W_eff is per trial anyway), K chosen from the
+memory budget. One seeded test set per run (mpn_tasks.aligned_batch per rule, seeded from the
+run seed) serves every condition; per condition and rule both accuracy measures are saved.
+
+Reads:  runs/<aname>/checkpoint.pt, cluster_info.pkl, cluster_info_mod.pkl
+        (task_variance.h5 when the cluster pickles lack a full variance matrix).
+Writes: runs/<aname>/lesion.pkl: the condition table (units / synapses as sorted indices or
+        packed bit masks, noise as seed + sigma; `condition_perturbation` rebuilds any of
+        them), accuracy (conditions x rules) under both measures, the unperturbed baseline,
+        and one table per experiment pointing into the condition table.
+
+Axis order: trials x time x units, (B, T, N); W is (N_post, N_pre) and synapse indices are
+flattened post-major (i_post * N_pre + j_pre), as in cluster_info_mod.
+
+Example:
+    python lesion.py --run=everything_dmpn_seed749_L21e4_h300_b128
+    python lesion.py --run=everything_dmpn_seed749_L21e4_h300_b128 --experiments="['single','prune']"
+"""
+import time
+import zlib
+
+import numpy as np
+import torch
+
+import helper
+
+CONFIG = dict(
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
+    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
+    experiments=["single", "combined", "modulation", "prune", "robust"],  # any subset
+    n_test=16,  # aligned test trials per rule (a multiple of 8: balanced stimulus directions)
+    test_quantile=0.5,  # test-trial epoch durations at this quantile of their ranges (1.0 = longest)
+    sigma_x=0.0,  # input-noise std of the test trials (baked into the fixed test set)
+    n_random=10,  # size-matched random controls per cluster (single and modulation lesions)
+    n_random_combined=10,  # random controls per (input, hidden) cluster pair
+    fixed_k=20,  # the fixed number of clusters (SPEC §6.1); nearest available k if absent
+    k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k
+    forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned
+    combined_forms=["normalized"],  # forms whose fixed-k clusterings get all pair lesions
+    mod_reps=["modulation", "modulation_weighted"],  # synapse clusterings for zero_W/freeze_M
+    mod_k_cuts=["selected"],  # synapse clusterings cut at "selected" and/or "fixed" k
+    prune_sparsity=[0, 0.1, 0.5, 0.9, 0.95, 0.98, 0.99, 0.999],  # fractions of W zeroed by |W|
+    zero_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random W entries zeroed
+    silence_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random hidden units silenced
+    noise_sigmas=[0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03],  # absolute std of noise added to W
+    noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre)
+    n_draws=30,  # random draws per robustness level
+    memory_mb=256,  # memory budget of one forward pass (sets how many conditions share it)
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
+    engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
+)
+
+PRODUCER = "python lesion.py"
+CLUSTER_PRODUCER = "python clustering.py"
+EXPERIMENTS = ("single", "combined", "modulation", "prune", "robust")
+FIELDS = ("in_units", "hid_units", "w_zero", "m_freeze")  # index-set fields of a condition
+# Seed streams (second entry of the numpy seed list, after the run seed).
+TEST_STREAM, CONTROL_STREAM, ROBUST_STREAM = 70, 71, 72
+
+
+# ----------------------------------------------------------------------------------------
+# Conditions: index sets stored compactly, identical conditions stored once
+
+
+def pack_indices(idx, n_total):
+    """Sorted unique indices as the smaller of an int array and a packed bit mask."""
+    idx = np.unique(np.asarray(idx, dtype=np.int64))
+    dtype = np.uint16 if n_total <= 2**16 else np.uint32
+    if idx.size * np.dtype(dtype).itemsize <= n_total / 8:
+        return idx.astype(dtype)
+    mask = np.zeros(n_total, dtype=bool)
+    mask[idx] = True
+    return {"bits": np.packbits(mask), "n": int(n_total)}
+
+
+def unpack_indices(packed):
+    """Inverse of pack_indices: the sorted int64 indices."""
+    if isinstance(packed, dict):
+        return np.flatnonzero(np.unpackbits(packed["bits"], count=packed["n"]))
+    return np.asarray(packed, dtype=np.int64)
+
+
+def _key(cond):
+    parts = []
+    for name in FIELDS:
+        v = cond.get(name)
+        parts.append(None if v is None else (v["bits"].tobytes() if isinstance(v, dict)
+                                             else v.tobytes()))
+    noise = cond.get("w_noise")
+    parts.append(None if noise is None else (tuple(noise["seed"]), noise["sigma"]))
+    return tuple(parts)
+
+
+class ConditionTable:
+    """Unique conditions in order of first use; `add` returns a condition's id."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes  # total count per field, to pack index sets
+        self.conditions, self._ids = [], {}
+        self.add({})  # id 0: the intact network
+
+    def add(self, spec):
+        """spec: {field: indices} for FIELDS, plus optional w_noise {"seed", "sigma"}."""
+        cond = {}
+        for name in FIELDS:
+            if spec.get(name) is not None and len(spec[name]):
+                cond[name] = pack_indices(spec[name], self.sizes[name])
+        noise = spec.get("w_noise")
+        if noise is not None and noise["sigma"] > 0:
+            cond["w_noise"] = {"seed": [int(s) for s in noise["seed"]],
+                               "sigma": float(noise["sigma"])}
+        key = _key(cond)
+        if key not in self._ids:
+            self._ids[key] = len(self.conditions)
+            self.conditions.append(cond)
+        return self._ids[key]
+
+
+def noise_matrix(seed, sigma, shape):
+    """The Gaussian weight noise of a condition, regenerated from its seed."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * sigma).astype(np.float32)
+
+
+def condition_perturbation(cond, n_pre, n_hidden):
+    """The net_helpers.Perturbation of one stored condition (shared across trials)."""
+    import net_helpers
+    kw = {}
+    shape = (n_hidden, n_pre)
+    if "in_units" in cond:
+        kw["in_mask"] = _mask(cond["in_units"], n_pre, 0.0)
+    if "hid_units" in cond:
+        kw["hid_mask"] = _mask(cond["hid_units"], n_hidden, 0.0)
+    if "w_zero" in cond:
+        kw["w_mask"] = _mask(cond["w_zero"], n_hidden * n_pre, 0.0).reshape(shape)
+    if "m_freeze" in cond:
+        kw["m_freeze"] = _mask(cond["m_freeze"], n_hidden * n_pre, 1.0).reshape(shape)
+    if "w_noise" in cond:
+        kw["w_noise"] = torch.from_numpy(noise_matrix(cond["w_noise"]["seed"],
+                                                      cond["w_noise"]["sigma"], shape))
+    return net_helpers.Perturbation(**kw)
+
+
+def _mask(packed, n_total, value):
+    """A float mask that is `value` at the stored indices and 1 - value elsewhere."""
+    mask = torch.full((n_total,), 1.0 - value)
+    mask[torch.from_numpy(unpack_indices(packed))] = value
+    return mask
+
+
+# ----------------------------------------------------------------------------------------
+# Random draws
+
+
+def draw_outside(rng, n_total, members, size):
+    """`size` indices drawn without replacement from [0, n_total) minus `members`."""
+    outside = np.setdiff1d(np.arange(n_total), members)
+    return np.sort(rng.choice(outside, size=size, replace=False))
+
+
+def control_draws(run_seed, n_total, members, n_random):
+    """Size-matched random controls of one cluster, seeded by the cluster's own members so
+    an identical cluster (e.g. selected k == fixed k) gets identical, deduplicated controls.
+    None when fewer than |cluster| units lie outside it."""
+    members = np.asarray(members, dtype=np.int64)
+    if n_total - members.size < members.size or members.size == 0:
+        return None
+    tag = zlib.crc32(members.tobytes()) ^ n_total
+    rng = np.random.default_rng([run_seed, CONTROL_STREAM, tag])
+    return [draw_outside(rng, n_total, members, members.size) for _ in range(n_random)]
+
+
+def random_subset(run_seed, battery, level, draw, n_total, fraction):
+    rng = np.random.default_rng([run_seed, ROBUST_STREAM, battery, level, draw])
+    return rng.choice(n_total, size=int(round(fraction * n_total)), replace=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Experiments: each returns its tables of condition ids
+
+
+def _labels_at(R, cut, fixed_k):
+    """(k, column labels) of one clustering at the fixed or the selected k."""
+    if cut == "selected":
+        return int(R["k"]), np.asarray(R["col_labels"])
+    by_k = R["col_labels_by_k"]
+    k = min(by_k, key=lambda kk: (abs(int(kk) - fixed_k), kk))
+    return int(k), np.asarray(by_k[k])
+
+
+def _profiles(R, variance, rep, form, labels, clusters):
+    """Cluster-mean task-variance profiles (n_clusters, n_rows) for the tuning-similarity
+    analysis, from the clustered matrix (or task_variance.h5 when that lacks columns)."""
+    matrix = np.asarray(R.get("matrix")) if R.get("matrix") is not None else None
+    if matrix is None or matrix.ndim != 2 or matrix.shape[1] != labels.size:
+        matrix = (variance or {}).get(rep, {}).get(form)
+        if matrix is None or np.asarray(matrix).shape[1] != labels.size:
+            return None
+        matrix = np.asarray(matrix)
+    return np.stack([matrix[:, labels == c].mean(axis=1) for c in clusters])
+
+
+def cluster_table(R, cut, fixed_k, n_total):
+    """Clusters of one clustering: labels, members, sizes, unresponsive flags."""
+    k, labels = _labels_at(R, cut, fixed_k)
+    clusters = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in clusters]
+    unresp = np.asarray(R.get("unresponsive", np.zeros(n_total, bool)), dtype=bool)
+    return {"k": k, "labels": labels.astype(np.int32), "clusters": clusters,
+            "members": members, "sizes": np.array([m.size for m in members]),
+            "unresponsive": np.array([bool(unresp[m].all()) for m in members]),
+            "row_names": list(R.get("row_names", []))}
+
+
+def _lesion_and_controls(table, field, members_list, n_total, n_random, run_seed):
+    """Condition ids (n_clusters,) of the lesions and (n_clusters, n_random) of controls."""
+    lesion = np.array([table.add({field: m}) for m in members_list])
+    control = np.full((len(members_list), n_random), -1)
+    for c, m in enumerate(members_list):
+        draws = control_draws(run_seed, n_total, m, n_random)
+        if draws is not None:
+            control[c] = [table.add({field: d}) for d in draws]
+    return lesion, control
+
+
+def single_experiments(table, ci, variance, cfg, run_seed, n_units):
+    """SPEC §6.1 items 1-2: every input/hidden clustering asked for."""
+    out = {}
+    for rep, field in (("input", "in_units"), ("hidden", "hid_units")):
+        for form in cfg["forms"]:
+            for cut in cfg["k_cuts"]:
+                t = cluster_table(ci[rep][form], cut, cfg["fixed_k"], n_units[rep])
+                t["lesion"], t["control"] = _lesion_and_controls(
+                    table, field, t["members"], n_units[rep], cfg["n_random"], run_seed)
+                t["profiles"] = _profiles(ci[rep][form], variance, rep, form, t["labels"],
+                                          t["clusters"])
+                t.update(rep=rep, form=form, cut=cut, field=field)
+                del t["members"]
+                out[f"{rep}-{form}-{cut}"] = t
+    return out
+
+
+def combined_experiments(table, ci, cfg, run_seed, n_units):
+    """SPEC §6.1 item 3: every (input cluster, hidden cluster) pair at the fixed k; control d
+    pairs the d-th random controls of the two single clusters."""
+    out = {}
+    n_rand = cfg["n_random_combined"]
+    for form in cfg["combined_forms"]:
+        tin = cluster_table(ci["input"][form], "fixed", cfg["fixed_k"], n_units["input"])
+        thid = cluster_table(ci["hidden"][form], "fixed", cfg["fixed_k"], n_units["hidden"])
+        res = {"form": form, "k_input": tin["k"], "k_hidden": thid["k"],
+               "input_clusters": tin["clusters"], "hidden_clusters": thid["clusters"],
+               "input_sizes": tin["sizes"], "hidden_sizes": thid["sizes"]}
+        ctrl = {}
+        for name, t, field in (("input", tin, "in_units"), ("hidden", thid, "hid_units")):
+            res[f"{name}_lesion"], res[f"{name}_control"] = _lesion_and_controls(
+                table, field, t["members"], n_units[name], cfg["n_random"], run_seed)
+            ctrl[name] = [control_draws(run_seed, n_units[name], m, n_rand) for m in t["members"]]
+        pairs = [(i, j) for i in range(len(tin["clusters"])) for j in range(len(thid["clusters"]))]
+        res["pairs"] = np.array(pairs, dtype=np.int32).reshape(-1, 2)
+        res["lesion"] = np.array([table.add({"in_units": tin["members"][i],
+                                             "hid_units": thid["members"][j]}) for i, j in pairs])
+        res["control"] = np.full((len(pairs), n_rand), -1)
+        for p, (i, j) in enumerate(pairs):
+            if ctrl["input"][i] is not None and ctrl["hidden"][j] is not None:
+                res["control"][p] = [table.add({"in_units": a, "hid_units": b})
+                                     for a, b in zip(ctrl["input"][i], ctrl["hidden"][j])]
+        out[f"{form}-fixed"] = res
+    return out
+
+
+def modulation_experiments(table, ci_mod, variance, cfg, run_seed, n_syn):
+    """SPEC §6.1 item 4: zero_W and freeze_M on every synapse cluster, with shared random
+    synapse-set controls."""
+    out = {}
+    for rep in cfg["mod_reps"]:
+        for form in cfg["forms"]:
+            for cut in cfg["mod_k_cuts"]:
+                t = cluster_table(ci_mod[rep][form], cut, cfg["fixed_k"], n_syn)
+                for kind, field in (("zero_W", "w_zero"), ("freeze_M", "m_freeze")):
+                    t[kind] = np.array([table.add({field: m}) for m in t["members"]])
+                    t[f"{kind}_control"] = np.full((len(t["members"]), cfg["n_random"]), -1)
+                for c, m in enumerate(t["members"]):
+                    draws = control_draws(run_seed, n_syn, m, cfg["n_random"])
+                    for kind, field in (("zero_W", "w_zero"), ("freeze_M", "m_freeze")):
+                        if draws is not None:
+                            t[f"{kind}_control"][c] = [table.add({field: d}) for d in draws]
+                t["profiles"] = _profiles(ci_mod[rep][form], variance, rep, form,
+                                          t["labels"], t["clusters"])
+                t.update(rep=rep, form=form, cut=cut)
+                del t["members"]
+                out[f"{rep}-{form}-{cut}"] = t
+    return out
+
+
+def prune_experiment(table, W, cfg):
+    """SPEC §6.1 item 5: zero the smallest |W| entries at each sparsity."""
+    order = np.argsort(np.abs(W).ravel(), kind="stable")
+    levels = np.asarray(cfg["prune_sparsity"], dtype=float)
+    ids = [table.add({"w_zero": order[:int(round(s * order.size))]}) for s in levels]
+    return {"sparsity": levels, "cond": np.array(ids)}
+
+
+def robust_experiments(table, W, cfg, run_seed):
+    """SPEC §6.1 item 6: (levels, (n_levels, n_draws) condition ids) per battery."""
+    n_hidden, n_pre = W.shape
+    rms = float(np.linalg.norm(W) / np.sqrt(W.size))
+    batteries = {
+        "w_zero": ("fraction of W entries zeroed", cfg["zero_fractions"],
+                   lambda li, d, f: {"w_zero": random_subset(run_seed, 0, li, d, W.size, f)}),
+        "hid_silence": ("fraction of hidden units silenced", cfg["silence_fractions"],
+                        lambda li, d, f: {"hid_units": random_subset(run_seed, 1, li, d,
+                                                                     n_hidden, f)}),
+        "w_noise": ("σ of Gaussian noise added to W", cfg["noise_sigmas"],
+                    lambda li, d, s: {"w_noise": {"seed": [run_seed, ROBUST_STREAM, 2, li, d],
+                                                  "sigma": s}}),
+        "w_noise_rel": ("noise σ / RMS weight (‖W‖_F/√(N·N_pre))", cfg["noise_rel_sigmas"],
+                        lambda li, d, s: {"w_noise": {"seed": [run_seed, ROBUST_STREAM, 3, li, d],
+                                                      "sigma": s * rms}}),
+    }
+    out = {}
+    for name, (xlabel, levels, make) in batteries.items():
+        ids = [[table.add(make(li, d, lv)) for d in range(cfg["n_draws"])]
+               for li, lv in enumerate(levels)]
+        out[name] = {"levels": np.asarray(levels, dtype=float), "cond": np.array(ids),
+                     "xlabel": xlabel}
+    out["w_noise_rel"]["rms_weight"] = rms
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Running conditions batched
+
+
+def _signature(cond):
+    return tuple(name in cond for name in (*FIELDS, "w_noise"))
+
+
+def trials_per_pass(cond, n_pre, n_hidden, T, memory_mb):
+    """Trial copies one forward pass may hold: per trial the engine keeps a few N x N_pre
+    tensors (M, W_eff, the update), plus one per synapse-level perturbation field, plus the
+    recorded hidden activity (T x N)."""
+    n_syn_fields = sum(name in cond for name in ("w_zero", "m_freeze", "w_noise"))
+    per_trial = 4 * ((4 + 2 * n_syn_fields) * n_hidden * n_pre + 3 * T * n_hidden)
+    return max(1, int(memory_mb * 2**20 // per_trial))
+
+
+def score_conditions(outputs, batch, K):
+    """Per condition (K conditions x n trial copies): angle and trial accuracy, pooled over
+    the condition's trials exactly as mpn_tasks.accuracy_by_rule pools a rule's trials."""
+    import mpn_tasks
+    n_correct, n_scored = mpn_tasks.score_angle(outputs, batch)
+    ok = np.asarray(mpn_tasks.score_trial(outputs, batch), dtype=float)
+    n_correct = np.asarray(n_correct, dtype=float).reshape(K, -1).sum(1)
+    n_scored = np.asarray(n_scored, dtype=float).reshape(K, -1).sum(1)
+    return n_correct / np.maximum(n_scored, 1), ok.reshape(K, -1).mean(1)
+
+
+def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
+    """Accuracy (n_conditions, n_rules) under both measures. Conditions with the same
+    perturbation fields are stacked K at a time (Perturbation.stack) against the test batch
+    of each rule repeated K times, so one forward pass runs K x n_test trials."""
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    C, R = len(conditions), len(tests)
+    acc = {"angle": np.full((C, R), np.nan, np.float32), "trial": np.full((C, R), np.nan, np.float32)}
+    order = sorted(range(C), key=lambda i: _signature(conditions[i]))
+    T_max = max(b.inputs.shape[1] for b in tests)
+    n_test = tests[0].inputs.shape[0]
+    bar = helper.progress(total=C, desc=desc, unit="cond")
+    start = 0
+    while start < C:
+        sig = _signature(conditions[order[start]])
+        K = max(1, trials_per_pass(conditions[order[start]], n_pre, n_hidden, T_max,
+                                   memory_mb) // n_test)
+        ids = [i for i in order[start:start + K] if _signature(conditions[i]) == sig]
+        stacked = net_helpers.Perturbation.stack(
+            [condition_perturbation(conditions[i], n_pre, n_hidden) for i in ids], n_test)
+        for r, batch in enumerate(tests):
+            tiled = batch.take(np.tile(np.arange(n_test), len(ids)))
+            res = net_helpers.evaluate(net, tiled, perturbation=stacked)
+            angle, trial = score_conditions(res["outputs"], tiled, len(ids))
+            acc["angle"][ids, r], acc["trial"][ids, r] = angle, trial
+        bar.update(len(ids))
+        start += len(ids)
+    bar.close()
+    return acc
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def net_shapes(net):
+    """(N_hidden, N_pre) of the weight matrix that synapse perturbations act on."""
+    if hasattr(net, "mp"):
+        return tuple(net.mp.W.shape)
+    n = net.W_out.shape[1]
+    return n, n
+
+
+def plastic_weight(net):
+    """The (N_hidden, N_pre) weights pruned and perturbed, as numpy."""
+    if hasattr(net, "mp"):
+        return net.mp.W.detach().cpu().numpy().copy()
+    n = net.W_out.shape[1]
+    return net.W_rec.detach().cpu().numpy()[-n:].copy()  # vanilla: W_rec; GRU: candidate block
+
+
+def load_network(paths, cfg):
+    """(net in eval mode, training config, checkpoint step)."""
+    import net_helpers
+    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
+    net = net_helpers.model_from_checkpoint(ckpt, device=helper.get_device(cfg["device"]))
+    if hasattr(net, "mp"):
+        net.mp.engine = cfg["engine"]
+    return net.eval(), ckpt["config"], int(ckpt["step"])
+
+
+def load_clusters(paths, experiments):
+    """cluster_info (and cluster_info_mod when needed), refused when missing or older than
+    the checkpoint they should describe."""
+    producer = f"{CLUSTER_PRODUCER} --run={paths.name}"
+    out = {}
+    needs = [("cluster_info", {"single", "combined"}), ("cluster_info_mod", {"modulation"})]
+    for attr, users in needs:
+        if not users & set(experiments):
+            out[attr] = None
+            continue
+        path = getattr(paths, attr)
+        out[attr] = helper.load_pickle(path, producer)
+        if path.stat().st_mtime < paths.checkpoint.stat().st_mtime:
+            raise helper.StageError(f"{str(path)!r} is older than the checkpoint it should "
+                                    f"describe; rerun `{producer}`.")
+    variance = None
+    if paths.variance.exists() and any(out.values()):
+        variance, _ = helper.load_h5(paths.variance, "python multiple_task_analysis.py")
+    return out["cluster_info"], out["cluster_info_mod"], variance
+
+
+def run_rules(train_cfg):
+    import mpn_tasks
+    if train_cfg.get("rules"):
+        return list(train_cfg["rules"])
+    return list(mpn_tasks.RULESETS[train_cfg.get("ruleset", "everything")])
+
+
+def make_test_set(rules, cfg, run_seed, io_mode):
+    """One aligned batch per rule from a run-seeded Generator: the fixed test set."""
+    import mpn_tasks
+    if cfg["n_test"] < 1:
+        raise helper.StageError(f"n_test must be at least 1, not {cfg['n_test']}.")
+    rng = np.random.default_rng([run_seed, TEST_STREAM])
+    return [mpn_tasks.aligned_batch(rule, cfg["n_test"], rng, quantile=cfg["test_quantile"],
+                                    sigma_x=cfg["sigma_x"], io_mode=io_mode) for rule in rules]
+
+
+def baseline_accuracy(net, tests, rules):
+    """Per-rule accuracy of the intact network under both measures (plain evaluate)."""
+    import net_helpers
+    acc = {"angle": np.zeros(len(rules)), "trial": np.zeros(len(rules))}
+    for r, (rule, batch) in enumerate(zip(rules, tests)):
+        res = net_helpers.evaluate(net, batch)
+        for measure in acc:
+            acc[measure][r] = res["acc"][measure][rule]
+    return acc
+
+
+# ----------------------------------------------------------------------------------------
+# Effects and summary (also used by lesion_plot.py)
+
+
+def normalized_effect(acc, lesion, control):
+    """Random-control accuracy − lesion accuracy, (n_clusters, n_rules); NaN where a cluster
+    has no control. acc (n_conditions, n_rules); lesion (n,), control (n, n_random) ids."""
+    lesion, control = np.asarray(lesion), np.asarray(control)
+    ctrl = np.where(control[..., None] >= 0, acc[np.maximum(control, 0)], np.nan)
+    with np.errstate(all="ignore"):
+        ctrl_mean = np.nanmean(ctrl, axis=1) if control.shape[1] else np.full(
+            (lesion.size, acc.shape[1]), np.nan)
+    return ctrl_mean - acc[lesion]
+
+
+REP_SHORT = {"input": "input", "hidden": "hidden", "modulation": "M",
+             "modulation_weighted": "W⊙M"}
+FORM_SHORT = {"normalized": "norm", "unnormalized": "unnorm"}
+
+
+def family_name(t, kind=""):
+    """Short label of one clustering (and lesion kind), e.g. 'hidden norm k=20'."""
+    name = f"{REP_SHORT.get(t['rep'], t['rep'])} {FORM_SHORT.get(t['form'], t['form'])} k={t['k']}"
+    return f"{name} {kind}".strip()
+
+
+def cluster_effects(result, measure):
+    """{family name: (effect (n_clusters, n_rules), table)} over single and modulation
+    lesions."""
+    acc = result["acc"][measure]
+    out = {}
+    for t in result.get("single", {}).values():
+        out[family_name(t)] = (normalized_effect(acc, t["lesion"], t["control"]), t)
+    for t in result.get("modulation", {}).values():
+        for kind in ("zero_W", "freeze_M"):
+            out[family_name(t, kind)] = (
+                normalized_effect(acc, t[kind], t[f"{kind}_control"]), t)
+    return out
+
+
+def top_effects(result, measure="trial", n=8):
+    """The n largest normalized effects as (effect, family, cluster label, rule)."""
+    rows = []
+    for family, (eff, t) in cluster_effects(result, measure).items():
+        for c, r in zip(*np.nonzero(np.isfinite(eff))):
+            rows.append((float(eff[c, r]), family, int(t["clusters"][c]), result["rules"][r]))
+    return sorted(rows, reverse=True)[:n]
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def build_conditions(cfg, net, ci, ci_mod, variance, run_seed):
+    n_hidden, n_pre = net_shapes(net)
+    W = plastic_weight(net)
+    table = ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
+                            "w_zero": n_hidden * n_pre, "m_freeze": n_hidden * n_pre})
+    n_units = {"input": n_pre, "hidden": n_hidden}
+    ex = cfg["experiments"]
+    tables = {
+        "single": single_experiments(table, ci, variance, cfg, run_seed, n_units)
+        if "single" in ex else {},
+        "combined": combined_experiments(table, ci, cfg, run_seed, n_units)
+        if "combined" in ex else {},
+        "modulation": modulation_experiments(table, ci_mod, variance, cfg, run_seed,
+                                             n_hidden * n_pre) if "modulation" in ex else {},
+        "prune": prune_experiment(table, W, cfg) if "prune" in ex else None,
+        "robust": robust_experiments(table, W, cfg, run_seed) if "robust" in ex else {},
+    }
+    return table, tables
+
+
+def check_config(cfg, net):
+    unknown = set(cfg["experiments"]) - set(EXPERIMENTS)
+    if unknown:
+        raise helper.StageError(f"unknown experiment(s) {sorted(unknown)}; choose from "
+                                f"{list(EXPERIMENTS)}.")
+    missing = {"single": "in_mask", "combined": "in_mask", "modulation": "m_freeze"}
+    for name, field in missing.items():
+        if name in cfg["experiments"] and field not in net.perturbable:
+            raise helper.StageError(f"a {net.net_type} network cannot apply {field}; drop "
+                                    f"{name!r} from --experiments.")
+
+
+def lesion_run(paths, cfg):
+    """Every selected experiment on one run; writes and returns the lesion pickle's dict."""
+    t0 = time.time()
+    net, train_cfg, step = load_network(paths, cfg)
+    check_config(cfg, net)
+    ci, ci_mod, variance = load_clusters(paths, cfg["experiments"])
+    run_seed = int(train_cfg["seed"])
+    rules = run_rules(train_cfg)
+    tests = make_test_set(rules, cfg, run_seed, train_cfg.get("io_mode", "low_dim"))
+    table, tables = build_conditions(cfg, net, ci, ci_mod, variance, run_seed)
+    n_hidden, n_pre = net_shapes(net)
+    print(f"[{paths.name}] {len(table.conditions)} distinct conditions x {len(rules)} rules x "
+          f"{cfg['n_test']} trials")
+    params_before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    acc = evaluate_conditions(net, tests, table.conditions, cfg["memory_mb"],
+                              desc=f"{paths.name} lesion conditions")
+    if any(not torch.equal(v, net.state_dict()[k]) for k, v in params_before.items()):
+        raise RuntimeError("a perturbation modified the stored weights")
+    result = dict(tables, run=paths.name, checkpoint_step=step, rules=rules,
+                  conditions=table.conditions, acc=acc,
+                  baseline=baseline_accuracy(net, tests, rules),
+                  shapes={"n_hidden": n_hidden, "n_pre": n_pre},
+                  test_seed=[run_seed, TEST_STREAM], config=dict(cfg),
+                  cluster_provenance={k: (v or {}).get("_provenance")
+                                      for k, v in (("cluster_info", ci), ("cluster_info_mod", ci_mod))},
+                  seconds=time.time() - t0)
+    helper.save_pickle(paths.lesion, result, cfg)
+    return result
+
+
+def main(cfg):
+    """Lesion every run matching cfg["run"]; returns {aname: lesion dict}."""
+    out = {}
+    for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
+        result = lesion_run(paths, cfg)
+        print(f"[{paths.name}] {len(result['conditions'])} conditions in "
+              f"{result['seconds']:.0f} s -> {paths.lesion}")
+        print("  baseline accuracy: trial {:.3f}, angle {:.3f}".format(
+            np.mean(result["baseline"]["trial"]), np.mean(result["baseline"]["angle"])))
+        for eff, family, label, rule in top_effects(result):
+            print(f"  effect {eff:+.3f}  {family:34s} cluster {label:3d}  {rule}")
+        out[paths.name] = result
+    return out
+
+
+if __name__ == "__main__":
+    helper.run_main(main, CONFIG)
