@@ -139,7 +139,9 @@ class _Layer:
         self.keep = keep
         self.post_const = 1.0 / math.sqrt(self.n_post)
         per_trial = self.n_post * self.n_pre * x.element_size()
-        self.chunk = self.B if x.is_cuda else max(1, min(self.B, CHUNK_BYTES // per_trial))
+        # at least one chunk per CPU thread: chunks run in parallel, each op single-threaded
+        per_thread = -(-self.B // torch.get_num_threads())
+        self.chunk = self.B if x.is_cuda else max(1, min(per_thread, CHUNK_BYTES // per_trial))
 
     def chunks(self):
         return [slice(s, min(s + self.chunk, self.B)) for s in range(0, self.B, self.chunk)]
@@ -197,7 +199,7 @@ def _bmv(A, v, transpose=False):
     return out
 
 
-def _map_chunks(fn, chunks):
+def _map_chunks(fn, chunks, cpu=True):
     """fn over the chunks, spread over torch's CPU threads with one thread per chunk: chunks
     are independent, and per-op OpenMP fork/join on small blocks costs more than it gains
     (badly so on a shared, oversubscribed machine)."""
@@ -206,10 +208,12 @@ def _map_chunks(fn, chunks):
             return fn(sl)
 
     n = torch.get_num_threads()
-    if n <= 1 or len(chunks) <= 1:
+    if n <= 1 or not cpu:
         return [run(sl) for sl in chunks]
     torch.set_num_threads(1)
     try:
+        if len(chunks) == 1:
+            return [run(chunks[0])]
         with ThreadPoolExecutor(min(n, len(chunks)), initializer=torch.set_num_threads,
                                 initargs=(1,)) as pool:
             return list(pool.map(run, chunks))
@@ -399,7 +403,7 @@ def _run_forward(L, x, record):
     def one(sl):
         h[sl], _, M[sl] = _forward_chunk(L, sl, x[sl])
 
-    _map_chunks(one, L.chunks())
+    _map_chunks(one, L.chunks(), not x.is_cuda)
     return h, M
 
 
@@ -457,7 +461,7 @@ class _PlasticSequence(torch.autograd.Function):
                                  @ r["hs"][:, :-1].reshape(-1, L.n_post))
             return out
 
-        parts = _map_chunks(one, L.chunks())
+        parts = _map_chunks(one, L.chunks(), not x.is_cuda)
         total = {k: None if parts[0][k] is None else sum(p[k] for p in parts)
                  for k in ("db", "deta", "dlam", "dW", "dW_rec")}
         if dW is None:
