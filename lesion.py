@@ -496,9 +496,8 @@ def normalized_effect(acc, lesion, control):
     has no control. acc (n_conditions, n_rules); lesion (n,), control (n, n_random) ids."""
     lesion, control = np.asarray(lesion), np.asarray(control)
     ctrl = np.where(control[..., None] >= 0, acc[np.maximum(control, 0)], np.nan)
-    with np.errstate(all="ignore"):
-        ctrl_mean = np.nanmean(ctrl, axis=1) if control.shape[1] else np.full(
-            (lesion.size, acc.shape[1]), np.nan)
+    n = np.isfinite(ctrl).sum(axis=1)
+    ctrl_mean = np.where(n > 0, np.nansum(ctrl, axis=1) / np.maximum(n, 1), np.nan)
     return ctrl_mean - acc[lesion]
 
 

@@ -50,9 +50,7 @@ def _vmax(arrays):
 
 def _effect_cmap():
     import matplotlib.pyplot as plt
-    cmap = plt.get_cmap(EFFECT_CMAP).copy()
-    cmap.set_bad("0.6")
-    return cmap
+    return plt.get_cmap(EFFECT_CMAP).with_extremes(bad="0.6")
 
 
 def _cluster_names(t):
