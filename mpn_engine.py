@@ -137,6 +137,7 @@ class _Layer:
         self.eta_col = self.eta2[:, 0] if self.eta_kind == "post" else None  # (N_post,)
         self.hid_mask = None if hid_mask is None else hid_mask.expand(self.B, self.n_post)
         self.keep = keep
+        self.keep_binary = keep is None or bool(((keep == 0) | (keep == 1)).all())
         self.post_const = 1.0 / math.sqrt(self.n_post)
         per_trial = self.n_post * self.n_pre * x.element_size()
         # at least one chunk per CPU thread: chunks run in parallel, each op single-threaded
@@ -176,6 +177,19 @@ class _Layer:
         elif self.eta_kind == "pre":
             x_t = x_t * self.eta_row
         return out.addcmul_(post[:, :, None], x_t[:, None, :], value=self.eta_s)
+
+    def strictly_inside(self, M_t, out, scratch):
+        """1[lo < M_t < hi] as a float tensor (bool kernels are several times slower here).
+
+        With M_t = clip(M̃_t) ⊙ keep and keep ∈ {0, 1}, this is the clip's gradient mask read
+        off the stored M_t, with no recompute of M̃_t; it differs from torch.clamp's
+        convention (which passes the gradient at M̃ = lo or hi exactly) only where M̃ lands
+        exactly on a bound.
+        """
+        lo, hi = self.bounds
+        if lo == -hi:
+            return torch.lt(torch.abs(M_t, out=out), hi, out=out)
+        return torch.gt(M_t, lo, out=out).mul_(torch.lt(M_t, hi, out=scratch))
 
     def update(self, M, post, x_t, out, scratch, keep_c):
         """out = clip(λ ⊙ M + η ⊙ post x_tᵀ) ⊙ keep."""
@@ -221,11 +235,11 @@ def _map_chunks(fn, chunks, cpu=True):
         torch.set_num_threads(n)
 
 
-def _forward_chunk(L, sl, x_c, store=None, record=None, want_final=True):
+def _forward_chunk(L, sl, x_c, store=None, record=None):
     """Run trials `sl` through all T steps, M updated in place.
 
-    store (T, c, N_post, N_pre), when given, receives M_{t-1} at store[t] (the backward's
-    history); the final update is then skipped unless want_final. record gets a fresh tensor
+    store (T + 1, c, N_post, N_pre), when given, receives M_{t-1} at store[t] (the backward's
+    history; store[T] is the final M). record gets a fresh tensor
     per step, exactly as from the reference loop. Returns h (c,T,N_post), g = tanh(a)
     (before the unit mask) or None, and the final M.
     """
@@ -258,10 +272,7 @@ def _forward_chunk(L, sl, x_c, store=None, record=None, want_final=True):
         h = g if mask_c is None else g * mask_c
         hs[:, t] = h
         if store is not None:
-            if t + 1 < T:
-                M = L.update(M, L.post(h), x_t, store[t + 1], tmp, keep_c)
-            elif want_final:
-                M = L.update(M, L.post(h), x_t, M.clone(), tmp, keep_c)
+            M = L.update(M, L.post(h), x_t, store[t + 1], tmp, keep_c)
         else:
             out = torch.empty_like(M) if record is not None else M
             M = L.update(M, L.post(h), x_t, out, tmp, keep_c)
@@ -296,7 +307,7 @@ def _backward_chunk(L, sl, x_c, gh_c, gM_c, buf, need):
     mask_c = None if L.hid_mask is None else L.hid_mask[sl]
     store = buf["store"][:, :c]
     tmp, tmp2 = buf["tmp"][:c], buf["tmp2"][:c]
-    hs, gs, _ = _forward_chunk(L, sl, x_c, store=store, want_final=False)
+    hs, gs, _ = _forward_chunk(L, sl, x_c, store=store)
     G = None
     if gM_c is not None:
         G = buf["G"][:c].copy_(gM_c)
@@ -311,13 +322,11 @@ def _backward_chunk(L, sl, x_c, gh_c, gM_c, buf, need):
         post = L.post(hs[:, t])
         dh = gh_c[:, t] if gh_c is not None else torch.zeros_like(post)
         if G is not None:
-            if L.bounds is not None:
+            if L.bounds is not None and L.keep_binary:
+                G.mul_(L.strictly_inside(store[t + 1], tmp, tmp2))
+            elif L.bounds is not None:
                 Mt = L.pre_clip(M_prev, post, x_t, tmp, tmp2)
-                # 1[lo ≤ M̃ ≤ hi] as a float (bool kernels are several times slower here);
-                # without keep the stored clipped M_t equals M̃_t exactly where it is inside
-                ref = store[t + 1] if (keep_c is None and t + 1 < T) else torch.clamp(
-                    Mt, *L.bounds, out=tmp2)
-                G.mul_(torch.eq(Mt, ref, out=tmp2 if ref is not tmp2 else tmp))
+                G.mul_(torch.eq(Mt, torch.clamp(Mt, *L.bounds, out=tmp2), out=tmp2))
             if keep_c is not None:
                 G.mul_(keep_c)
             if dlam is not None and t > 0:
@@ -431,7 +440,7 @@ class _PlasticSequence(torch.autograd.Function):
         shape = (L.chunk, L.n_post, L.n_pre)
         free = queue.SimpleQueue()  # one set of work buffers per worker thread
         for _ in range(min(torch.get_num_threads(), len(L.chunks()))):
-            free.put(dict(store=x.new_empty((L.T,) + shape), tmp=x.new_empty(shape),
+            free.put(dict(store=x.new_empty((L.T + 1,) + shape), tmp=x.new_empty(shape),
                           tmp2=x.new_empty(shape), G=x.new_empty(shape),
                           acc=x.new_empty(shape) if (L.mult and need["W"]) else None))
         dx = torch.zeros_like(x) if need["x"] else None

@@ -38,6 +38,8 @@ def make_inputs(*, B=3, T=7, eta_kind="scalar", lam_kind="scalar", eta_scale=3.0
         masks["hid_mask"] = (torch.rand(B, N_POST, generator=g) > 0.3).to(dtype)
     if m_freeze == "shared":
         masks["m_freeze"] = (torch.rand(N_POST, N_PRE, generator=g) > 0.7).to(dtype)
+    elif m_freeze == "fractional":  # not a lesion mask, but the equations still hold
+        masks["m_freeze"] = torch.rand(B, N_POST, N_PRE, generator=g, dtype=dtype)
     elif m_freeze == "per_trial":
         masks["m_freeze"] = (torch.rand(B, N_POST, N_PRE, generator=g) > 0.7).to(dtype)
     return args, masks
@@ -102,6 +104,7 @@ OPTION_CASES = {
     "hid_mask": dict(hid_mask=True),
     "freeze_shared": dict(m_freeze="shared"),
     "freeze_per_trial": dict(m_freeze="per_trial"),
+    "freeze_fractional": dict(m_freeze="fractional", eta_kind="post"),
     "everything": dict(recurrent=True, per_trial_W=True, hid_mask=True, m_freeze="per_trial",
                        eta_kind="matrix", lam_kind="post"),
     "lam_fixed": dict(train_lam=False, eta_kind="pre"),
