@@ -231,8 +231,25 @@ def find_runs(pattern, root=None, need="checkpoint"):
     return runs
 
 
+class SummaryPaths:
+    """Artifacts that combine several runs, under runs/summary/."""
+
+    def __init__(self, root=None):
+        self.dir = runs_root(root) / "summary"
+        self.figures = self.dir
+        self.state_space = self.dir / "state_space_summary.pkl"
+        self.seeds = self.dir / "seed_summary.pkl"
+
+    def figure(self, name, ext="png"):
+        return self.figures / f"{name}.{ext}"
+
+
 def summary_dir(root=None):
-    return runs_root(root) / "summary"
+    return SummaryPaths(root).dir
+
+
+def summary_paths(root=None):
+    return SummaryPaths(root)
 
 
 # ----------------------------------------------------------------------------------------
