@@ -465,9 +465,9 @@ def summarize(results, cfg):
     summary = dict(pick, runs=[r["run"] for r in results],
                    r_mean={rep: float(np.nanmean(v)) for rep, v in pick["r"].items()},
                    r_std={rep: float(np.nanstd(v)) for rep, v in pick["r"].items()})
-    out = helper.summary_dir(cfg["runs_dir"])
-    helper.save_pickle(out / "state_space_summary.pkl", summary, cfg)
-    figure = figure_summary(summary, out / "state_space_shift_r.png")
+    out = helper.summary_paths(cfg["runs_dir"])
+    helper.save_pickle(out.state_space, summary, cfg)
+    figure = figure_summary(summary, out.figure("state_space_shift_r"))
     for rep in reps:
         print(f"shift-test r, {REP_LABELS[rep]}: {summary['r_mean'][rep]:.3f} ± "
               f"{summary['r_std'][rep]:.3f} over {len(pick['r'][rep])} runs")
