@@ -53,7 +53,7 @@ CONFIG = dict(
     test_quantile=0.5,  # test-trial epoch durations at this quantile of their ranges (1.0 = longest)
     sigma_x=0.0,  # input-noise std of the test trials (baked into the fixed test set)
     n_random=10,  # size-matched random controls per cluster (single and modulation lesions)
-    n_random_combined=10,  # random controls per (input, hidden) cluster pair
+    n_random_combined=3,  # random controls per (input, hidden) cluster pair (400 pairs at k=20: the costliest experiment)
     fixed_k=20,  # the fixed number of clusters (SPEC §6.1); nearest available k if absent
     k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k
     forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned
@@ -66,7 +66,7 @@ CONFIG = dict(
     noise_sigmas=[0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03],  # absolute std of noise added to W
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre)
     n_draws=30,  # random draws per robustness level
-    memory_mb=256,  # memory budget of one forward pass (sets how many conditions share it)
+    memory_mb=512,  # memory budget of one forward pass in MB (sets how many conditions share it)
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
 )
@@ -211,10 +211,11 @@ def _labels_at(R, cut, fixed_k):
 
 def _profiles(R, variance, rep, form, labels, clusters):
     """Cluster-mean task-variance profiles (n_clusters, n_rows) for the tuning-similarity
-    analysis, from the clustered matrix (or task_variance.h5 when that lacks columns)."""
+    analysis, from the clustered matrix (or variance(rep, form), from task_variance.h5, when
+    that lacks columns); None when neither has one column per unit / synapse."""
     matrix = np.asarray(R.get("matrix")) if R.get("matrix") is not None else None
     if matrix is None or matrix.ndim != 2 or matrix.shape[1] != labels.size:
-        matrix = (variance or {}).get(rep, {}).get(form)
+        matrix = variance(rep, form) if variance is not None else None
         if matrix is None or np.asarray(matrix).shape[1] != labels.size:
             return None
         matrix = np.asarray(matrix)
@@ -453,10 +454,20 @@ def load_clusters(paths, experiments):
         if path.stat().st_mtime < paths.checkpoint.stat().st_mtime:
             raise helper.StageError(f"{str(path)!r} is older than the checkpoint it should "
                                     f"describe; rerun `{producer}`.")
-    variance = None
-    if paths.variance.exists() and any(out.values()):
-        variance, _ = helper.load_h5(paths.variance, "python multiple_task_analysis.py")
-    return out["cluster_info"], out["cluster_info_mod"], variance
+    return out["cluster_info"], out["cluster_info_mod"], variance_reader(paths)
+
+
+def variance_reader(paths):
+    """variance(rep, form) -> the task-variance matrix from task_variance.h5 (read once, and
+    only if asked: the cluster pickles normally carry the matrices), or None."""
+    cache = {}
+
+    def variance(rep, form):
+        if "arrays" not in cache:
+            cache["arrays"] = (helper.load_h5(paths.variance, "python multiple_task_analysis.py")[0]
+                               if paths.variance.exists() else {})
+        return cache["arrays"].get(rep, {}).get(form)
+    return variance
 
 
 def run_rules(train_cfg):
