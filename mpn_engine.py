@@ -10,7 +10,19 @@ At every step t, with presynaptic activity x_t (already computed by the embeddin
 with M_{-1} = 0. Synapses in a freeze mask keep M = 0.
 
 `plastic_forward(..., engine="reference")` is the plain per-step loop: the obviously-correct
-implementation every faster engine is tested against.
+implementation every faster engine is tested against. engine="fast" is the same model, run
+chunk by chunk in place with a hand-derived backward (section "Fast engine" below);
+engine="auto" takes it whenever `fast_unsupported` finds nothing against it.
+
+Cost floor (2-core Xeon, measured with a 1 GB tensor copy: ~28 GB/s read+write when the
+machine is idle, 7-15 GB/s while shared). At the paper size (N = 300, B = 128) one step must
+at least read and write M once if M lives in DRAM: 2·B·N²·4 B = 92 MB, i.e. 3.3 ms per step,
+0.33 s per 100-step forward, and ~3.5x that (forward, recompute, reverse pass over M and
+dL/dM) ≈ 1.2 s for forward+backward. The fast engine keeps each chunk's M in cache for the
+whole sequence, so its forward is bounded by in-cache passes instead (~4 passes/step over
+M-sized blocks); its backward additionally writes and re-reads the M history once (2 · 4.6 GB
+per batch ≈ 0.33 s of DRAM time) and makes ~12 in-cache passes per step. See
+benchmarks/bench_engine.py for measured numbers.
 """
 import math
 import queue
@@ -72,12 +84,15 @@ def plastic_forward_reference(x, W, b, eta, lam, *, mp_type="mult", m_update="he
 # Trials never interact, so the batch is cut into chunks of c trials and each chunk runs its
 # whole time loop before the next starts: the chunk's M (c, N_post, N_pre) stays in cache
 # for all T steps instead of streaming 46 MB through DRAM at every step, and every update is
-# in place into preallocated buffers (baddbmm_ for λM + η post xᵀ, clamp_, mul_).
+# in place into preallocated buffers (mul_ + addcmul_ for λM + η post xᵀ, clamp_, mul_).
+# Chunks run in parallel, one per CPU thread, each op single-threaded (OpenMP fork/join per
+# small op costs more than it gains, and collapses when the machine is oversubscribed).
 # W ⊙ (1 + M) is never built: a_t = (W x_t + b) + (W ⊙ M_{t-1}) x_t, with W x_t for all
 # steps in one matmul. The whole sequence is one autograd Function (`_PlasticSequence`): its
 # forward keeps no state beyond its inputs; its backward reruns each chunk's forward storing
 # that chunk's M_{t-1} history (c·T·N_post·N_pre values, a few MB to ~100 MB), then walks
-# back in time with the exact reverse recurrence (see `_backward_chunk`).
+# back in time with the exact reverse recurrence (see `_backward_chunk`). On CUDA the whole
+# batch is one chunk (bmm instead of per-trial mv); untested here for want of a GPU.
 # ---------------------------------------------------------------------------------------
 CHUNK_BYTES = 1 << 20  # size of one chunk's M block; ~L2-sized blocks keep the step in cache
 
@@ -316,6 +331,9 @@ def _backward_chunk(L, sl, x_c, gh_c, gM_c, buf, need):
     deltas = torch.empty_like(hs)
     deta = torch.zeros_like(L.eta2) if need["eta"] else None
     dlam = torch.zeros_like(L.lam2) if need["lam"] else None
+    fac = 1.0 - gs * gs  # dh/da = (1 - tanh²) ⊙ mask, for every step at once
+    if mask_c is not None:
+        fac.mul_(mask_c[:, None, :])
     carry = None
     for t in reversed(range(T)):
         x_t, M_prev = x_c[:, t], store[t]
@@ -338,10 +356,7 @@ def _backward_chunk(L, sl, x_c, gh_c, gM_c, buf, need):
                 dx[:, t] += dxu
         if carry is not None:
             dh = dh + carry
-        delta = dh * (1.0 - gs[:, t] * gs[:, t])
-        if mask_c is not None:
-            delta.mul_(mask_c)
-        deltas[:, t] = delta
+        delta = torch.mul(dh, fac[:, t], out=deltas[:, t])
         if t == 0:
             break
         if dx is not None:

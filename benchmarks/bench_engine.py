@@ -154,7 +154,7 @@ def run_device(device, args):
             fast = measure(N, B, T, "fast", mode, rep, 1, device)
             t_ref = reference_steps(N, B, T, mode, args)
             big = B * N * N >= 128 * 300 * 300
-            ref = measure(N, B, t_ref, "reference", mode, 1 if (big or args.quick) else rep,
+            ref = measure(N, B, t_ref, "reference", mode, min(rep, 2) if big else rep,
                           0 if big else 1, device)
             scale = T / t_ref
             mark = "~" if scale != 1 else " "
