@@ -54,7 +54,7 @@ CONFIG = dict(
     sigma_x=0.0,  # input-noise std of the test trials (baked into the fixed test set)
     n_random=10,  # size-matched random controls per cluster (single and modulation lesions)
     n_random_combined=3,  # random controls per (input, hidden) cluster pair (400 pairs at k=20: the costliest experiment)
-    fixed_k=20,  # the fixed number of clusters (SPEC §6.1); nearest available k if absent
+    fixed_k=None,  # the fixed number of clusters (SPEC §6.1); None: cluster_info's fixed_k (20); nearest available k if absent
     k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k
     forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned
     combined_forms=["normalized"],  # forms whose fixed-k clusterings get all pair lesions
@@ -555,6 +555,8 @@ def build_conditions(cfg, net, ci, ci_mod, variance, run_seed):
     table = ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
                             "w_zero": n_hidden * n_pre, "m_freeze": n_hidden * n_pre})
     n_units = {"input": n_pre, "hidden": n_hidden}
+    if cfg["fixed_k"] is None:
+        cfg = dict(cfg, fixed_k=int((ci or {}).get("fixed_k", 20)))
     ex = cfg["experiments"]
     tables = {
         "single": single_experiments(table, ci, variance, cfg, run_seed, n_units)
