@@ -223,8 +223,8 @@ def _bmv(A, v, transpose=False):
         A = A.transpose(1, 2) if transpose else A
         return torch.bmm(A, v[:, :, None]).squeeze(2)
     out = v.new_empty(A.shape[0], A.shape[2] if transpose else A.shape[1])
-    for k in range(A.shape[0]):
-        torch.mv(A[k].T if transpose else A[k], v[k], out=out[k])
+    for A_k, v_k, out_k in zip(A.unbind(0), v.unbind(0), out.unbind(0)):
+        torch.mv(A_k.T if transpose else A_k, v_k, out=out_k)
     return out
 
 
@@ -271,21 +271,20 @@ def _forward_chunk(L, sl, x_c, store=None, record=None):
     hs = x_c.new_empty(c, T, L.n_post)
     gs = x_c.new_empty(c, T, L.n_post) if (store is not None and mask_c is not None) else None
     h = None
+    xs, drives, hs_t = x_c.unbind(1), drive.unbind(1), hs.unbind(1)
+    gs_t = hs_t if gs is None else gs.unbind(1)
     for t in range(T):
-        x_t = x_c[:, t]
+        x_t = xs[t]
         if record is not None:
             record(t, M)
-        a = drive[:, t]
+        a = drives[t]
         if t > 0:  # M_{-1} = 0 and h_{-1} = 0
             A = torch.mul(M, W_c, out=tmp) if L.mult else M
             a = a + _bmv(A, x_t)
             if L.W_rec is not None:
                 a = torch.addmm(a, h, L.W_rec.T)
-        g = torch.tanh(a)
-        if gs is not None:
-            gs[:, t] = g
-        h = g if mask_c is None else g * mask_c
-        hs[:, t] = h
+        g = torch.tanh(a, out=gs_t[t])
+        h = g if mask_c is None else torch.mul(g, mask_c, out=hs_t[t])
         if store is not None:
             M = L.update(M, L.post(h), x_t, store[t + 1], tmp, keep_c)
         else:
@@ -334,14 +333,19 @@ def _backward_chunk(L, sl, x_c, gh_c, gM_c, buf, need):
     fac = 1.0 - gs * gs  # dh/da = (1 - tanh²) ⊙ mask, for every step at once
     if mask_c is not None:
         fac.mul_(mask_c[:, None, :])
+    # per-step views made once (unbind), not by indexing inside the loop
+    xs, Ms, hs_t, facs, dels = (x_c.unbind(1), store.unbind(0), hs.unbind(1), fac.unbind(1),
+                                deltas.unbind(1))
+    ghs = None if gh_c is None else gh_c.unbind(1)
+    dxs = None if dx is None else dx.unbind(1)
     carry = None
     for t in reversed(range(T)):
-        x_t, M_prev = x_c[:, t], store[t]
-        post = L.post(hs[:, t])
-        dh = gh_c[:, t] if gh_c is not None else torch.zeros_like(post)
+        x_t, M_prev = xs[t], Ms[t]
+        post = L.post(hs_t[t])
+        dh = ghs[t] if ghs is not None else torch.zeros_like(post)
         if G is not None:
             if L.bounds is not None and L.keep_binary:
-                G.mul_(L.strictly_inside(store[t + 1], tmp, tmp2))
+                G.mul_(L.strictly_inside(Ms[t + 1], tmp, tmp2))
             elif L.bounds is not None:
                 Mt = L.pre_clip(M_prev, post, x_t, tmp, tmp2)
                 G.mul_(torch.eq(Mt, torch.clamp(Mt, *L.bounds, out=tmp2), out=tmp2))
@@ -353,15 +357,15 @@ def _backward_chunk(L, sl, x_c, gh_c, gM_c, buf, need):
             if dpost is not None:
                 dh = dh + dpost
             if dxu is not None:
-                dx[:, t] += dxu
+                dxs[t].add_(dxu)
         if carry is not None:
             dh = dh + carry
-        delta = torch.mul(dh, fac[:, t], out=deltas[:, t])
+        delta = torch.mul(dh, facs[t], out=dels[t])
         if t == 0:
             break
         if dx is not None:
             A = torch.mul(M_prev, W_c, out=tmp2) if L.mult else M_prev
-            dx[:, t] += _bmv(A, delta, transpose=True)
+            dxs[t].add_(_bmv(A, delta, transpose=True))
         E = torch.mul(delta[:, :, None], x_t[:, None, :], out=tmp)
         if acc is not None:
             acc.addcmul_(E, M_prev)
