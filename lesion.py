@@ -37,6 +37,7 @@ Example:
     python lesion.py --run=everything_dmpn_seed749_L21e4_h300_b128
     python lesion.py --run=everything_dmpn_seed749_L21e4_h300_b128 --experiments="['single','prune']"
 """
+import json
 import time
 import zlib
 
@@ -451,10 +452,23 @@ def load_clusters(paths, experiments):
             continue
         path = getattr(paths, attr)
         out[attr] = helper.load_pickle(path, producer)
-        if path.stat().st_mtime < paths.checkpoint.stat().st_mtime:
-            raise helper.StageError(f"{str(path)!r} is older than the checkpoint it should "
-                                    f"describe; rerun `{producer}`.")
+        check_clusters_fresh(paths, path, out[attr], producer)
     return out["cluster_info"], out["cluster_info_mod"], variance_reader(paths)
+
+
+def check_clusters_fresh(paths, path, info, producer):
+    """A cluster pickle is stale when the checkpoint is newer, or when it was computed from
+    another task_variance.h5 than the one now in the run folder."""
+    if path.stat().st_mtime < paths.checkpoint.stat().st_mtime:
+        raise helper.StageError(f"{str(path)!r} is older than the checkpoint it should "
+                                f"describe; rerun `{producer}`.")
+    if "variance_hash" in info and paths.variance.exists():
+        import h5py
+        with h5py.File(paths.variance, "r") as f:
+            current = json.loads(f.attrs["config_hash"]) if "config_hash" in f.attrs else None
+        if current != info["variance_hash"]:
+            raise helper.StageError(f"{str(path)!r} was computed from another "
+                                    f"{paths.variance.name}; rerun `{producer}`.")
 
 
 def variance_reader(paths):

@@ -74,6 +74,12 @@ def _cosine_matrix(P):
     return Q @ Q.T
 
 
+def row_mean(a):
+    """Mean over the last axis ignoring NaN; NaN (silently) where a row has no finite value."""
+    n = np.isfinite(a).sum(axis=-1)
+    return np.where(n > 0, np.nansum(a, axis=-1) / np.maximum(n, 1), np.nan)
+
+
 def mean_acc(acc, cond):
     """Mean over rules of the accuracy of the conditions `cond` (any shape of ids)."""
     return np.nanmean(acc[np.asarray(cond)], axis=-1)
@@ -124,7 +130,7 @@ def plot_violins(ax, effects_by_family, measure):
 
 def plot_ranked(ax, effects_by_family, measure, title):
     for name, eff in effects_by_family.items():
-        m = np.nanmean(eff, axis=1)
+        m = row_mean(eff)
         m = np.sort(m[np.isfinite(m)])[::-1]
         if m.size:
             ax.plot(np.arange(1, m.size + 1), m, marker="o", ms=3, lw=1, label=name)
@@ -155,7 +161,7 @@ def plot_scatter_fit(ax, x, y, label, color, identity=True):
 
 def plot_size_vs_effect(ax, families, measure, title):
     for name, (eff, t) in families.items():
-        ax.scatter(t["sizes"], np.nanmean(eff, axis=1), s=12, alpha=0.7, label=name)
+        ax.scatter(t["sizes"], row_mean(eff), s=12, alpha=0.7, label=name)
     ax.set_xscale("log")
     ax.axhline(0, color="0.5", lw=0.8, ls="--")
     ax.set_xlabel("cluster size (units or synapses)")
@@ -300,7 +306,7 @@ def figure_combined_matrix(result, measure, path):
     for t in tables:
         comb, _ = combined_effects(result, t, measure)
         m = np.full((len(t["input_clusters"]), len(t["hidden_clusters"])), np.nan)
-        m[t["pairs"][:, 0], t["pairs"][:, 1]] = np.nanmean(comb, axis=1)
+        m[t["pairs"][:, 0], t["pairs"][:, 1]] = row_mean(comb)
         mats.append(m)
     vmax = _vmax(mats)
     for ax, t, m in zip(axes[0], tables, mats):

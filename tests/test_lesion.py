@@ -272,16 +272,19 @@ FAST = dict(n_test=8, test_quantile=0.0, n_random=2, n_random_combined=1, n_draw
 
 @pytest.fixture(scope="module")
 def trained_root(tmp_path_factory):
-    """A run trained with configs/tiny.py, with cluster pickles (synthetic: the same format
-    as clustering.py writes, without its cost)."""
+    """A run trained with configs/tiny.py, analysed and clustered by the real stages (with
+    few trials and repeats)."""
+    import clustering
+    import multiple_task_analysis
     root = tmp_path_factory.mktemp("lesion_runs")
     cfg = helper.load_config(multiple_task.CONFIG, [str(REPO / "configs" / "tiny.py")],
                              echo=False)
-    res = multiple_task.main(dict(cfg, runs_dir=str(root)))
-    paths = res["paths"]
-    ci, ci_mod = synthetic_cluster_info(cfg["n_hidden"], cfg["n_hidden"])
-    helper.save_pickle(paths.cluster_info, ci, {"synthetic": True})
-    helper.save_pickle(paths.cluster_info_mod, ci_mod, {"synthetic": True})
+    paths = multiple_task.main(dict(cfg, runs_dir=str(root)))["paths"]
+    common = dict(run=paths.name, runs_dir=str(root), figures=False)
+    multiple_task_analysis.main(dict(multiple_task_analysis.CONFIG, n_analysis=8,
+                                     device="cpu", **common))
+    clustering.main(dict(clustering.CONFIG, n_repeats=5, n_restarts=2, n_groups=30, fixed_k=6,
+                         **common))
     return root, paths.name
 
 
@@ -306,7 +309,9 @@ def test_both_scripts_end_to_end(trained_root, runs_dir):
                                     for f in ("normalized", "unnormalized")
                                     for c in ("fixed", "selected")}
     assert len(saved["modulation"]) == 4 and len(saved["combined"]) == 1
-    assert saved["combined"]["normalized-fixed"]["lesion"].size == 36
+    comb = saved["combined"]["normalized-fixed"]
+    assert comb["lesion"].size == comb["input_clusters"].size * comb["hidden_clusters"].size
+    assert comb["k_input"] == 6 and comb["k_hidden"] == 6
     assert set(saved["robust"]) == {"w_zero", "hid_silence", "w_noise", "w_noise_rel"}
     assert saved["robust"]["w_zero"]["cond"].shape == (3, 2)
     assert result["run"] == paths.name
@@ -322,8 +327,14 @@ def test_both_scripts_end_to_end(trained_root, runs_dir):
 def test_missing_or_stale_clusters_name_the_clustering_command(trained_root, runs_dir):
     paths = copy_run(trained_root, runs_dir)
     cfg = dict(lesion.CONFIG, run=paths.name, **FAST)
+    ci = helper.load_pickle(paths.cluster_info, "clustering")
+    helper.save_pickle(paths.cluster_info, dict(ci, variance_hash="other"), {"x": 1})
+    with pytest.raises(helper.StageError, match=f"another task_variance.h5; rerun `python "
+                       f"clustering.py --run={paths.name}"):
+        lesion.main(cfg)
     paths.checkpoint.touch()  # a checkpoint newer than its clustering
-    with pytest.raises(helper.StageError, match=f"clustering.py --run={paths.name}"):
+    with pytest.raises(helper.StageError, match=f"older than the checkpoint.*clustering.py "
+                       f"--run={paths.name}"):
         lesion.main(cfg)
     paths.cluster_info.unlink()
     with pytest.raises(helper.StageError, match=f"clustering.py --run={paths.name}"):
