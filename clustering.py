@@ -1,8 +1,21 @@
 """Hierarchical clustering of task-variance matrices with automatic k (SPEC §5.2).
 
+Reads:  runs/<aname>/task_variance.h5 (refused when missing or computed from another
+        checkpoint / analysis config) and the run's checkpoint (to check that).
+Writes: runs/<aname>/cluster_info.pkl      {"input": {"normalized": R, "unnormalized": R},
+                                            "hidden": {...}, "fixed_k": int, ...}
+        runs/<aname>/cluster_info_mod.pkl  {"modulation": {...}, "modulation_weighted": {...}}
+        where R is the dict of `cluster_entry` (labels at the selected, argmax and every k,
+        linkages, leaf orders, silhouette / ARI curves, the matrix clustered, row names);
+        synapse entries also hold `over_membership` (OM of SPEC §5.2);
+        runs/<aname>/figures/clusters_*.png, k_selection.png, over_membership_*.png.
+
 A variance matrix is (n_periods, n_columns): rows are task-periods, columns are units
 (neurons) or synapses (post-major). Clustering "columns" means the points are the columns
 (features: the rows), clustering "rows" means the points are the task-periods.
+
+Example:
+    python clustering.py --run=everything_dmpn_seed749_L21e4_h300_b128
 
 k selection (`choose_k`), for n points:
 - Ward linkage (Euclidean) of the unperturbed points, with optimal leaf ordering.
@@ -26,10 +39,9 @@ silhouette, S[slot, i] = sum of distances from point i to the members of cluster
 updated by adding two rows per merge (clusters are kept in compact slots 0..k-1); for the
 ARI, the contingency table of each pair of copies is updated the same way, and its sum of
 squares changes by 2 <row_a, row_b> per merge. Everything is vectorised over copies/pairs.
-
-The stage `main` (reads the variance HDF5, writes cluster_info pickles and figures) is added
-below the numerical core.
 """
+import time
+
 import numpy as np
 import scipy.sparse
 from scipy.cluster.hierarchy import leaves_list, linkage
@@ -37,8 +49,27 @@ from scipy.spatial.distance import pdist, squareform
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
+import helper
+import multiple_task_analysis as mta
 from multiple_task_analysis import log_transform, normalize_columns
 
+CONFIG = dict(
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
+    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
+    n_repeats=100,  # jittered copies behind each silhouette / ARI curve
+    jitter=0.02,  # std of the multiplicative jitter: each entry x (1 + N(0, jitter²))
+    k_max=300,  # largest k considered (rows: at most n_rows - 1)
+    tol=0.95,  # k candidates: median silhouette >= best - (1 - tol) x |best|
+    n_groups=300,  # synapses: MiniBatchKMeans pre-groups G per restart
+    n_restarts=20,  # synapses: pre-grouping restarts (the most consistent one is kept)
+    fixed_k=20,  # k later stages may cut at (clipped to the ks computed, e.g. 15 for N=16)
+    cluster_seed=0,  # seeds the jitter and k-means restarts (one stream per representation, form)
+    figures=True,  # draw the figures (the pickles are written either way)
+)
+
+PRODUCER = "python clustering.py"
+CLUSTER_KEYS = ("n_repeats", "jitter", "k_max", "tol", "n_groups", "n_restarts", "fixed_k",
+                "cluster_seed")  # the keys the clusterings depend on
 K_MIN = 5  # smallest k considered
 ARI_MEMORY_BYTES = 128 * 2**20  # contingency tables held at once by _pairwise_ari_curves
 
@@ -506,3 +537,268 @@ def over_membership(mod_labels, input_labels, hidden_labels):
     expected = size_c[:, None, None] * size_i[None, :, None] * size_j[None, None, :] \
         / float(n_pre * n_post)
     return np.divide(count, expected, out=np.zeros_like(count), where=expected > 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage: cluster every representation of one run, write cluster_info pickles
+# ---------------------------------------------------------------------------------------
+
+def load_variance(paths):
+    """(arrays, attrs) of the run's variance file, refused when it was computed from another
+    checkpoint or analysis config than the run's current checkpoint."""
+    import net_helpers
+    producer = f"{mta.PRODUCER} --run={paths.name}"
+    arrays, attrs = helper.load_h5(paths.variance, producer)
+    if "analysis" not in attrs or "row_names" not in arrays:
+        raise helper.StageError(f"{str(paths.variance)!r} was not written by the analysis "
+                                f"stage; rerun `{producer}`.")
+    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
+    expect = helper.config_hash(mta.variance_provenance(ckpt["config"], ckpt["step"],
+                                                        attrs["analysis"]))
+    helper.check_fresh(paths.variance, {"_provenance": attrs}, producer, expect)
+    return arrays, attrs
+
+
+def clip_k(k, ks):
+    """k clipped to the range of ks computed."""
+    return int(np.clip(k, ks[0], ks[-1]))
+
+
+def cluster_entry(V, form, rng, row_names, synapses, cfg):
+    """R of cluster_info: one representation in one form (see the module docstring).
+
+    Column labels cover every column (unresponsive ones get label k). `col_labels_by_k`
+    holds every k for units; for pre-grouped synapses only the selected, argmax and fixed k
+    (90,000 labels per k), while `columns` keeps the group labels at every k:
+    `labels_at(R["columns"], k)` expands any of them.
+    """
+    res = cluster_representation(V, form, rng, row_names=row_names, synapses=synapses,
+                                 n_repeats=cfg["n_repeats"], jitter=cfg["jitter"],
+                                 k_max=cfg["k_max"], tol=cfg["tol"], n_groups=cfg["n_groups"],
+                                 n_restarts=cfg["n_restarts"])
+    cols, rows = res["columns"], res["rows"]
+    fixed = clip_k(cfg["fixed_k"], cols["ks"])
+    keep = sorted({cols["k_selected"], cols["k_argmax"], fixed}) if "groups" in cols \
+        else cols["ks"]
+    matrix = res["matrix"].astype(np.float32) if synapses else res["matrix"]
+    return dict(
+        form=form, row_names=res["row_names"], matrix=matrix,
+        responsive=res["responsive"], unresponsive=~res["responsive"],
+        k=int(cols["k_selected"]), k_argmax=int(cols["k_argmax"]), fixed_k=fixed,
+        k_candidates=cols["k_candidates"], ks=cols["ks"], silhouette=cols["silhouette"],
+        ari=cols["ari"], gap=cols["gap"], col_labels=cols["labels"],
+        col_labels_by_k={int(k): labels_at(cols, k) for k in keep},
+        linkage=cols["linkage"], leaf_order=cols["leaf_order"],
+        row_k=int(rows["k_selected"]), row_k_argmax=int(rows["k_argmax"]),
+        row_labels=rows["labels"],
+        row_labels_by_k={int(k): lab for k, lab in zip(rows["ks"], rows["labels_by_k"])},
+        row_ks=rows["ks"], row_silhouette=rows["silhouette"], row_ari=rows["ari"],
+        row_linkage=rows["linkage"], row_leaf_order=rows["leaf_order"],
+        columns=cols, rows=rows)
+
+
+def over_membership_entry(R_mod, ci, form):
+    """OM of the synapse clusters in the (input cluster x hidden cluster) blocks, all at
+    their selected k and in the same form (unresponsive labels count as a cluster)."""
+    R_in, R_hid = ci["input"][form], ci["hidden"][form]
+    return dict(om=over_membership(R_mod["col_labels"], R_in["col_labels"], R_hid["col_labels"]),
+                form=form, k_mod=R_mod["k"], k_input=R_in["k"], k_hidden=R_hid["k"])
+
+
+def cluster_run(paths, cfg):
+    """Both cluster pickles (and figures) of one run; returns (cluster_info, cluster_info_mod)."""
+    t0 = time.time()
+    arrays, attrs = load_variance(paths)
+    rows = list(arrays["row_names"])
+    ci = {"fixed_k": cfg["fixed_k"], "run": paths.name, "variance_hash": attrs["config_hash"]}
+    ci_mod = {"run": paths.name, "variance_hash": attrs["config_hash"]}
+    todo = [(rep, form) for rep in mta.REP_TITLES if rep in arrays for form in mta.FORMS]
+    reps = list(mta.REP_TITLES)
+    for rep, form in helper.progress(todo, desc=f"{paths.name} clustering"):
+        synapses = rep in mta.SYNAPSE_REPS
+        rng = np.random.default_rng([cfg["cluster_seed"], reps.index(rep),
+                                     mta.FORMS.index(form)])
+        R = cluster_entry(arrays[rep][form], form, rng, rows, synapses, cfg)
+        (ci_mod if synapses else ci).setdefault(rep, {})[form] = R
+        print(f"[{paths.name}] {rep:19s} {form:12s} k = {R['k']:3d} (argmax {R['k_argmax']:3d}, "
+              f"fixed {R['fixed_k']:3d}), {int(R['unresponsive'].sum())} unresponsive of "
+              f"{len(R['col_labels'])}; task-period k = {R['row_k']}")
+    for rep in (r for r in mta.SYNAPSE_REPS if r in ci_mod):
+        for form, R in ci_mod[rep].items():
+            if "input" in ci and "hidden" in ci:
+                R["over_membership"] = over_membership_entry(R, ci, form)
+    provenance = dict({k: cfg[k] for k in CLUSTER_KEYS}, variance_hash=attrs["config_hash"])
+    helper.save_pickle(paths.cluster_info, ci, provenance)
+    helper.save_pickle(paths.cluster_info_mod, ci_mod, provenance)
+    print(f"[{paths.name}] clustered in {time.time() - t0:.0f} s -> "
+          f"{paths.cluster_info}, {paths.cluster_info_mod}")
+    if cfg["figures"]:
+        for path in make_figures(paths, ci, ci_mod):
+            print(f"figure: {path}")
+    return ci, ci_mod
+
+
+# ---------------------------------------------------------------------------------------
+# Figures (read the cluster dicts only)
+# ---------------------------------------------------------------------------------------
+
+def plot_k_curve(ax, ks, sil, ari, k_sel, k_arg, k_fixed=None, title=""):
+    """Median silhouette and mean pairwise ARI vs k; selected (solid), argmax (dashed) and
+    fixed (dotted) k marked and named in the title."""
+    ax.plot(ks, sil, ".-", color="C0", ms=3, lw=1)
+    ax.set_ylabel("median silhouette", color="C0")
+    twin = ax.twinx()
+    twin.spines["right"].set_visible(True)
+    twin.plot(ks, ari, ".-", color="C1", ms=3, lw=1)
+    twin.set_ylabel("mean pairwise ARI", color="C1")
+    twin.set_ylim(-0.05, 1.05)
+    ax.axvline(k_sel, color="k", lw=1.2)
+    ax.axvline(k_arg, color="k", ls="--", lw=0.9)
+    marks = f"selected k = {k_sel} (solid), argmax {k_arg} (dashed)"
+    if k_fixed is not None:
+        ax.axvline(k_fixed, color="grey", ls=":", lw=0.9)
+        marks += f", fixed {k_fixed} (dotted)"
+    ax.set_xlabel("k")
+    ax.set_title(f"{title}\n{marks}", fontsize=7.5)
+
+
+def figure_k_selection(entries, path):
+    """One row per (representation, form): columns (units/synapses) and task-period rows."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(entries), 2, figsize=(10, 2.4 * len(entries)), squeeze=False,
+                             constrained_layout=True)
+    for (name, R), row in zip(entries, axes):
+        plot_k_curve(row[0], R["ks"], R["silhouette"], R["ari"], R["k"], R["k_argmax"],
+                     R["fixed_k"], f"{name}: columns")
+        plot_k_curve(row[1], R["row_ks"], R["row_silhouette"], R["row_ari"], R["row_k"],
+                     R["row_k_argmax"], None, f"{name}: task-periods")
+    fig.suptitle("k selection: silhouette (jittered copies) and ARI stability vs k")
+    return helper.save_figure(fig, path)
+
+
+def block_edges(labels):
+    """Start positions of the runs of equal labels, plus the end."""
+    change = np.flatnonzero(np.diff(labels) != 0) + 1
+    return np.concatenate([[0], change, [len(labels)]])
+
+
+def plot_dendrogram(ax, R):
+    """Task-period dendrogram, leaves bottom to top, coloured at the selected row k."""
+    from scipy.cluster.hierarchy import dendrogram
+    Z, k = R["row_linkage"], R["row_k"]
+    n = len(Z) + 1
+    cut = 0.5 * (Z[-k, 2] + Z[-k + 1, 2]) if 1 < k < n else 0.0
+    dendrogram(Z, orientation="left", ax=ax, no_labels=True, color_threshold=cut,
+               above_threshold_color="grey")
+    ax.set_ylim(0, 10 * n)
+    ax.axis("off")
+
+
+def plot_clustered_matrix(ax, R, label):
+    """The clustered matrix in leaf order (rows bottom to top) with cluster boundaries."""
+    rows, cols = np.asarray(R["row_leaf_order"]), np.asarray(R["leaf_order"])
+    M = np.asarray(R["matrix"])[np.ix_(rows, cols)]
+    interp = "antialiased" if M.shape[1] > 2000 else "nearest"
+    im = ax.imshow(M, aspect="auto", origin="lower", interpolation=interp, cmap="magma",
+                   extent=(0, M.shape[1], 0, M.shape[0]))
+    col_lab, row_lab = np.asarray(R["col_labels"])[cols], np.asarray(R["row_labels"])[rows]
+    col_edges, row_edges = block_edges(col_lab), block_edges(row_lab)
+    for x in col_edges[1:-1]:
+        ax.axvline(x, color="c", lw=0.6)
+    for y in row_edges[1:-1]:
+        ax.axhline(y, color="c", lw=0.6)
+    centers = 0.5 * (col_edges[:-1] + col_edges[1:])
+    names = ["unresp." if c == R["k"] and R["unresponsive"].any() else str(c)
+             for c in col_lab[col_edges[:-1]]]
+    step = int(np.ceil(len(centers) / 40))
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centers[::step])
+    top.set_xticklabels(names[::step], fontsize=5, rotation=90)
+    top.set_xlabel(f"column cluster (k = {R['k']})", fontsize=7)
+    ax.set_yticks(np.arange(len(rows)) + 0.5)
+    ax.set_yticklabels([R["row_names"][r] for r in rows], fontsize=5.5)
+    ax.yaxis.tick_right()
+    ax.set_xlabel(f"{M.shape[1]:,} {label} in dendrogram order")
+    return im
+
+
+def figure_clusters(R, title, label, path):
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(11, 7.5))
+    # columns: dendrogram, matrix, room for the row names, colour bar
+    grid = fig.add_gridspec(1, 4, width_ratios=[1.2, 9, 1.5, 0.25], wspace=0.02)
+    plot_dendrogram(fig.add_subplot(grid[0]), R)
+    ax = fig.add_subplot(grid[1])
+    im = plot_clustered_matrix(ax, R, label)
+    cax = fig.add_subplot(grid[3])
+    fig.colorbar(im, cax=cax, label="task variance / column max" if R["form"] == "normalized"
+                 else "log1p(task variance)")
+    fig.suptitle(f"{title}: task-periods (k = {R['row_k']}) x {label} (k = {R['k']})", y=0.97)
+    return helper.save_figure(fig, path)
+
+
+def plot_om(ax, om, title, vlim=3.0):
+    """log2 over-membership (input cluster x hidden cluster); 0 = chance."""
+    with np.errstate(divide="ignore"):
+        im = ax.imshow(np.clip(np.log2(om), -vlim, vlim), cmap="RdBu_r", vmin=-vlim, vmax=vlim,
+                       aspect="auto", interpolation="nearest")
+    ax.set_title(title, fontsize=7)
+    return im
+
+
+def figure_over_membership(entry, title, path, max_panels=24):
+    """Max over synapse clusters c of OM[c, i, j], and OM[c] of each c (up to max_panels)."""
+    import matplotlib.pyplot as plt
+    om = entry["om"]
+    n_c = min(len(om), max_panels)
+    ncols = int(np.ceil(np.sqrt(n_c)))
+    fig = plt.figure(figsize=(12, 5.8), constrained_layout=True)
+    outer = fig.add_gridspec(1, 2, width_ratios=[1, 1.4])
+    ax = fig.add_subplot(outer[0])
+    im = plot_om(ax, om.max(axis=0), "max over synapse clusters c")
+    ax.set_xlabel(f"hidden (post) cluster j (k = {entry['k_hidden']})")
+    ax.set_ylabel(f"input (pre) cluster i (k = {entry['k_input']})")
+    inner = outer[1].subgridspec(int(np.ceil(n_c / ncols)), ncols)
+    for c in range(n_c):
+        sub = fig.add_subplot(inner[c // ncols, c % ncols])
+        plot_om(sub, om[c], f"c = {c}")
+        sub.set_xticks([])
+        sub.set_yticks([])
+    fig.colorbar(im, ax=ax, shrink=0.8,
+                 label="log2 over-membership (0 = chance; -3 includes empty)")
+    fig.suptitle(f"{title}: synapse clusters (k = {entry['k_mod']}) in input x hidden "
+                 f"cluster blocks" + (f" (first {n_c} of {len(om)} shown)" if n_c < len(om)
+                                      else ""))
+    return helper.save_figure(fig, path)
+
+
+def make_figures(paths, ci, ci_mod):
+    """Every figure of the clustering stage, from the two cluster dicts."""
+    helper.set_style()
+    entries = [(f"{rep} {form}", rep, form, R) for info in (ci, ci_mod)
+               for rep, forms in info.items() if rep in mta.REP_TITLES
+               for form, R in forms.items()]
+    figures = [figure_k_selection([(name, R) for name, _, _, R in entries],
+                                  paths.figure("k_selection"))]
+    for name, rep, form, R in entries:
+        label = "synapses" if rep in mta.SYNAPSE_REPS else "units"
+        figures.append(figure_clusters(R, f"{mta.REP_TITLES[rep]} ({form})", label,
+                                       paths.figure(f"clusters_{rep}_{form}")))
+        if "over_membership" in R:
+            figures.append(figure_over_membership(
+                R["over_membership"], f"{mta.REP_TITLES[rep]} ({form})",
+                paths.figure(f"over_membership_{rep}_{form}")))
+    return figures
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(cfg):
+    """Cluster every run matching cfg["run"]; returns {aname: (cluster_info, cluster_info_mod)}."""
+    return {paths.name: cluster_run(paths, cfg)
+            for paths in helper.find_runs(cfg["run"], cfg["runs_dir"])}
+
+
+if __name__ == "__main__":
+    helper.run_main(main, CONFIG)
