@@ -25,10 +25,26 @@ run seed) serves every condition; per condition and rule both accuracy measures 
 
 Reads:  runs/<aname>/checkpoint.pt, cluster_info.pkl, cluster_info_mod.pkl
         (task_variance.h5 when the cluster pickles lack a full variance matrix).
-Writes: runs/<aname>/lesion.pkl: the condition table (units / synapses as sorted indices or
-        packed bit masks, noise as seed + sigma; `condition_perturbation` rebuilds any of
-        them), accuracy (conditions x rules) under both measures, the unperturbed baseline,
-        and one table per experiment pointing into the condition table.
+Writes: runs/<aname>/lesion.pkl, a dict:
+    rules                  the R rules (columns of every accuracy array)
+    conditions             C condition dicts (id 0 = intact network), each with any of
+                           in_units, hid_units, w_zero, m_freeze (sorted indices, or a packed
+                           bit mask {"bits", "n"}: lesion.unpack_indices) and w_noise
+                           {"seed", "sigma"} (lesion.noise_matrix); lesion.condition_perturbation
+                           rebuilds the Perturbation of any of them
+    acc                    {"angle", "trial"}: (C, R) accuracy of every condition
+    baseline               {"angle", "trial"}: (R,) intact network, from a plain evaluate
+    single[name]           name = "<input|hidden>-<form>-<fixed|selected>": k, labels (units,),
+                           clusters, sizes, unresponsive, lesion (n_clusters,) condition ids,
+                           control (n_clusters, n_random) ids (-1: no size-matched control),
+                           profiles (n_clusters, n_task_periods) cluster-mean task variance
+    combined[form-fixed]   input/hidden clusters, pairs (P, 2), lesion (P,), control (P, n),
+                           and the singles' input_lesion/_control, hidden_lesion/_control
+    modulation[name]       as single, with zero_W, freeze_M (n_clusters,) and their _control
+    prune                  sparsity (L,), cond (L,)
+    robust[battery]        levels (L,), cond (L, n_draws), xlabel; battery in w_zero,
+                           hid_silence, w_noise, w_noise_rel
+    plus run, checkpoint_step, shapes, test_seed, config, cluster_provenance, seconds.
 
 Axis order: trials x time x units, (B, T, N); W is (N_post, N_pre) and synapse indices are
 flattened post-major (i_post * N_pre + j_pre), as in cluster_info_mod.
@@ -60,7 +76,7 @@ CONFIG = dict(
     forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned
     combined_forms=["normalized"],  # forms whose fixed-k clusterings get all pair lesions
     mod_reps=["modulation", "modulation_weighted"],  # synapse clusterings for zero_W/freeze_M
-    mod_k_cuts=["selected"],  # synapse clusterings cut at "selected" and/or "fixed" k
+    mod_k_cuts=["fixed"],  # synapse clusterings cut at "fixed" and/or "selected" k (the selected k of synapses can exceed 100: 2 x 11 conditions per cluster)
     prune_sparsity=[0, 0.1, 0.5, 0.9, 0.95, 0.98, 0.99, 0.999],  # fractions of W zeroed by |W|
     zero_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random W entries zeroed
     silence_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random hidden units silenced
