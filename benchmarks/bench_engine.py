@@ -1,8 +1,9 @@
-"""Benchmark the plastic-layer engines: reference loop vs fast, one table per device.
+"""Benchmark the plastic-layer engines: reference loop vs fast vs cpp, one table per device.
 
 For (N, B, T) in SIZES: median wall time of forward+backward and of a no-grad forward, and
 the peak resident memory of the process that ran it (CPU; on CUDA the peak allocated GPU
-memory). Every measurement runs in its own subprocess so the peaks do not mix. The default
+memory). "cpp" is the compiled kernel of mpn_cpp (CPU only; built on first use, outside the
+timing; on CUDA, or where it cannot be built, it runs "fast" and its column says so). Every measurement runs in its own subprocess so the peaks do not mix. The default
 workload is SPEC §1.1 at its defaults (mult, hebb_assoc, scalar trainable η, λ = 0.99, clip
 ±1), loss = sum(h²) + sum(M), so both outputs carry gradient.
 
@@ -29,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import mpn_cpp  # noqa: E402
 import mpn_engine  # noqa: E402
 
 SIZES = [(300, 128, 100), (100, 64, 100), (64, 32, 100)]  # (N, B, T)
@@ -72,7 +74,9 @@ def worker(N, B, T, engine, mode, repeats, warmup, device):
         once()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
-    print(json.dumps(dict(times=times, peak_bytes=peak, base_bytes=base)))
+    kernel = engine == "cpp" and device == "cpu" and mpn_cpp.kernel() is not None
+    print(json.dumps(dict(times=times, peak_bytes=peak, base_bytes=base, kernel=kernel,
+                          build_s=mpn_cpp._state["build_s"])))
 
 
 def peak_rss():
@@ -144,14 +148,16 @@ def run_device(device, args):
     print(f"load average at start: {os.getloadavg()}")
     bw = bandwidth_gbs(device)
     print(f"measured bandwidth (512 MB copy): {bw:.1f} GB/s")
-    header = (f"{'N':>4} {'B':>4} {'T':>4} {'mode':>7} | {'ref s':>8} {'fast s':>8} {'speedup':>8}"
-              f" | {'ref MB':>8} {'fast MB':>8} {'mem ratio':>9} | {'floor s':>7}")
+    header = (f"{'N':>4} {'B':>4} {'T':>4} {'mode':>7} | {'ref s':>8} {'fast s':>8} {'cpp s':>8}"
+              f" {'fast x':>7} {'cpp x':>7} | {'ref MB':>8} {'fast MB':>8} {'cpp MB':>8}"
+              f" {'ref/fast':>8} {'ref/cpp':>8} | {'floor s':>7}")
     print(header + "\n" + "-" * len(header), flush=True)
     rows = []
     for N, B, T in SIZES:
         for mode in ("grad", "nograd"):
             rep = 1 if args.quick else args.repeats
             fast = measure(N, B, T, "fast", mode, rep, 1, device)
+            cpp = measure(N, B, T, "cpp", mode, rep, 1, device)
             t_ref = reference_steps(N, B, T, mode, args)
             big = B * N * N >= 128 * 300 * 300
             ref = measure(N, B, t_ref, "reference", mode, min(rep, 2) if big else rep,
@@ -161,21 +167,27 @@ def run_device(device, args):
             # bytes moved per step at the very least: M read and written once (forward);
             # forward+backward ~3.5x that (forward, recompute, reverse pass over M and dL/dM)
             floor = 2 * B * N * N * 4 * T * (3.5 if mode == "grad" else 1.0) / (bw * 1e9)
-            if fast is None or ref is None:
+            if fast is None or ref is None or cpp is None:
                 print(f"{N:>4} {B:>4} {T:>4} {mode:>7} | measurement failed", flush=True)
                 continue
             rt = ref["median"] * scale
             rm = (ref["base_bytes"] + (ref["peak_bytes"] - ref["base_bytes"]) * scale) / 2 ** 20
             ft, fm = fast["median"], fast["peak_bytes"] / 2 ** 20
-            rows.append(dict(N=N, B=B, T=T, mode=mode, ref_s=rt, fast_s=ft, ref_MB=rm, fast_MB=fm,
+            ct, cm = cpp["median"], cpp["peak_bytes"] / 2 ** 20
+            kmark = " " if cpp["kernel"] else "*"
+            rows.append(dict(N=N, B=B, T=T, mode=mode, ref_s=rt, fast_s=ft, cpp_s=ct, ref_MB=rm,
+                             fast_MB=fm, cpp_MB=cm, cpp_kernel=cpp["kernel"],
                              extrapolated_from_T=t_ref if scale != 1 else None))
-            print(f"{N:>4} {B:>4} {T:>4} {mode:>7} | {rt:>7.2f}{mark} {ft:>8.3f} {rt / ft:>7.1f}x"
-                  f" | {rm:>7.0f}{mark} {fm:>8.0f} {rm / fm:>8.1f}x | {floor:>7.3f}", flush=True)
+            print(f"{N:>4} {B:>4} {T:>4} {mode:>7} | {rt:>7.2f}{mark} {ft:>8.3f} {ct:>7.3f}{kmark}"
+                  f" {rt / ft:>6.1f}x {rt / ct:>6.1f}x | {rm:>7.0f}{mark} {fm:>8.0f} {cm:>8.0f}"
+                  f" {rm / fm:>7.1f}x {rm / cm:>7.1f}x | {floor:>7.3f}", flush=True)
     print(f"load average at end: {os.getloadavg()}")
     print("~ = reference run for fewer steps (memory guard); its time, and its memory above"
           " the inputs, scaled to T.")
     print("CPU memory is the peak RSS of the measuring process (includes ~300 MB of torch);"
           " floor = minimum DRAM bytes moved / measured bandwidth.")
+    print("* = the compiled kernel was not used (CUDA, or it could not be built): 'cpp' ran"
+          " 'fast'.")
     return rows
 
 
@@ -194,6 +206,11 @@ def main():
     if args.sizes:
         SIZES[:] = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";")]
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cpu" in devices:  # build (or find) the kernel once, before any timing
+        t0 = time.perf_counter()
+        ok = mpn_cpp.kernel() is not None
+        print(f"compiled kernel: {'ready' if ok else 'unavailable: ' + str(mpn_cpp._state['error'])}"
+              f" ({time.perf_counter() - t0:.1f} s to build or load)")
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             print("\n(no CUDA device here: CPU only)")

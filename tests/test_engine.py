@@ -1,4 +1,5 @@
-"""The fast plastic-layer engine against the plain reference loop (SPEC §1.1).
+"""The fast plastic-layer engines ("fast", and "cpp": the compiled kernel of mpn_cpp) against
+the plain reference loop (SPEC §1.1).
 
 Axis order (B, T, N). Every case compares outputs h, the final M and the gradients w.r.t.
 every input that requires grad: float64 to 1e-9, float32 to 1e-5 (relative to each tensor's
@@ -9,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+import mpn_cpp
 import mpn_engine
 
 N_PRE, N_POST = 5, 4
@@ -88,14 +90,19 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(mpn_engine, "CHUNK_BYTES", 1)
 
 
+FAST = ["fast", "cpp"]  # "cpp" runs the kernel where it handles the call, "fast" elsewhere
+
+
+@pytest.mark.parametrize("engine", FAST)
 @pytest.mark.parametrize("mp_type,m_update", itertools.product(["mult", "add"],
                                                                ["hebb_assoc", "hebb_pre"]))
 @pytest.mark.parametrize("eta_kind,lam_kind", itertools.product(SHAPES, SHAPES))
-def test_fast_matches_reference_every_parameter_shape(mp_type, m_update, eta_kind, lam_kind):
+def test_fast_matches_reference_every_parameter_shape(mp_type, m_update, eta_kind, lam_kind,
+                                                      engine):
     args, masks = make_inputs(eta_kind=eta_kind, lam_kind=lam_kind)
     opts = dict(mp_type=mp_type, m_update=m_update)
     assert clip_binds(args, masks, **opts)
-    assert_close(run("fast", args, masks, **opts), run("reference", args, masks, **opts), 1e-9)
+    assert_close(run(engine, args, masks, **opts), run("reference", args, masks, **opts), 1e-9)
 
 
 OPTION_CASES = {
@@ -109,39 +116,45 @@ OPTION_CASES = {
                        eta_kind="matrix", lam_kind="post"),
     "lam_fixed": dict(train_lam=False, eta_kind="pre"),
     "long_T": dict(T=30, recurrent=True, eta_scale=1.0),
+    "kernel_all": dict(recurrent=True, hid_mask=True, m_freeze="per_trial", eta_kind="pre",
+                       lam_kind="post"),  # everything the compiled kernel handles
 }
 
 
+@pytest.mark.parametrize("engine", FAST)
 @pytest.mark.parametrize("case", OPTION_CASES)
 @pytest.mark.parametrize("mp_type", ["mult", "add"])
 @pytest.mark.parametrize("m_bounds", [(-1.0, 1.0), (-0.5, 0.8), None])
-def test_fast_matches_reference_options(case, mp_type, m_bounds, small_chunks):
+def test_fast_matches_reference_options(case, mp_type, m_bounds, engine, small_chunks):
     args, masks = make_inputs(**OPTION_CASES[case])
     opts = dict(mp_type=mp_type, m_bounds=m_bounds)
     if m_bounds is not None:
         assert clip_binds(args, masks, mp_type=mp_type, m_bounds=m_bounds)
-    assert_close(run("fast", args, masks, **opts), run("reference", args, masks, **opts), 1e-9)
+    assert_close(run(engine, args, masks, **opts), run("reference", args, masks, **opts), 1e-9)
 
 
+@pytest.mark.parametrize("engine", FAST)
 @pytest.mark.parametrize("loss", ["h", "M"])
-def test_gradient_from_one_output_only(loss):
+def test_gradient_from_one_output_only(loss, engine):
     args, masks = make_inputs(recurrent=True, hid_mask=True)
-    assert_close(run("fast", args, masks, loss=loss), run("reference", args, masks, loss=loss),
+    assert_close(run(engine, args, masks, loss=loss), run("reference", args, masks, loss=loss),
                  1e-9)
 
 
-@pytest.mark.parametrize("case", ["everything", "recurrent"])
-def test_float32_matches_reference(case, small_chunks):
+@pytest.mark.parametrize("engine", FAST)
+@pytest.mark.parametrize("case", ["everything", "recurrent", "kernel_all", "lam_fixed"])
+def test_float32_matches_reference(case, engine, small_chunks):
     args, masks = make_inputs(**OPTION_CASES[case], B=4, T=20, dtype=torch.float32)
     assert clip_binds(args, masks)
-    assert_close(run("fast", args, masks), run("reference", args, masks), 1e-5)
+    assert_close(run(engine, args, masks), run("reference", args, masks), 1e-5)
 
 
-def test_no_grad_forward_matches_reference(small_chunks):
+@pytest.mark.parametrize("engine", FAST)
+def test_no_grad_forward_matches_reference(engine, small_chunks):
     args, masks = make_inputs(recurrent=True, hid_mask=True, m_freeze="shared")
     with torch.no_grad():
         want = mpn_engine.plastic_forward(**args, **masks, engine="reference")
-        got = mpn_engine.plastic_forward(**args, **masks, engine="fast")
+        got = mpn_engine.plastic_forward(**args, **masks, engine=engine)
     assert_close(list(got), list(want), 1e-9)
 
 
@@ -177,20 +190,124 @@ def test_gradcheck_custom_function():
     assert torch.autograd.gradcheck(f, [args[k] for k in names], eps=1e-6, atol=1e-7)
 
 
-def test_auto_picks_fast_when_it_can_and_reference_otherwise():
+def test_auto_picks_cpp_when_it_can_and_reference_otherwise():
     args, masks = make_inputs()
-    assert_close(run("auto", args, masks), run("fast", args, masks), 0.0)
+    assert_close(run("auto", args, masks), run("cpp", args, masks), 0.0)
     # a mask that requires grad is outside the fast engine: auto falls back, fast refuses
     masks = dict(hid_mask=torch.ones(3, N_POST, dtype=torch.float64, requires_grad=True))
     assert mpn_engine.fast_unsupported(**args, **masks) is not None
     h, _ = mpn_engine.plastic_forward(**args, **masks, engine="auto")
     h.sum().backward()
     assert masks["hid_mask"].grad is not None
-    with pytest.raises(ValueError, match="engine 'fast' cannot run"):
-        mpn_engine.plastic_forward(**args, **masks, engine="fast")
+    for engine in ("fast", "cpp"):
+        with pytest.raises(ValueError, match=f"engine '{engine}' cannot run"):
+            mpn_engine.plastic_forward(**args, **masks, engine=engine)
     with pytest.raises(ValueError, match="unknown engine"):
         mpn_engine.plastic_forward(**args, engine="nope")
 
 
 def test_engines_listed():
-    assert set(mpn_engine.ENGINES) == {"reference", "fast", "auto"}
+    assert set(mpn_engine.ENGINES) == {"reference", "fast", "cpp", "auto"}
+
+
+# ---------------------------------------------------------------------------------------
+# The compiled kernel (engine "cpp"): really used where it applies, its segment
+# checkpointing, and the silent fallback to "fast" when it cannot be built.
+
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """Fail if engine 'cpp' hands the call to 'fast'; skip where the kernel cannot be built."""
+    if mpn_cpp.kernel() is None:
+        pytest.skip(f"compiled kernel unavailable: {mpn_cpp._state['error']}")
+
+    def refuse(*a, **k):
+        raise AssertionError("engine 'cpp' fell back to 'fast'")
+    monkeypatch.setattr(mpn_engine, "plastic_forward_fast", refuse)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("case", ["kernel_all", "lam_fixed", "recurrent", "freeze_fractional"])
+@pytest.mark.parametrize("seg_bytes", [1, 3 * N_PRE * N_POST * 8, 1 << 30])
+def test_kernel_used_and_segments(case, dtype, tol, seg_bytes, kernel_only, monkeypatch):
+    """Segments of 1, 3 (float64; 6 in float32) and all T steps between checkpoints. In
+    float32, η is scaled by 2 rather than 3: at 3 these trajectories are chaotic enough that
+    float32 rounding alone, amplified ~2x per step, moves any two summation orders (reference
+    vs fast, too) ~1e-5 apart; at 2 the clip still binds."""
+    monkeypatch.setattr(mpn_cpp, "SEG_BYTES", seg_bytes)
+    eta_scale = 3.0 if dtype == torch.float64 else 2.0
+    args, masks = make_inputs(**dict(OPTION_CASES[case], eta_scale=eta_scale), B=4, T=8,
+                              dtype=dtype)
+    for opts in (dict(), dict(mp_type="add", m_update="hebb_pre", m_bounds=(-0.5, 0.8))):
+        assert clip_binds(args, masks, **opts)
+        want = run("reference", args, masks, **opts)
+        assert_close(run("cpp", args, masks, **opts), want, tol)
+        assert_close(run("auto", args, masks, **opts), want, tol)
+
+
+def test_kernel_no_grad_and_default_training_config(kernel_only):
+    """Paper defaults (mult, hebb_assoc, scalar trainable η, fixed λ = 0.99, clip ±1) at a
+    size where the trials spread over the threads."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.tanh(torch.randn(9, 12, 16, generator=g, dtype=torch.float64)).requires_grad_()
+    W = (0.3 * torch.randn(16, 16, generator=g, dtype=torch.float64)).requires_grad_()
+    b = (0.1 * torch.randn(16, generator=g, dtype=torch.float64)).requires_grad_()
+    eta = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    args = dict(x=x, W=W, b=b, eta=eta, lam=torch.tensor(0.99, dtype=torch.float64),
+                W_rec=None)
+    assert_close(run("cpp", args, {}), run("reference", args, {}), 1e-9)
+    with torch.no_grad():
+        got = mpn_engine.plastic_forward(**args, engine="cpp")
+        want = mpn_engine.plastic_forward(**args, engine="reference")
+    assert_close(list(got), list(want), 1e-9)
+
+
+def test_kernel_build_failure_falls_back_to_fast(monkeypatch, caplog):
+    """No compiler / ninja: 'cpp' and 'auto' silently run 'fast', with one logged warning."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken(*a, **k):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(cpp_extension, "load_inline", broken)
+    monkeypatch.delenv("MPN_CPP", raising=False)
+    monkeypatch.setattr(mpn_cpp, "_state", dict(module=None, tried=False, error=None,
+                                                build_s=None))
+    args, masks = make_inputs(recurrent=True, hid_mask=True)
+    with caplog.at_level("WARNING", logger="mpn_cpp"):
+        for engine in ("cpp", "auto", "cpp"):
+            assert_close(run(engine, args, masks), run("fast", args, masks), 0.0)
+    assert mpn_cpp.kernel() is None and "Ninja is required" in mpn_cpp._state["error"]
+    assert len([r for r in caplog.records if r.name == "mpn_cpp"]) == 1
+
+
+def test_kernel_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("MPN_CPP", "0")
+    monkeypatch.setattr(mpn_cpp, "_state", dict(module=None, tried=False, error=None,
+                                                build_s=None))
+    assert mpn_cpp.kernel() is None
+    args, masks = make_inputs()
+    assert_close(run("cpp", args, masks), run("fast", args, masks), 0.0)
+
+
+def test_kernel_unsupported_calls_go_to_fast():
+    args, masks = make_inputs(eta_kind="matrix", per_trial_W=True)
+    assert mpn_cpp.unsupported(**args, **masks) is not None
+    assert_close(run("cpp", args, masks), run("reference", args, masks), 1e-9)
+
+
+def test_kernel_gradcheck(kernel_only):
+    args, masks = make_inputs(B=2, T=4, eta_kind="post", lam_kind="pre", eta_scale=1.5,
+                              recurrent=True, hid_mask=True, m_freeze="shared")
+    names = [k for k, v in args.items() if v is not None]
+
+    def f(*tensors):
+        return mpn_engine.plastic_forward(**dict(zip(names, tensors)), **masks, engine="cpp")
+
+    assert torch.autograd.gradcheck(f, [args[k] for k in names], eps=1e-6, atol=1e-7)
+
+
+def test_kernel_empty_sequence_goes_to_fast():
+    args, masks = make_inputs(T=1)
+    args["x"] = args["x"][:, :0].detach().requires_grad_()
+    assert mpn_cpp.unsupported(**args, **masks) is not None
+    h, M = mpn_engine.plastic_forward(**args, **masks, engine="cpp")
+    assert h.shape == (3, 0, N_POST) and M.abs().max() == 0

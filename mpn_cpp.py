@@ -1,0 +1,601 @@
+"""Compiled CPU kernel for the plastic-layer sequence (SPEC §1.1): engine "cpp" of mpn_engine.
+
+Same equations, conventions and backward structure as mpn_engine's "fast" engine, but every
+time step of one trial is ONE fused pass over M (row by row: the row's dot product gives a_i,
+then h_i, then the same row of M is updated while it is still in L1), and every reverse step is
+one fused pass over (M_{t-1}, dL/dM, W, the dW accumulator). Trials run in parallel over
+torch's intra-op threads (at::parallel_for); each trial's M stays in the core's L2 for the
+whole sequence.
+
+Backward per trial: a first forward pass keeps M only at segment starts (every `seg` steps);
+then, segment by segment from the last, the segment is recomputed from its checkpoint storing
+its M_{t-1} history (at most SEG_BYTES per thread: the whole sequence at the paper size, which
+then needs no checkpoint pass) and the reverse recurrence walks back through it:
+    M̃_t = λ ⊙ M_{t-1} + η ⊙ post_t x_tᵀ   (recomputed from M_{t-1}; no read of M_t)
+    G̃ = G ⊙ 1[lo < M̃_t < hi] ⊙ keep        (≤ for a fractional keep, as the fast engine)
+    δ_t = (dL/dh_t + [hebb_assoc] η (G̃ x_t) + W_recᵀ δ_{t+1}) ⊙ mask ⊙ (1 − g_t²)
+    G ← λ ⊙ G̃ + W ⊙ δ_t x_tᵀ  (mult; add: + δ_t x_tᵀ)
+    dW += δ_t x_tᵀ ⊙ (1 + M_{t-1}),  dx_t = (W ⊙ (1 + M_{t-1}))ᵀ δ_t + (η ⊙ G̃)ᵀ post_t
+Unlike the fast engine, W ⊙ (1 + M) is never split into W + W ⊙ M (which cancels badly in
+float32 where M ≈ −1), so a_t, dx and dW are computed in the same form as the reference loop.
+Only W_rec's gradient is left to one matmul outside.
+
+η and λ must be rank-1 (scalar, (1, N_pre) or (N_post, 1)); they enter as a row factor times
+a column factor. Matrix η/λ, per-trial W, record callbacks, CUDA tensors and masks that
+require grad are not handled here (`unsupported` says why; mpn_engine then uses "fast").
+
+The extension is built lazily on first use with torch.utils.cpp_extension.load_inline (needs
+a C++ compiler and ninja) and cached in torch's extensions directory; if the build fails, or
+MPN_CPP=0 is set, `kernel()` returns None once and for all and a single warning is logged.
+"""
+import logging
+import math
+import os
+import threading
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SEG_BYTES = 1 << 26  # M history kept per thread while reversing a segment (in L3 here)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename S>
+struct Prm {
+  int64_t B, T, No, Np;
+  const S *x, *W, *bias, *er, *ec, *lr, *lc, *Wrec, *mask, *keep;
+  int64_t keep_bs;   // trial stride of keep (0: shared)
+  bool assoc, strict;
+  S lo, hi, pc;
+};
+
+// One forward step of trial b: Msrc = M_{t-1} -> Mdst = M_t (may alias). Writes h_t, g_t into
+// the trial's (T, No) blocks h and g.
+template <typename S, bool MULT, bool KEEP>
+void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* h, S* g,
+              S* xe, S* rec) {
+  const int64_t No = p.No, Np = p.Np;
+  const S* xt = p.x + (b * p.T + t) * Np;
+  for (int64_t j = 0; j < Np; ++j) xe[j] = p.ec[j] * xt[j];
+  const bool has_rec = p.Wrec != nullptr && t > 0;
+  if (has_rec) {
+    const S* hp = h + (t - 1) * No;
+    for (int64_t i = 0; i < No; ++i) {
+      const S* wr = p.Wrec + i * No;
+      S s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < No; ++k) s += wr[k] * hp[k];
+      rec[i] = s;
+    }
+  }
+  const S* keep = KEEP ? p.keep + b * p.keep_bs : nullptr;
+  const S* mask = p.mask ? p.mask + b * No : nullptr;
+  const S lo = p.lo, hi = p.hi;
+  const S* lc = p.lc;
+  for (int64_t i = 0; i < No; ++i) {
+    const S* Mr = Msrc + i * Np;
+    S* Md = Mdst + i * Np;
+    const S* Wr = p.W + i * Np;
+    S s = 0;  // (W ⊙ (1 + M)) x  or  (W + M) x, never split: no cancellation in float32
+    if (MULT) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < Np; ++j) s += Wr[j] * (S(1) + Mr[j]) * xt[j];
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < Np; ++j) s += (Wr[j] + Mr[j]) * xt[j];
+    }
+    S a = s + p.bias[i];
+    if (has_rec) a += rec[i];
+    const S gi = std::tanh(a);
+    const S hv = mask ? gi * mask[i] : gi;
+    g[t * No + i] = gi;
+    h[t * No + i] = hv;
+    const S pe = p.er[i] * (p.assoc ? hv : p.pc);
+    const S li = p.lr[i];
+    if (KEEP) {
+      const S* kr = keep + i * Np;
+#pragma omp simd
+      for (int64_t j = 0; j < Np; ++j) {
+        S m = li * lc[j] * Mr[j] + pe * xe[j];
+        m = std::min(std::max(m, lo), hi);
+        Md[j] = m * kr[j];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < Np; ++j) {
+        S m = li * lc[j] * Mr[j] + pe * xe[j];
+        Md[j] = std::min(std::max(m, lo), hi);
+      }
+    }
+  }
+}
+
+// Reverse pass 1 over one row: G̃ = G ⊙ inside(M̃) ⊙ keep in place; v += G̃ x̂; dlam += G̃ M;
+// u += G̃ pe (x̂ = η column factor ⊙ x, pe = η row factor · post).
+template <typename S, bool KEEP, bool STRICT, bool DLAM>
+inline void pass1(int64_t Np, S* __restrict Gr, const S* __restrict Mr, const S* __restrict lc,
+                  const S* __restrict xe, const S* __restrict kr, S li, S pe, S lo, S hi,
+                  S* __restrict uu, S& v_out, S& dlam_out) {
+  S v = 0, dlam = 0;
+#pragma omp simd reduction(+ : v, dlam)
+  for (int64_t j = 0; j < Np; ++j) {
+    const S m = li * lc[j] * Mr[j] + pe * xe[j];
+    const bool in = STRICT ? (m > lo && m < hi) : (m >= lo && m <= hi);
+    S gt = in ? Gr[j] : S(0);
+    if (KEEP) gt *= kr[j];
+    Gr[j] = gt;
+    v += gt * xe[j];
+    if (DLAM) dlam += gt * Mr[j];
+    uu[j] += gt * pe;
+  }
+  v_out = v;
+  dlam_out = dlam;
+}
+
+template <typename S, bool MULT, bool KEEP>
+void forward_impl(const Prm<S>& p, S* hout, S* Mout) {
+  const int64_t NN = p.No * p.Np;
+  at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<S> g(p.T * p.No), xe(p.Np), rec(p.No);
+    for (int64_t b = b0; b < b1; ++b) {
+      S* M = Mout + b * NN;
+      std::fill(M, M + NN, S(0));
+      S* h = hout + b * p.T * p.No;
+      for (int64_t t = 0; t < p.T; ++t)
+        fwd_step<S, MULT, KEEP>(p, b, t, M, M, h, g.data(), xe.data(), rec.data());
+    }
+  });
+}
+
+struct BwdOut {
+  void *gh, *gM, *delta, *dx, *acc, *hs, *eta_r, *eta_c, *lam_r, *lam_c;
+  bool need_x, need_acc, need_lamc, need_lam;
+  int64_t seg;
+};
+
+template <typename S, bool MULT, bool KEEP>
+void backward_impl(const Prm<S>& p, const BwdOut& o) {
+  const int64_t No = p.No, Np = p.Np, T = p.T, NN = No * Np, K = o.seg;
+  const int64_t nseg = (T + K - 1) / K;
+  const S* gh = static_cast<const S*>(o.gh);
+  const S* gM = static_cast<const S*>(o.gM);
+  S* delta_all = static_cast<S*>(o.delta);
+  S* dx_all = static_cast<S*>(o.dx);
+  S* acc_all = static_cast<S*>(o.acc);
+  S* hs_all = static_cast<S*>(o.hs);
+  S* eta_r_all = static_cast<S*>(o.eta_r);
+  S* eta_c_all = static_cast<S*>(o.eta_c);
+  S* lam_r_all = static_cast<S*>(o.lam_r);
+  S* lam_c_all = static_cast<S*>(o.lam_c);
+  at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    S* acc = o.need_acc ? acc_all + tid * NN : nullptr;
+    std::vector<S> ckpt(nseg * NN), hist((K - 1) * NN + 1), scratch(NN), G(NN);
+    std::vector<S> g(T * No), xe(Np), rec(No), post(No), carry(No, S(0)), dh(No);
+    std::vector<S> u(Np), dxm(Np), lamc(Np);
+    std::vector<S*> Mp(K + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      S* h = hs_all + b * T * No;
+      S* delta = delta_all + b * T * No;
+      S* eta_r = eta_r_all + b * No;
+      S* eta_c = eta_c_all + b * Np;
+      S* lam_r = lam_r_all + b * No;
+      S* lam_c = lam_c_all + b * Np;
+      const S* keep = KEEP ? p.keep + b * p.keep_bs : nullptr;
+      const S* mask = p.mask ? p.mask + b * No : nullptr;
+      // checkpoint pass: ckpt[s] = M entering segment s (M_{s K - 1})
+      std::fill(ckpt.begin(), ckpt.begin() + NN, S(0));
+      for (int64_t s = 0; s + 1 < nseg; ++s) {
+        S* Mc = ckpt.data() + (s + 1) * NN;
+        std::memcpy(Mc, ckpt.data() + s * NN, NN * sizeof(S));
+        for (int64_t t = s * K; t < (s + 1) * K; ++t)
+          fwd_step<S, MULT, KEEP>(p, b, t, Mc, Mc, h, g.data(), xe.data(), rec.data());
+      }
+      if (gM) std::memcpy(G.data(), gM + b * NN, NN * sizeof(S));
+      else std::fill(G.begin(), G.end(), S(0));
+      std::fill(carry.begin(), carry.end(), S(0));
+      std::fill(eta_r, eta_r + No, S(0));
+      std::fill(eta_c, eta_c + Np, S(0));
+      std::fill(lam_r, lam_r + No, S(0));
+      std::fill(lam_c, lam_c + Np, S(0));
+      for (int64_t s = nseg - 1; s >= 0; --s) {
+        const int64_t t0 = s * K, t1 = std::min(T, t0 + K);
+        // recompute the segment: Mp[t - t0] = M_{t-1}
+        Mp[0] = ckpt.data() + s * NN;
+        for (int64_t t = t0; t < t1; ++t) {
+          S* dst = (t + 1 < t1) ? hist.data() + (t - t0) * NN : scratch.data();
+          Mp[t - t0 + 1] = dst;
+          fwd_step<S, MULT, KEEP>(p, b, t, Mp[t - t0], dst, h, g.data(), xe.data(), rec.data());
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const S* Mprev = Mp[t - t0];
+          const S* xt = p.x + (b * T + t) * Np;
+          for (int64_t j = 0; j < Np; ++j) xe[j] = p.ec[j] * xt[j];
+          for (int64_t i = 0; i < No; ++i) {
+            post[i] = p.assoc ? h[t * No + i] : p.pc;
+            dh[i] = (gh ? gh[(b * T + t) * No + i] : S(0)) + carry[i];
+          }
+          std::fill(u.begin(), u.end(), S(0));
+          if (o.need_x) std::fill(dxm.begin(), dxm.end(), S(0));
+          if (o.need_lamc) std::fill(lamc.begin(), lamc.end(), S(0));
+          S* dl = delta + t * No;
+          const S lo = p.lo, hi = p.hi;
+          const S* lc = p.lc;
+          S* uu = u.data();
+          S* dxv = dxm.data();
+          S* lcv = lamc.data();
+          const bool strict = p.strict;
+          for (int64_t i = 0; i < No; ++i) {
+            S* Gr = G.data() + i * Np;
+            const S* Mr = Mprev + i * Np;
+            const S* Wr = p.W + i * Np;
+            const S pe = p.er[i] * post[i];
+            const S li = p.lr[i];
+            S v = 0, dlam = 0;
+            // pass 1: G̃ (in place), G̃ x, G̃ ⊙ M_{t-1}, G̃ᵀ (η post)
+            const S* kr = KEEP ? keep + i * Np : nullptr;
+            S* xv = xe.data();
+            if (strict && o.need_lam)
+              pass1<S, KEEP, true, true>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+            else if (strict)
+              pass1<S, KEEP, true, false>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+            else if (o.need_lam)
+              pass1<S, KEEP, false, true>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+            else
+              pass1<S, KEEP, false, false>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+            if (o.need_lamc) {
+              for (int64_t j = 0; j < Np; ++j) lcv[j] += Gr[j] * Mr[j];
+            }
+            eta_r[i] += post[i] * v;
+            lam_r[i] += dlam;
+            const S gi = g[t * No + i];
+            S d = (dh[i] + (p.assoc ? p.er[i] * v : S(0))) * (S(1) - gi * gi);
+            if (mask) d *= mask[i];
+            dl[i] = d;
+            // pass 2: dW += δ xᵀ ⊙ (1 + M_{t-1}), dx += (W ⊙ (1 + M_{t-1}))ᵀ δ, and
+            // G <- λ G̃ + W ⊙ δ xᵀ (the latter only for t > 0: there is no M_{-1} to feed)
+            S* ar = acc ? acc + i * Np : nullptr;
+            if (MULT && ar && o.need_x && t > 0) {  // training: one fused loop
+#pragma omp simd
+              for (int64_t j = 0; j < Np; ++j) {
+                const S e = d * xt[j], w = Wr[j], om = S(1) + Mr[j];
+                ar[j] += e * om;
+                dxv[j] += w * om * d;
+                Gr[j] = li * lc[j] * Gr[j] + e * w;
+              }
+            } else if (MULT) {
+              if (ar) {
+#pragma omp simd
+                for (int64_t j = 0; j < Np; ++j) ar[j] += (d * xt[j]) * (S(1) + Mr[j]);
+              }
+              if (o.need_x) {
+#pragma omp simd
+                for (int64_t j = 0; j < Np; ++j) dxv[j] += Wr[j] * (S(1) + Mr[j]) * d;
+              }
+              if (t > 0) {
+#pragma omp simd
+                for (int64_t j = 0; j < Np; ++j)
+                  Gr[j] = li * lc[j] * Gr[j] + (d * xt[j]) * Wr[j];
+              }
+            } else {
+              if (ar) {
+#pragma omp simd
+                for (int64_t j = 0; j < Np; ++j) ar[j] += d * xt[j];
+              }
+              if (o.need_x) {
+#pragma omp simd
+                for (int64_t j = 0; j < Np; ++j) dxv[j] += (Wr[j] + Mr[j]) * d;
+              }
+              if (t > 0) {
+#pragma omp simd
+                for (int64_t j = 0; j < Np; ++j) Gr[j] = li * lc[j] * Gr[j] + d * xt[j];
+              }
+            }
+          }
+          if (o.need_x) {
+            S* dxt = dx_all + (b * T + t) * Np;
+            for (int64_t j = 0; j < Np; ++j) dxt[j] = dxv[j] + p.ec[j] * uu[j];
+          }
+          for (int64_t j = 0; j < Np; ++j) eta_c[j] += xt[j] * uu[j];
+          if (o.need_lamc)
+            for (int64_t j = 0; j < Np; ++j) lam_c[j] += lcv[j];
+          if (p.Wrec) {  // carry = W_recᵀ δ_t, for step t - 1
+            std::fill(carry.begin(), carry.end(), S(0));
+            for (int64_t i = 0; i < No; ++i) {
+              const S d = dl[i];
+              const S* wr = p.Wrec + i * No;
+#pragma omp simd
+              for (int64_t k = 0; k < No; ++k) carry[k] += wr[k] * d;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename S>
+Prm<S> make_prm(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias,
+                const at::Tensor& er, const at::Tensor& ec, const at::Tensor& lr,
+                const at::Tensor& lc, const c10::optional<at::Tensor>& Wrec,
+                const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& keep,
+                int64_t keep_bs, bool assoc, bool strict, double lo, double hi) {
+  Prm<S> p;
+  p.B = x.size(0); p.T = x.size(1); p.Np = x.size(2); p.No = W.size(0);
+  p.x = x.data_ptr<S>(); p.W = W.data_ptr<S>(); p.bias = bias.data_ptr<S>();
+  p.er = er.data_ptr<S>(); p.ec = ec.data_ptr<S>(); p.lr = lr.data_ptr<S>();
+  p.lc = lc.data_ptr<S>();
+  p.Wrec = Wrec.has_value() ? Wrec->data_ptr<S>() : nullptr;
+  p.mask = mask.has_value() ? mask->data_ptr<S>() : nullptr;
+  p.keep = keep.has_value() ? keep->data_ptr<S>() : nullptr;
+  p.keep_bs = keep_bs; p.assoc = assoc; p.strict = strict;
+  p.lo = static_cast<S>(lo); p.hi = static_cast<S>(hi);
+  p.pc = static_cast<S>(1.0 / std::sqrt(static_cast<double>(p.No)));
+  return p;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias, at::Tensor er,
+                                    at::Tensor ec, at::Tensor lr, at::Tensor lc,
+                                    c10::optional<at::Tensor> Wrec,
+                                    c10::optional<at::Tensor> mask,
+                                    c10::optional<at::Tensor> keep, int64_t keep_bs, bool mult,
+                                    bool assoc, bool strict, double lo, double hi) {
+  auto h = at::empty({x.size(0), x.size(1), W.size(0)}, x.options());
+  auto M = at::empty({x.size(0), W.size(0), W.size(1)}, x.options());
+  const bool k = keep.has_value();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mpn_forward", [&] {
+    auto p = make_prm<scalar_t>(x, W, bias, er, ec, lr, lc, Wrec, mask, keep, keep_bs, assoc,
+                                strict, lo, hi);
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* Mp = M.data_ptr<scalar_t>();
+    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp);
+    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp);
+    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp);
+    else forward_impl<scalar_t, false, false>(p, hp, Mp);
+  });
+  return {h, M};
+}
+
+// Returns delta (B,T,No), dx (B,T,Np), dW per thread (threads,No,Np), hs (B,T,No),
+// eta_r (B,No), eta_c (B,Np), lam_r (B,No), lam_c (B,Np).
+std::vector<at::Tensor> mpn_backward(at::Tensor x, at::Tensor W, at::Tensor bias, at::Tensor er,
+                                     at::Tensor ec, at::Tensor lr, at::Tensor lc,
+                                     c10::optional<at::Tensor> Wrec,
+                                     c10::optional<at::Tensor> mask,
+                                     c10::optional<at::Tensor> keep, int64_t keep_bs, bool mult,
+                                     bool assoc, bool strict, double lo, double hi,
+                                     c10::optional<at::Tensor> gh, c10::optional<at::Tensor> gM,
+                                     bool need_x, bool need_acc, bool need_lam, bool need_lamc,
+                                     int64_t seg) {
+  const int64_t B = x.size(0), T = x.size(1), Np = x.size(2), No = W.size(0);
+  auto o = x.options();
+  auto delta = at::empty({B, T, No}, o);
+  auto dx = need_x ? at::empty({B, T, Np}, o) : at::empty({0}, o);
+  const int64_t nthr = at::get_num_threads();
+  auto acc = need_acc ? at::zeros({nthr, No, Np}, o) : at::empty({0}, o);
+  auto hs = at::empty({B, T, No}, o);
+  auto eta_r = at::empty({B, No}, o), eta_c = at::empty({B, Np}, o);
+  auto lam_r = at::empty({B, No}, o), lam_c = at::empty({B, Np}, o);
+  const bool k = keep.has_value();
+  seg = std::max<int64_t>(1, std::min(seg, T));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mpn_backward", [&] {
+    auto p = make_prm<scalar_t>(x, W, bias, er, ec, lr, lc, Wrec, mask, keep, keep_bs, assoc,
+                                strict, lo, hi);
+    BwdOut out;
+    out.gh = gh.has_value() ? gh->data_ptr<scalar_t>() : nullptr;
+    out.gM = gM.has_value() ? gM->data_ptr<scalar_t>() : nullptr;
+    out.delta = delta.data_ptr<scalar_t>();
+    out.dx = need_x ? dx.data_ptr<scalar_t>() : nullptr;
+    out.acc = need_acc ? acc.data_ptr<scalar_t>() : nullptr;
+    out.hs = hs.data_ptr<scalar_t>();
+    out.eta_r = eta_r.data_ptr<scalar_t>(); out.eta_c = eta_c.data_ptr<scalar_t>();
+    out.lam_r = lam_r.data_ptr<scalar_t>(); out.lam_c = lam_c.data_ptr<scalar_t>();
+    out.need_x = need_x; out.need_acc = need_acc; out.need_lamc = need_lamc;
+    out.need_lam = need_lam;
+    out.seg = seg;
+    if (mult && k) backward_impl<scalar_t, true, true>(p, out);
+    else if (mult) backward_impl<scalar_t, true, false>(p, out);
+    else if (k) backward_impl<scalar_t, false, true>(p, out);
+    else backward_impl<scalar_t, false, false>(p, out);
+  });
+  return {delta, dx, acc, hs, eta_r, eta_c, lam_r, lam_c};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the GIL is released while a kernel runs
+  m.def("mpn_forward", &mpn_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("mpn_backward", &mpn_backward, py::call_guard<py::gil_scoped_release>());
+}
+"""
+
+_VERSION = 3  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
+
+
+def _name():
+    """Extension name, keyed by the CPU's instruction-set flags: the build uses -march=native,
+    so a cache directory shared between different machines never loads a foreign build."""
+    import hashlib
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return f"mpn_plastic_kernel_v{_VERSION}_{hashlib.md5(flags.encode()).hexdigest()[:8]}"
+_lock = threading.Lock()
+_state = {"module": None, "tried": False, "error": None, "build_s": None}
+
+
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
+
+
+def _failed_marker(name):
+    """File that records a failed compile, so later processes do not spend a minute retrying
+    a build that cannot work (delete it to retry)."""
+    import hashlib
+    from torch.utils.cpp_extension import _get_build_directory
+    key = hashlib.md5((_SOURCE + " ".join(CFLAGS)).encode()).hexdigest()[:8]
+    return os.path.join(_get_build_directory(name, verbose=False), f"BUILD_FAILED_{key}.txt")
+
+
+def kernel():
+    """The compiled extension, building it on first call; None if it cannot be built."""
+    if _state["tried"]:
+        return _state["module"]
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]
+        if os.environ.get("MPN_CPP", "1") == "0":
+            _state["error"] = "disabled by MPN_CPP=0"
+        else:
+            t0 = time.perf_counter()
+            name, marker = _name(), None
+            _state["error"] = None
+            try:
+                marker = _failed_marker(name)
+                if os.path.exists(marker):
+                    raise RuntimeError(f"an earlier build failed ({marker}; delete it to retry)")
+                from torch.utils.cpp_extension import load_inline
+                _state["module"] = load_inline(name, cpp_sources=_SOURCE, extra_cflags=CFLAGS,
+                                               verbose=False)
+            except Exception as e:  # no compiler / ninja, or a build error: fall back
+                lines = str(e).strip().splitlines()
+                _state["error"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+                if marker and "Error building extension" in str(e):
+                    try:
+                        with open(marker, "w") as f:
+                            f.write(str(e))
+                    except OSError:
+                        pass
+            _state["build_s"] = time.perf_counter() - t0
+            log.info("mpn_cpp: kernel built or loaded in %.1f s", _state["build_s"])
+        if _state["module"] is None:
+            log.warning("mpn_cpp: compiled kernel unavailable (%s); using the 'fast' engine",
+                        _state["error"])
+        _state["tried"] = True
+        return _state["module"]
+
+
+def _rank1(p, n_post, n_pre):
+    """(row factor (N_post,), column factor (N_pre,), kind) for a rank-1 η or λ, else None."""
+    shape = (1,) * (2 - p.dim()) + tuple(p.shape) if p.dim() <= 2 else None
+    v = p.detach()
+    if shape == (1, 1):
+        return v.reshape(1).expand(n_post).contiguous(), v.new_ones(n_pre), "scalar"
+    if shape == (1, n_pre):
+        return v.new_ones(n_post), v.reshape(n_pre).contiguous(), "pre"
+    if shape == (n_post, 1):
+        return v.reshape(n_post).contiguous(), v.new_ones(n_pre), "post"
+    return None
+
+
+def unsupported(x, W, b, eta, lam, *, W_rec=None, hid_mask=None, m_freeze=None, record=None):
+    """Why the kernel cannot run this call (one sentence), or None. Assumes the fast engine
+    accepts the call (mpn_engine.fast_unsupported is None)."""
+    if x.device.type != "cpu":
+        return "the compiled kernel is CPU-only"
+    if record is not None:
+        return "a record callback needs the per-step Python loop"
+    if W.dim() != 2:
+        return "per-trial W"
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return "empty batch or sequence"
+    n_post, n_pre = W.shape
+    for name, p in (("eta", eta), ("lam", lam)):
+        if p.dim() > 2 or _rank1(p, n_post, n_pre) is None:
+            return f"{name} is a matrix"
+    return None
+
+
+def _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
+    mp_type, m_update, m_bounds = cfg
+    B, T, n_pre = x.shape
+    n_post = W.shape[0]
+    er, ec, eta_kind = _rank1(eta, n_post, n_pre)
+    lr, lc, lam_kind = _rank1(lam, n_post, n_pre)
+    mask = None if hid_mask is None else hid_mask.detach().expand(B, n_post).contiguous()
+    keep_bs = 0
+    strict = True
+    if keep is not None:
+        keep = keep.detach()
+        strict = bool(((keep == 0) | (keep == 1)).all())
+        if keep.dim() == 3 and keep.shape[0] == B and B > 1:
+            keep, keep_bs = keep.contiguous(), n_post * n_pre
+        else:
+            keep = keep.expand(1, n_post, n_pre)[0].contiguous()
+    lo, hi = (-math.inf, math.inf) if m_bounds is None else (float(m_bounds[0]),
+                                                             float(m_bounds[1]))
+    args = (x.detach().contiguous(), W.detach().contiguous(), b.detach().contiguous(),
+            er, ec, lr, lc,
+            None if W_rec is None else W_rec.detach().contiguous(), mask, keep, keep_bs,
+            mp_type == "mult", m_update == "hebb_assoc", strict, lo, hi)
+    return args, eta_kind, lam_kind
+
+
+def _segment(T, n_post, n_pre, itemsize):
+    return int(max(1, min(T, SEG_BYTES // (n_post * n_pre * itemsize))))
+
+
+class _KernelSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
+        args, _, _ = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg)
+        h, M = kernel().mpn_forward(*args)
+        ctx.save_for_backward(x, W, b, eta, lam, W_rec, hid_mask, keep)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return h, M
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh, gM):
+        x, W, b, eta, lam, W_rec, hid_mask, keep = ctx.saved_tensors
+        n_in = ctx.needs_input_grad
+        if gh is None and gM is None:
+            return (None,) * 9
+        args, eta_kind, lam_kind = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, ctx.cfg)
+        B, T, n_pre = x.shape
+        n_post = W.shape[0]
+        with torch.no_grad():
+            d, dxp, acc, hs, eta_r, eta_c, lam_r, lam_c = kernel().mpn_backward(
+                *args, None if gh is None else gh.contiguous(),
+                None if gM is None else gM.contiguous(), n_in[0], n_in[1], n_in[4],
+                n_in[4] and lam_kind == "pre", _segment(T, n_post, n_pre, x.element_size()))
+            dx = dxp if n_in[0] else None
+            dW = acc.sum(0) if n_in[1] else None
+            db = d.sum((0, 1)) if n_in[2] else None
+            deta = dlam = None
+            if n_in[3]:
+                deta = {"scalar": lambda: eta_r.sum(), "post": lambda: eta_r.sum(0),
+                        "pre": lambda: eta_c.sum(0)}[eta_kind]().reshape(eta.shape)
+            if n_in[4]:
+                dlam = {"scalar": lambda: lam_r.sum(), "post": lambda: lam_r.sum(0),
+                        "pre": lambda: lam_c.sum(0)}[lam_kind]().reshape(lam.shape)
+            dW_rec = None
+            if n_in[5]:
+                dW_rec = (d[:, 1:].reshape(-1, n_post).T @ hs[:, :-1].reshape(-1, n_post)
+                          if T > 1 else torch.zeros_like(W_rec))
+        return dx, dW, db, deta, dlam, dW_rec, None, None, None
+
+
+def plastic_forward_cpp(x, W, b, eta, lam, keep, cfg, *, W_rec=None, hid_mask=None):
+    """Run the compiled kernel (caller checked `unsupported` and that `kernel()` is not None).
+    keep = 1 − m_freeze or None; cfg = (mp_type, m_update, m_bounds tuple or None)."""
+    args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
+    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+        return _KernelSequence.apply(*args, cfg)
+    with torch.no_grad():
+        a, _, _ = _prepare(*args, cfg)
+        return tuple(kernel().mpn_forward(*a))
