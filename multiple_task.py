@@ -78,13 +78,14 @@ CONFIG = dict(
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
     num_threads=0,  # torch CPU threads (0: torch's default)
     runs_dir=None,  # root of the run folders (None: $MPN_RUNS_DIR or runs/)
+    figures=True,  # draw the training figures into figures/ at the end
     run_tag="",  # suffix of the run name, to keep variants apart
     resume=None,  # None: continue a matching run if it has a checkpoint; True: require one; False: new run only
 )
 
 # Keys that may change when a run is continued: they do not alter what a step computes.
 RESUMABLE_KEYS = ("max_steps", "max_minutes", "target_acc", "patience_evals", "ckpt_every",
-                  "device", "engine", "num_threads", "runs_dir", "resume")
+                  "device", "engine", "num_threads", "runs_dir", "resume", "figures")
 PRODUCER = "python multiple_task.py"
 
 
@@ -229,7 +230,6 @@ def save_checkpoint(paths, net, cfg, state, opt, sched, sampler, rng):
         "state": {k: v for k, v in state.items() if k not in ("step", "log")},
     }
     net_helpers.save_checkpoint(paths.checkpoint, net, normalised(cfg), state["step"], extra)
-    helper.save_json(paths.log, {"meta": state["meta"], "evals": state["log"]})
 
 
 def restore(paths, net, opt, sched, sampler, rng, state):
@@ -349,6 +349,7 @@ def events(step_state, ctx, bar):
         res = evaluate_rules(ctx["net"], ctx["valid"], cfg)
         entry = on_evaluation(state, res, cfg, ctx["meta"], ctx["opt"], ctx["sched"],
                               ctx["sampler"], scheduled)
+        helper.save_json(ctx["paths"].log, {"meta": state["meta"], "evals": state["log"]})
         bar.write(log_line(entry, cfg))
         bar.set_postfix(loss=f"{res['loss']:.4f}", acc=f"{res['mean_' + cfg['acc_measure']]:.3f}")
     state["stop_reason"] = stop_reason(state, cfg, ctx["meta"])
@@ -562,12 +563,16 @@ def main(cfg):
     ctx = dict(cfg=cfg, meta=meta, paths=paths, net=net, opt=opt, sched=sched,
                sampler=sampler, rng=rng, valid=valid, device=device)
     train_loop(ctx, state, fresh=not resume)
+    if not state["log"]:  # log.json was removed from a finished run: score it once more
+        on_evaluation(state, evaluate_rules(net, valid, cfg), cfg, meta, opt, sched, sampler,
+                      scheduled=False)
     last = state["log"][-1]
     if state["step"] not in cfg["snapshot_steps"]:
         save_snapshot(paths, net, cfg, state["step"])
-    make_figures(paths, state["log"], meta["rules"], example_trials(net, valid))
+    if cfg["figures"]:
+        make_figures(paths, state["log"], meta["rules"], example_trials(net, valid))
     print(f"stopped at step {state['step']} ({state['stop_reason']}); mean accuracy angle "
-          f"{last['mean_angle']:.3f}, trial {last['mean_trial']:.3f}; figures in {paths.figures}")
+          f"{last['mean_angle']:.3f}, trial {last['mean_trial']:.3f}; run folder {paths.dir}")
     return {"paths": paths, "step": state["step"], "stop_reason": state["stop_reason"],
             "final": last, "log": state["log"]}
 

@@ -21,7 +21,8 @@ TINY = helper.load_config(mt.CONFIG, [str(REPO / "configs" / "tiny.py")], echo=F
 
 
 def tiny(root, **overrides):
-    return dict(TINY, runs_dir=str(root), **overrides)
+    """The tiny config in its own runs root; figures only where a test looks at them."""
+    return dict(TINY, runs_dir=str(root), **dict(dict(figures=False), **overrides))
 
 
 def params(paths):
@@ -37,7 +38,7 @@ def assert_same_params(a, b):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """One uninterrupted tiny run, shared by the tests that compare against it."""
-    return mt.main(tiny(tmp_path_factory.mktemp("ref")))
+    return mt.main(tiny(tmp_path_factory.mktemp("ref"), figures=True))
 
 
 # ----------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
     cfg_file = REPO / "configs" / "tiny.py"
     env = dict(os.environ, MPN_RUNS_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, str(REPO / "multiple_task.py"), str(cfg_file),
-                             "--ckpt_every=5"], cwd=REPO, env=env,
+                             "--ckpt_every=5", "--figures=False"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = helper.run_paths(reference_run["paths"].name, tmp_path).checkpoint
     deadline = time.time() + 60
