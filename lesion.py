@@ -83,7 +83,8 @@ CONFIG = dict(
     noise_sigmas=[0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03],  # absolute std of noise added to W
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre)
     n_draws=30,  # random draws per robustness level
-    memory_mb=512,  # memory budget of one forward pass in MB (sets how many conditions share it)
+    memory_mb=128,  # memory budget of one forward pass in MB (sets how many conditions share it; larger spills the CPU caches)
+    torch_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
 )
@@ -395,35 +396,80 @@ def score_conditions(outputs, batch, K):
     return n_correct / np.maximum(n_scored, 1), ok.reshape(K, -1).mean(1)
 
 
+def kernel_takes_per_trial_w(net):
+    """Whether the fastest engine runs a per-trial W at full speed. The compiled CPU kernel
+    (mpn_cpp) takes only a W shared by the batch and otherwise falls back to the slower
+    "fast" engine; stacking conditions that change W would then cost more than it saves."""
+    p = next(net.parameters())
+    if p.is_cuda or not hasattr(net, "mp"):
+        return True
+    try:
+        import mpn_cpp
+    except ImportError:
+        return True
+    n_hidden, n_pre = net_shapes(net)
+    x, W = p.new_zeros(2, 1, n_pre), p.new_zeros(2, n_hidden, n_pre)
+    return (mpn_cpp.kernel() is None
+            or mpn_cpp.unsupported(x, W, net.mp.b, net.mp.eta, net.mp.lam) is None)
+
+
 def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
     """Accuracy (n_conditions, n_rules) under both measures. Conditions with the same
     perturbation fields are stacked K at a time (Perturbation.stack) against the test batch
-    of each rule repeated K times, so one forward pass runs K x n_test trials."""
-    import net_helpers
+    of each rule repeated K times, so one forward pass runs K x n_test trials. Conditions
+    that change W run one at a time over all rules at once (W then stays shared by the
+    batch) when the engine's kernel cannot take a per-trial W (kernel_takes_per_trial_w)."""
     n_hidden, n_pre = net_shapes(net)
     C, R = len(conditions), len(tests)
     acc = {"angle": np.full((C, R), np.nan, np.float32), "trial": np.full((C, R), np.nan, np.float32)}
+    alone = not kernel_takes_per_trial_w(net)
     order = sorted(range(C), key=lambda i: _signature(conditions[i]))
     T_max = max(b.inputs.shape[1] for b in tests)
     n_test = tests[0].inputs.shape[0]
     bar = helper.progress(total=C, desc=desc, unit="cond")
     start = 0
     while start < C:
-        sig = _signature(conditions[order[start]])
-        K = max(1, trials_per_pass(conditions[order[start]], n_pre, n_hidden, T_max,
-                                   memory_mb) // n_test)
-        ids = [i for i in order[start:start + K] if _signature(conditions[i]) == sig]
-        stacked = net_helpers.Perturbation.stack(
-            [condition_perturbation(conditions[i], n_pre, n_hidden) for i in ids], n_test)
-        for r, batch in enumerate(tests):
-            tiled = batch.take(np.tile(np.arange(n_test), len(ids)))
-            res = net_helpers.evaluate(net, tiled, perturbation=stacked)
-            angle, trial = score_conditions(res["outputs"], tiled, len(ids))
-            acc["angle"][ids, r], acc["trial"][ids, r] = angle, trial
+        cond = conditions[order[start]]
+        if alone and ("w_zero" in cond or "w_noise" in cond):
+            ids = [order[start]]
+            _run_over_rules(net, tests, cond, acc, ids[0])
+        else:
+            K = max(1, trials_per_pass(cond, n_pre, n_hidden, T_max, memory_mb) // n_test)
+            ids = [i for i in order[start:start + K]
+                   if _signature(conditions[i]) == _signature(cond)]
+            _run_stacked(net, tests, [conditions[i] for i in ids], acc, ids)
         bar.update(len(ids))
         start += len(ids)
     bar.close()
     return acc
+
+
+def _run_stacked(net, tests, conds, acc, ids):
+    """K conditions x n_test copies of each rule's test trials, one forward pass per rule."""
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    n_test = tests[0].inputs.shape[0]
+    stacked = net_helpers.Perturbation.stack(
+        [condition_perturbation(c, n_pre, n_hidden) for c in conds], n_test)
+    for r, batch in enumerate(tests):
+        tiled = batch.take(np.tile(np.arange(n_test), len(conds)))
+        res = net_helpers.evaluate(net, tiled, perturbation=stacked)
+        acc["angle"][ids, r], acc["trial"][ids, r] = score_conditions(
+            res["outputs"], tiled, len(conds))
+
+
+def _run_over_rules(net, tests, cond, acc, cid):
+    """One condition, its perturbation shared by the whole test set (all rules, padded)."""
+    import mpn_tasks
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    batch = mpn_tasks.concat_batches(tests)
+    res = net_helpers.evaluate(net, batch, perturbation=condition_perturbation(cond, n_pre,
+                                                                               n_hidden))
+    for r, batch_r in enumerate(tests):
+        rule = mpn_tasks.RULES[int(batch_r.rule[0])]
+        for measure in acc:
+            acc[measure][cid, r] = res["acc"][measure][rule]
 
 
 # ----------------------------------------------------------------------------------------
@@ -645,16 +691,20 @@ def lesion_run(paths, cfg):
 
 def main(cfg):
     """Lesion every run matching cfg["run"]; returns {aname: lesion dict}."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["torch_threads"] or threads)
     out = {}
-    for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
-        result = lesion_run(paths, cfg)
-        print(f"[{paths.name}] {len(result['conditions'])} conditions in "
-              f"{result['seconds']:.0f} s -> {paths.lesion}")
-        print("  baseline accuracy: trial {:.3f}, angle {:.3f}".format(
-            np.mean(result["baseline"]["trial"]), np.mean(result["baseline"]["angle"])))
-        for eff, family, label, rule in top_effects(result):
-            print(f"  effect {eff:+.3f}  {family:34s} cluster {label:3d}  {rule}")
-        out[paths.name] = result
+    try:
+        for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
+            out[paths.name] = result = lesion_run(paths, cfg)
+            print(f"[{paths.name}] {len(result['conditions'])} conditions in "
+                  f"{result['seconds']:.0f} s -> {paths.lesion}")
+            print("  baseline accuracy: trial {:.3f}, angle {:.3f}".format(
+                np.mean(result["baseline"]["trial"]), np.mean(result["baseline"]["angle"])))
+            for eff, family, label, rule in top_effects(result):
+                print(f"  effect {eff:+.3f}  {family:34s} cluster {label:3d}  {rule}")
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

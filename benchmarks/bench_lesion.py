@@ -4,7 +4,8 @@ Both paths score the same conditions on the same fixed test set (lesion.make_tes
 15 rules, aligned trials) and must give the same accuracies; the script checks that and
 prints the wall time of each and the ratio:
   batched   lesion.evaluate_conditions: K conditions x n_test trial copies of one rule per
-            forward pass (Perturbation.stack), K from the memory budget;
+            forward pass (Perturbation.stack), K from the memory budget (conditions that
+            change W run alone over all rules while the compiled kernel lacks per-trial W);
   serial    one net_helpers.evaluate call per condition on the whole test set (all rules
             in one padded batch: the natural way to run one condition);
   per-rule  one evaluate call per (condition, rule) on that rule's n_test trials.
@@ -96,7 +97,8 @@ def main(argv=None):
     p.add_argument("--test_quantile", type=float, default=lesion.CONFIG["test_quantile"])
     p.add_argument("--memory_mb", type=float, default=lesion.CONFIG["memory_mb"])
     p.add_argument("--engine", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--threads", type=int, default=lesion.CONFIG["torch_threads"],
+                   help="torch threads (0: torch's default)")
     p.add_argument("--skip_per_rule", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
