@@ -1,0 +1,39 @@
+"""run_pipeline.py end to end on a tiny config: every stage runs, a second call skips them all."""
+from pathlib import Path
+
+import pytest
+
+import helper
+import run_pipeline
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+CHEAP = ["--n_analysis=8", "--n_repeats=5", "--n_groups=20", "--n_restarts=2", "--n_random=2",
+         "--n_random_combined=1", "--n_draws=2", "--n_test=8", "--trials_per_rule=8",
+         "--figures=False"]
+
+
+def test_every_stage_runs_then_everything_is_skipped(runs_dir, capsys):
+    paths = run_pipeline.main([TINY, *CHEAP])
+    for attr in ("checkpoint", "log", "variance", "cluster_info", "cluster_info_mod", "lesion",
+                 "state_space"):
+        assert getattr(paths, attr).exists(), attr
+    state = helper.load_json(paths.dir / "pipeline.json")
+    assert [name for name, *_ in run_pipeline.STAGES] == list(state)
+    assert list(paths.figures.glob("lesion_*.png")), "lesion plots are drawn from the pickle"
+    capsys.readouterr()
+    run_pipeline.main([TINY, *CHEAP])
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == len(run_pipeline.STAGES)
+    # a changed lesion setting reruns the lesion stage and nothing upstream of it
+    run_pipeline.main([TINY, *CHEAP[:-1], "--n_draws=3", "--figures=False",
+                       "--stages=train,analyze,lesion"])
+    out = capsys.readouterr().out
+    assert "train: up to date" in out and "analyze: up to date" in out
+    assert "lesion: running" in out
+
+
+def test_unknown_keys_and_stages_are_refused(runs_dir):
+    with pytest.raises(helper.StageError, match="Did you mean n_hidden"):
+        run_pipeline.main([TINY, "--n_hiden=3"])
+    with pytest.raises(helper.StageError, match="unknown stage"):
+        run_pipeline.main([TINY, "--stages=train,dance"])
