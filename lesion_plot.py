@@ -262,7 +262,7 @@ def figure_heatmaps(panels, rules, measure, title, path):
     fig.colorbar(im, ax=axes, shrink=0.6,
                  label=f"normalized effect (control − lesion, {measure} accuracy)")
     fig.suptitle(f"{title}\n(effect = mean of size-matched random controls − lesion; "
-                 f"'u': the unresponsive cluster; grey: no size-matched control, the cluster holds over half the units)")
+                 f"'u': the unresponsive cluster; grey: no size-matched control, the cluster holds over half the units or synapses)")
     return helper.save_figure(fig, path)
 
 
