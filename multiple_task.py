@@ -1,7 +1,7 @@
 """Train one network on a set of cognitive tasks with adaptive rule sampling (SPEC §4).
 
 Reads: nothing, or runs/<aname>/checkpoint.pt when resuming.
-Writes runs/<aname>/ (aname = helper.run_name(config), e.g. everything_dmpn_seed749_L21e4_h300_b128):
+Writes runs/<aname>/ (aname = helper.run_name(cfg), e.g. everything_dmpn_seed749_L21e4_h300_b128):
     config.json                  the resolved configuration
     checkpoint.pt                model + optimiser, scheduler, sampler and RNG states (atomic)
     log.json                     one entry per evaluation: step, wall time, lr, losses, both
@@ -33,7 +33,7 @@ import net_helpers
 
 CONFIG = dict(
     # tasks (SPEC §2)
-    ruleset="everything",  # named rule subset of mpn_tasks.RULESETS ("everything" = all 15 rules, "go" = first 6)
+    ruleset="everything",  # rule subset in mpn_tasks.RULESETS: "everything" (15 rules), "go" (6)
     io_mode="low_dim",  # input/output layout: "low_dim" (21 in, 3 out) or "ring"
     sigma_x=0.0,  # std of the input noise during training and validation (SPEC §2.3)
     # model (SPEC §1; handed to mpn.build_model)
@@ -49,7 +49,7 @@ CONFIG = dict(
     tau_M_ms=4000.0,  # dmpn: time constant of M in ms; lambda = 1 - dt/tau_M_ms
     m_bounds=[-1.0, 1.0],  # dmpn: clip range of M; None disables the clip
     recurrent=False,  # dmpn: add a recurrent weight W_rec h_{t-1}
-    input_layer=True,  # dmpn: trainable embedding x = tanh(W_in u); False feeds u to the plastic layer
+    input_layer=True,  # dmpn: embedding x = tanh(W_in u); False feeds u to the plastic layer
     tau_ms=200.0,  # vanilla: unit time constant in ms (alpha = dt/tau_ms)
     # optimisation (SPEC §4)
     batch_size=128,  # trials per step, all of one rule
@@ -61,7 +61,7 @@ CONFIG = dict(
     lr_patience=30,  # ... after this many evaluations without improvement ...
     lr_min=1e-8,  # ... down to this lr
     max_steps=100000,  # optimiser steps (the paper: 100,000)
-    max_minutes=None,  # stop after this many minutes of training (None: no time limit)
+    max_minutes=None,  # stop after this many training minutes, summed over resumes (None: no cap)
     # rule sampling and validation
     sampling="adaptive",  # "adaptive" (SPEC §4: weak rules drawn more often) or "uniform"
     p_min_frac=0.2,  # floor of a rule's sampling probability, as a fraction of 1/n_rules
@@ -80,7 +80,7 @@ CONFIG = dict(
     runs_dir=None,  # root of the run folders (None: $MPN_RUNS_DIR or runs/)
     figures=True,  # draw the training figures into figures/ at the end
     run_tag="",  # suffix of the run name, to keep variants apart
-    resume=None,  # None: continue a matching run if it has a checkpoint; True: require one; False: new run only
+    resume=None,  # None: continue a matching run with a checkpoint; True: must; False: new run only
 )
 
 # Keys that may change when a run is continued: they do not alter what a step computes.
@@ -195,11 +195,11 @@ def check_run_folder(cfg, paths):
         return False
     old = helper.load_json(paths.config, PRODUCER) if paths.config.exists() \
         else net_helpers.load_checkpoint(paths.checkpoint)["config"]
-    new = normalised(cfg)
+    new, absent = normalised(cfg), "<absent>"
     changed = sorted(k for k in set(old) | set(new)
-                     if k not in RESUMABLE_KEYS and old.get(k, "<absent>") != new.get(k, "<absent>"))
+                     if k not in RESUMABLE_KEYS and old.get(k, absent) != new.get(k, absent))
     if changed:
-        diff = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+        diff = ", ".join(f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
                          for k in changed)
         raise helper.StageError(f"{str(paths.dir)!r} was trained with another config ({diff}); "
                                 f"use the same values to continue it, or pass --run_tag=<name> "
@@ -324,7 +324,7 @@ def log_line(entry, cfg):
             f"trial {entry['mean_trial']:.3f} | worst {worst[0]} {worst[1]:.2f}")
 
 
-def stop_reason(state, cfg, meta):
+def stop_reason(state, cfg):
     if state["step"] >= cfg["max_steps"]:
         return "max_steps"
     if cfg["target_acc"] is not None and state["good_evals"] >= cfg["patience_evals"]:
@@ -338,10 +338,10 @@ def stop_reason(state, cfg, meta):
 # The loop
 
 
-def events(step_state, ctx, bar):
+def events(state, ctx, bar):
     """What happens once `state["step"]` steps are done: snapshot, evaluation, checkpoint."""
-    state, cfg = step_state, ctx["cfg"]
-    step, done = state["step"], stop_reason(state, cfg, ctx["meta"]) is not None
+    cfg = ctx["cfg"]
+    step, done = state["step"], stop_reason(state, cfg) is not None
     if step in cfg["snapshot_steps"]:
         save_snapshot(ctx["paths"], ctx["net"], cfg, step)
     scheduled = step % cfg["eval_every"] == 0
@@ -352,7 +352,7 @@ def events(step_state, ctx, bar):
         helper.save_json(ctx["paths"].log, {"meta": state["meta"], "evals": state["log"]})
         bar.write(log_line(entry, cfg))
         bar.set_postfix(loss=f"{res['loss']:.4f}", acc=f"{res['mean_' + cfg['acc_measure']]:.3f}")
-    state["stop_reason"] = stop_reason(state, cfg, ctx["meta"])
+    state["stop_reason"] = stop_reason(state, cfg)
     if step % cfg["ckpt_every"] == 0 or state["stop_reason"] is not None:
         save_checkpoint(ctx["paths"], ctx["net"], cfg, state, ctx["opt"], ctx["sched"],
                         ctx["sampler"], ctx["rng"])
@@ -360,13 +360,13 @@ def events(step_state, ctx, bar):
 
 def train_loop(ctx, state, fresh):
     """Steps until a stop reason; a NaN/inf loss leaves the last checkpoint untouched."""
-    cfg, meta, rules = ctx["cfg"], ctx["meta"], ctx["meta"]["rules"]
+    cfg, rules = ctx["cfg"], ctx["meta"]["rules"]
     bar = helper.progress(total=cfg["max_steps"], initial=state["step"], unit="step")
     try:
         t0 = time.time() - state["elapsed_s"]
         if fresh:
             events(state, ctx, bar)
-        while stop_reason(state, cfg, meta) is None:
+        while stop_reason(state, cfg) is None:
             rule = rules[ctx["rng"].choice(len(rules), p=ctx["sampler"].p)]
             batch = mpn_tasks.random_batch(rule, cfg["batch_size"], ctx["rng"],
                                            sigma_x=cfg["sigma_x"], io_mode=cfg["io_mode"])
@@ -379,12 +379,13 @@ def train_loop(ctx, state, fresh):
             bar.update(1)
             events(state, ctx, bar)
     except Diverged as err:
-        last = net_helpers.load_checkpoint(ctx["paths"].checkpoint)["step"] \
-            if ctx["paths"].checkpoint.exists() else None
+        kept = (f"the last good checkpoint (step "
+                f"{net_helpers.load_checkpoint(ctx['paths'].checkpoint)['step']}) is kept in "
+                f"{str(ctx['paths'].dir)!r}" if ctx["paths"].checkpoint.exists()
+                else "no checkpoint was written")
         raise helper.StageError(
-            f"training diverged at step {state['step']} ({err}); the last good checkpoint "
-            f"(step {last}) is kept in {str(ctx['paths'].dir)!r}; lower --lr or change the "
-            f"config and retrain under another --run_tag.") from err
+            f"training diverged at step {state['step']} ({err}); {kept}; lower --lr or "
+            f"change the config and retrain under another --run_tag.") from err
     finally:
         bar.close()
     return state
