@@ -135,3 +135,13 @@ def test_failed_write_leaves_the_old_file(tmp_path):
         helper.save_json(target, {"new": object()})
     assert helper.load_json(target) == {"old": True}
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    umask = os.umask(0o022)
+    try:
+        helper.save_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
