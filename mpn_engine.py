@@ -440,6 +440,27 @@ def _run_forward(L, x, record):
     return h, M
 
 
+def _chunk_grads(L, sl, x, r, need, n_in, dx, dW):
+    """Fold one chunk's reverse-pass results into dx / per-trial dW, and return its shared
+    gradient contributions (db, dη, dλ, dW, dW_rec) for summing over chunks."""
+    d, W_c, x_c = r["deltas"], L.W_of(sl), x[sl]
+    if dx is not None:
+        dx[sl] = r["dx"] + (torch.bmm(d, W_c) if L.per_trial_W else d @ W_c)
+    out = dict(db=d.sum((0, 1)), deta=r["deta"], dlam=r["dlam"], dW=None, dW_rec=None)
+    if need["W"] and L.per_trial_W:
+        dW[sl] = torch.bmm(d.transpose(1, 2), x_c)
+        if r["acc"] is not None:
+            dW[sl] += r["acc"]
+    elif need["W"]:
+        out["dW"] = d.reshape(-1, L.n_post).T @ x_c.reshape(-1, L.n_pre)
+        if r["acc"] is not None:
+            out["dW"] += r["acc"].sum(0)
+    if n_in[5] and L.T > 1:
+        out["dW_rec"] = (d[:, 1:].reshape(-1, L.n_post).T
+                         @ r["hs"][:, :-1].reshape(-1, L.n_post))
+    return out
+
+
 class _PlasticSequence(torch.autograd.Function):
     """The whole plastic sequence as one autograd node; saves only its inputs."""
 
@@ -471,28 +492,15 @@ class _PlasticSequence(torch.autograd.Function):
         dW = torch.zeros_like(W) if (need["W"] and L.per_trial_W) else None
 
         def one(sl):
+            # r["acc"] is a view of this worker's buffer: consume it before handing the
+            # buffer to the next chunk
             buf = free.get()
             try:
                 r = _backward_chunk(L, sl, x[sl], None if gh is None else gh[sl],
                                     None if gM is None else gM[sl], buf, need)
+                return _chunk_grads(L, sl, x, r, need, n_in, dx, dW)
             finally:
                 free.put(buf)
-            d, W_c, x_c = r["deltas"], L.W_of(sl), x[sl]
-            if dx is not None:
-                dx[sl] = r["dx"] + (torch.bmm(d, W_c) if L.per_trial_W else d @ W_c)
-            out = dict(db=d.sum((0, 1)), deta=r["deta"], dlam=r["dlam"], dW=None, dW_rec=None)
-            if need["W"] and L.per_trial_W:
-                dW[sl] = torch.bmm(d.transpose(1, 2), x_c)
-                if r["acc"] is not None:
-                    dW[sl] += r["acc"]
-            elif need["W"]:
-                out["dW"] = d.reshape(-1, L.n_post).T @ x_c.reshape(-1, L.n_pre)
-                if r["acc"] is not None:
-                    out["dW"] += r["acc"].sum(0)
-            if n_in[5] and L.T > 1:
-                out["dW_rec"] = (d[:, 1:].reshape(-1, L.n_post).T
-                                 @ r["hs"][:, :-1].reshape(-1, L.n_post))
-            return out
 
         parts = _map_chunks(one, L.chunks(), not x.is_cuda)
         total = {k: None if parts[0][k] is None else sum(p[k] for p in parts)
