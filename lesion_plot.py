@@ -388,32 +388,30 @@ def figure_zero_vs_freeze(result, measure, path):
     return helper.save_figure(fig, path)
 
 
-def figure_size_vs_effect(result, measure, path):
+def _units_and_synapses(result, measure, path, size, draw):
+    """One panel for unit clusters and one for synapse clusters; draw(ax, families, title)."""
     units, syn = _split_families(result, measure)
     if not units and not syn:
         return None
-    fig, axes = _new_figure(1, 2, 5.0, 3.8)
+    fig, axes = _new_figure(1, 2, *size)
     for ax, fams, title in ((axes[0, 0], units, "Unit clusters"),
                             (axes[0, 1], syn, "Synapse clusters")):
         if fams:
-            plot_size_vs_effect(ax, fams, measure, f"{title}: size vs effect")
+            draw(ax, fams, title)
         else:
             _empty(ax, f"{title}: not run")
     return helper.save_figure(fig, path)
+
+
+def figure_size_vs_effect(result, measure, path):
+    return _units_and_synapses(result, measure, path, (5.0, 3.8), lambda ax, fams, title:
+                               plot_size_vs_effect(ax, fams, measure, f"{title}: size vs effect"))
 
 
 def figure_tuning_vs_effect(result, measure, path):
-    units, syn = _split_families(result, measure)
-    if not units and not syn:
-        return None
-    fig, axes = _new_figure(1, 2, 5.5, 4.2)
-    for ax, fams, title in ((axes[0, 0], units, "Unit clusters"),
-                            (axes[0, 1], syn, "Synapse clusters")):
-        if fams:
-            plot_tuning_vs_effect(ax, fams, f"{title}: pairs of clusters ({measure} acc.)")
-        else:
-            _empty(ax, f"{title}: not run")
-    return helper.save_figure(fig, path)
+    return _units_and_synapses(result, measure, path, (5.5, 4.2), lambda ax, fams, title:
+                               plot_tuning_vs_effect(ax, fams,
+                                                     f"{title}: pairs of clusters ({measure} acc.)"))
 
 
 def figure_pruning(result, path):
