@@ -2,6 +2,7 @@
 one-at-a-time evaluation, random controls, limiting cases of every perturbation, and both
 scripts end to end on a tiny trained and clustered run."""
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -332,7 +333,10 @@ def test_missing_or_stale_clusters_name_the_clustering_command(trained_root, run
     with pytest.raises(helper.StageError, match=f"another task_variance.h5; rerun `python "
                        f"clustering.py --run={paths.name}"):
         lesion.main(cfg)
-    paths.checkpoint.touch()  # a checkpoint newer than its clustering
+    # a checkpoint newer than its clustering (set explicitly: touch() right after a write can
+    # give equal mtimes on file systems with coarse timestamps)
+    later = paths.cluster_info.stat().st_mtime + 10
+    os.utime(paths.checkpoint, (later, later))
     with pytest.raises(helper.StageError, match=f"older than the checkpoint.*clustering.py "
                        f"--run={paths.name}"):
         lesion.main(cfg)
