@@ -18,9 +18,13 @@ Experiments (select them with --experiments):
               weight ‖W‖_F/√(N·N_pre)), `n_draws` draws per level.
 
 Every condition is data (a net_helpers.Perturbation), never an edit of the stored weights.
-Identical conditions are evaluated once. Conditions run batched: K conditions x n_test trial
-copies of one rule form one forward pass (W_eff is per trial anyway), K chosen from the
-memory budget. One seeded test set per run (mpn_tasks.aligned_batch per rule, seeded from the
+Identical conditions are evaluated once. Conditions run batched and share work: in a dmpn
+without recurrence each hidden unit runs independently of the others given x, so one base
+run per input-lesion set serves every condition with that set, silenced units cost nothing,
+and only the rows a condition's W / M perturbation touches run again, stacked over many
+conditions into one virtual layer (evaluate_by_rows). Other networks stack K conditions x
+n_test trial copies per forward pass (evaluate_stacked). Both are tested equal to evaluating
+each condition on its own. One seeded test set per run (mpn_tasks.aligned_batch per rule, seeded from the
 run seed) serves every condition; per condition and rule both accuracy measures are saved.
 
 Reads:  runs/<aname>/checkpoint.pt, cluster_info.pkl, cluster_info_mod.pkl
@@ -414,19 +418,33 @@ def kernel_takes_per_trial_w(net):
 
 
 def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
-    """Accuracy (n_conditions, n_rules) under both measures. Conditions with the same
-    perturbation fields are stacked K at a time (Perturbation.stack) against the test batch
-    of each rule repeated K times, so one forward pass runs K x n_test trials. Conditions
-    that change W run one at a time over all rules at once (W then stays shared by the
-    batch) when the engine's kernel cannot take a per-trial W (kernel_takes_per_trial_w)."""
-    n_hidden, n_pre = net_shapes(net)
+    """Accuracy (n_conditions, n_rules) under both measures, every condition equal to its own
+    forward pass. A dmpn whose hidden units run independently of each other
+    (rows_independent) shares work between conditions (evaluate_by_rows); other networks
+    stack conditions K at a time (evaluate_stacked)."""
     C, R = len(conditions), len(tests)
     acc = {"angle": np.full((C, R), np.nan, np.float32), "trial": np.full((C, R), np.nan, np.float32)}
+    bar = helper.progress(total=C, desc=desc, unit="cond")
+    if rows_independent(net):
+        evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar)
+    else:
+        evaluate_stacked(net, tests, conditions, memory_mb, acc, bar)
+    bar.close()
+    return acc
+
+
+def evaluate_stacked(net, tests, conditions, memory_mb, acc, bar):
+    """Conditions with the same perturbation fields are stacked K at a time
+    (Perturbation.stack) against the test batch of each rule repeated K times, so one forward
+    pass runs K x n_test trials. Conditions that change W run one at a time over all rules at
+    once (W then stays shared by the batch) when the engine's kernel cannot take a per-trial
+    W (kernel_takes_per_trial_w)."""
+    n_hidden, n_pre = net_shapes(net)
+    C = len(conditions)
     alone = not kernel_takes_per_trial_w(net)
     order = sorted(range(C), key=lambda i: _signature(conditions[i]))
     T_max = max(b.inputs.shape[1] for b in tests)
     n_test = tests[0].inputs.shape[0]
-    bar = helper.progress(total=C, desc=desc, unit="cond")
     start = 0
     while start < C:
         cond = conditions[order[start]]
@@ -440,8 +458,6 @@ def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
             _run_stacked(net, tests, [conditions[i] for i in ids], acc, ids)
         bar.update(len(ids))
         start += len(ids)
-    bar.close()
-    return acc
 
 
 def _run_stacked(net, tests, conds, acc, ids):
@@ -470,6 +486,190 @@ def _run_over_rules(net, tests, cond, acc, cid):
         rule = mpn_tasks.RULES[int(batch_r.rule[0])]
         for measure in acc:
             acc[measure][cid, r] = res["acc"][measure][rule]
+
+
+# ----------------------------------------------------------------------------------------
+# Sharing work between conditions: a dmpn's hidden units are independent given x
+#
+# Without recurrence, x_t = tanh(W_in u_t) does not depend on h, and hidden unit i reads only
+# its own row of W, b, η, λ and M: h_t[i] = tanh(Σ_j W_ij (1 + M_ij) x_t[j] + b_i) and
+# M_t[i, :] = clip(λ M[i, :] + η h_t[i] x_tᵀ). So a condition changes only
+#   - every unit, when it lesions input units (x changes): one "base" run per input set;
+#   - the units it silences: their h is 0, nothing to compute;
+#   - the rows its w_zero / m_freeze / w_noise touch: only those rows are run again.
+# Every other unit keeps its trajectory from the base run of the condition's input set. The
+# rows that must run again, over all conditions of a chunk, form one "virtual" plastic layer
+# of stacked rows that shares x and W across trials, so the compiled kernel runs it as one
+# call. The outputs are then y = W_out h exactly as the forward pass computes them.
+
+
+def rows_independent(net):
+    """Whether each hidden unit runs independently of the others given the plastic layer's
+    input: a dmpn without W_rec, with the Hebbian update η h_i x_j (under hebb_pre the update
+    constant 1/√N_post depends on how many rows run together)."""
+    return (hasattr(net, "mp") and getattr(net.mp, "W_rec", None) is None
+            and net.mp.m_update == "hebb_assoc")
+
+
+def touched_rows(cond, n_pre, n_hidden):
+    """Sorted hidden units whose own row a condition changes (W, noise or frozen M), minus
+    the units it silences."""
+    if "w_noise" in cond:
+        rows = np.arange(n_hidden)
+    else:
+        rows = np.unique(np.concatenate(
+            [unpack_indices(cond[f]) // n_pre for f in ("w_zero", "m_freeze") if f in cond]
+            + [np.zeros(0, np.int64)]))
+    if "hid_units" in cond:
+        rows = np.setdiff1d(rows, unpack_indices(cond["hid_units"]))
+    return rows
+
+
+def _row_coef(value, rows):
+    """η or λ for a stack of rows: a per-row (post_vector, matrix) coefficient is indexed."""
+    return value[rows] if value.dim() == 2 and value.shape[0] > 1 else value
+
+
+def virtual_layer(net, conds, rows_of):
+    """(W, b, eta, lam, m_freeze) of the stacked touched rows of several conditions: the rows
+    of condition k follow those of condition k - 1, each with its own W mask and noise."""
+    n_hidden, n_pre = net_shapes(net)
+    mp = net.mp
+    Ws, freeze, index = [], [], []
+    for cond, rows in zip(conds, rows_of):
+        pert = condition_perturbation(cond, n_pre, n_hidden).to(mp.W.device, mp.W.dtype)
+        W = mp.W.detach()
+        if pert.w_mask is not None:
+            W = W * pert.w_mask
+        if pert.w_noise is not None:
+            W = W + pert.w_noise
+        rows_t = torch.from_numpy(rows).to(mp.W.device)
+        Ws.append(W[rows_t])
+        freeze.append(None if pert.m_freeze is None else pert.m_freeze[rows_t])
+        index.append(rows_t)
+    index = torch.cat(index)
+    m_freeze = None
+    if any(f is not None for f in freeze):
+        m_freeze = torch.cat([torch.zeros_like(W_k) if f is None else f
+                              for f, W_k in zip(freeze, Ws)])
+    return (torch.cat(Ws), mp.b.detach()[index], _row_coef(mp.eta.detach(), index),
+            _row_coef(mp.lam.detach(), index), m_freeze)
+
+
+def _hidden_keep(conds, n_hidden, device, dtype):
+    """(K, N) masks: 0 on the units each condition silences."""
+    keep = torch.ones(len(conds), n_hidden, device=device, dtype=dtype)
+    for k, cond in enumerate(conds):
+        if "hid_units" in cond:
+            keep[k, torch.from_numpy(unpack_indices(cond["hid_units"])).to(device)] = 0.0
+    return keep
+
+
+@torch.no_grad()
+def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
+    """Conditions grouped by their input-unit set: one base forward pass per set (several
+    sets stacked per pass, their recorded x and h kept for every rule), then per chunk of the
+    group's conditions one virtual-layer pass over the touched rows, and the outputs."""
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    p0 = net.W_out
+    n_test = tests[0].inputs.shape[0]
+    groups = {}
+    for i, cond in enumerate(conditions):
+        key = unpack_indices(cond["in_units"]).tobytes() if "in_units" in cond else b""
+        groups.setdefault(key, []).append(i)
+    groups = list(groups.values())
+    sum_T = sum(b.inputs.shape[1] for b in tests)
+    T_max = max(b.inputs.shape[1] for b in tests)
+    per_group = 4 * n_test * sum_T * (n_hidden + n_pre)  # bytes of one set's kept x and h
+    G = max(1, min(int(memory_mb * 2**20 // (2 * per_group)),
+                   trials_per_pass({}, n_pre, n_hidden, T_max, memory_mb) // n_test))
+    torch_tests = [net_helpers.batch_to_torch(b, p0.device, p0.dtype)["inputs"] for b in tests]
+    tiled = {}
+    for start in range(0, len(groups), G):
+        chunk = groups[start:start + G]
+        bases = _base_runs(net, torch_tests, [conditions[ids[0]] for ids in chunk], n_test)
+        for g, ids in enumerate(chunk):
+            xs, hs = [x[g] for x, _ in bases], [h[g] for _, h in bases]
+            for part in _condition_chunks(ids, conditions, n_pre, n_hidden, n_test, T_max,
+                                          memory_mb):
+                conds = [conditions[i] for i in part]
+                ys = _chunk_outputs(net, xs, hs, conds, n_pre, n_hidden)
+                K = len(conds)
+                for r, (batch, y) in enumerate(zip(tests, ys)):
+                    if (K, r) not in tiled:
+                        tiled[K, r] = batch.take(np.tile(np.arange(n_test), K))
+                    acc["angle"][part, r], acc["trial"][part, r] = score_conditions(
+                        y.reshape(K * n_test, *y.shape[2:]).float().cpu().numpy(),
+                        tiled[K, r], K)
+                bar.update(len(part))
+
+
+def _base_runs(net, torch_tests, firsts, n_test):
+    """Per rule, the recorded x and h (n_sets, n_test, T, N) of the network with only each
+    set's input lesion (the first condition of each group carries the group's in_units)."""
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    perts = [condition_perturbation({"in_units": c["in_units"]} if "in_units" in c else {},
+                                    n_pre, n_hidden) for c in firsts]
+    stacked = net_helpers.Perturbation.stack(perts, n_test)
+    stacked = stacked if stacked.items() else None
+    out = []
+    for inputs in torch_tests:
+        res = net(inputs.repeat(len(firsts), 1, 1), perturbation=stacked, record=("x",))
+        shape = (len(firsts), n_test, inputs.shape[1])
+        out.append((res["x"].reshape(*shape, -1), res["h"].reshape(*shape, -1)))
+    return out
+
+
+def _condition_chunks(ids, conditions, n_pre, n_hidden, n_test, T_max, memory_mb):
+    """Consecutive runs of a group's condition ids whose assembled outputs and touched rows
+    fit the memory budget together."""
+    per_cond = 4 * n_test * T_max * (n_hidden + 3)  # assembled h and y of one condition
+    per_row = 4 * n_test * (4 * n_pre + T_max)  # M, W_eff and update, and h, of one row
+    budget = memory_mb * 2**20
+    part, used = [], 0
+    for i in ids:
+        cost = per_cond + per_row * touched_rows(conditions[i], n_pre, n_hidden).size
+        if part and used + cost > budget:
+            yield part
+            part, used = [], 0
+        part.append(i)
+        used += cost
+    if part:
+        yield part
+
+
+def _chunk_outputs(net, xs, hs, conds, n_pre, n_hidden):
+    """Per rule, outputs (K, n_test, T, 3) of K conditions sharing one input set, from its
+    base x and h and one virtual-layer pass over the rows the conditions touch."""
+    mp = net.mp
+    rows_of = [touched_rows(c, n_pre, n_hidden) for c in conds]
+    layer = virtual_layer(net, conds, rows_of) if sum(r.size for r in rows_of) else None
+    keep = _hidden_keep(conds, n_hidden, hs[0].device, hs[0].dtype)
+    starts = np.cumsum([0] + [r.size for r in rows_of])
+    W_out = net.W_out.detach()
+    ys = []
+    for x, h_base in zip(xs, hs):
+        h = h_base.unsqueeze(0) * keep[:, None, None, :]
+        if layer is not None:
+            W, b, eta, lam, m_freeze = layer
+            h_rows, _ = mpn_engine_forward(mp, x, W, b, eta, lam, m_freeze)
+            for k, rows in enumerate(rows_of):
+                if rows.size:
+                    h[k][..., torch.from_numpy(rows).to(h.device)] = \
+                        h_rows[..., starts[k]:starts[k + 1]]
+        ys.append(h @ W_out.T)
+    return ys
+
+
+def mpn_engine_forward(mp, x, W, b, eta, lam, m_freeze):
+    """The plastic layer's own engine and options on a virtual layer."""
+    import mpn
+    import mpn_engine
+    return mpn_engine.plastic_forward(
+        x, W, b, eta, lam, mp_type=mp.mp_type, m_update=mp.m_update, m_bounds=mp.m_bounds,
+        m_freeze=m_freeze, engine=mpn.resolve_engine(mp.engine))
 
 
 # ----------------------------------------------------------------------------------------

@@ -122,6 +122,92 @@ def test_every_hidden_unit_lesioned_fails_every_go_trial(net, tests):
 
 
 # ----------------------------------------------------------------------------------------
+# Sharing work between conditions (lesion.evaluate_by_rows)
+
+
+def conditions_for(net, rng):
+    """Conditions of every kind for a network of any shape, several sharing an input set."""
+    n_hidden, n_pre = lesion.net_shapes(net)
+    n_syn = n_hidden * n_pre
+    t = table_for(n_hidden, n_pre)
+    shared_in = rng.choice(n_pre, 2, replace=False)
+    specs = [{"in_units": shared_in}, {"in_units": shared_in, "hid_units": [0, 5]},
+             {"in_units": shared_in, "w_zero": rng.choice(n_syn, 20, replace=False)},
+             {"in_units": rng.choice(n_pre, 3, replace=False)},
+             {"hid_units": rng.choice(n_hidden, 4, replace=False)},
+             {"hid_units": np.arange(n_hidden)},
+             {"w_zero": np.arange(n_pre, 3 * n_pre)},  # exactly rows 1 and 2
+             {"w_zero": rng.choice(n_syn, 30, replace=False), "hid_units": [1, 2, 3]},
+             {"m_freeze": rng.choice(n_syn, 40, replace=False)},
+             {"m_freeze": np.arange(n_syn)},
+             {"w_noise": {"seed": [2, 0], "sigma": 0.3}},
+             {"w_noise": {"seed": [2, 1], "sigma": 0.3}, "hid_units": [4]}]
+    for s in specs:
+        t.add(s)
+    return t.conditions
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"mp_type": "add"}, {"eta_type": "post_vector", "lam_type": "matrix"},
+    {"eta_type": "matrix", "lam_type": "pre_vector", "m_bounds": None},
+    {"input_layer": False}])
+def test_shared_rows_give_every_condition_its_own_forward_pass(tests, options):
+    """A condition's outputs from its input set's base run, silenced units and a virtual
+    layer of the rows it touches equal the full forward pass with its perturbation."""
+    net = mpn.build_model("dmpn", n_hidden=N_HIDDEN, seed=4, **options).eval()
+    with torch.no_grad():  # distinct per-row coefficients, so a wrong row would show
+        gen = torch.Generator().manual_seed(0)
+        for p in (net.mp.eta, net.mp.lam):
+            p.copy_(p * (0.9 + 0.1 * torch.rand(p.shape, generator=gen)))
+    assert lesion.rows_independent(net)
+    n_hidden, n_pre = lesion.net_shapes(net)
+    conditions = conditions_for(net, np.random.default_rng(2))
+    inputs = net_helpers.batch_to_torch(tests[1])["inputs"]
+    n = inputs.shape[0]
+    with torch.no_grad():
+        for cond in conditions:
+            (x, h), = lesion._base_runs(net, [inputs], [cond], n)
+            (y,) = lesion._chunk_outputs(net, [x[0]], [h[0]], [cond], n_pre, n_hidden)
+            pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
+            torch.testing.assert_close(y[0], net(inputs, perturbation=pert)["y"],
+                                       rtol=1e-5, atol=1e-6, msg=str(cond.keys()))
+        # and all of them in one chunk, sharing the intact network's base run
+        plain = [c for c in conditions if "in_units" not in c]
+        (x, h), = lesion._base_runs(net, [inputs], [{}], n)
+        (ys,) = lesion._chunk_outputs(net, [x[0]], [h[0]], plain, n_pre, n_hidden)
+        for cond, y in zip(plain, ys):
+            pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
+            torch.testing.assert_close(y, net(inputs, perturbation=pert)["y"],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_touched_rows_are_the_rows_a_condition_changes():
+    n_hidden, n_pre = 5, 3
+    assert lesion.touched_rows({}, n_pre, n_hidden).size == 0
+    cond = {"w_zero": lesion.pack_indices([0, 1, 7], n_hidden * n_pre),
+            "m_freeze": lesion.pack_indices([14], n_hidden * n_pre)}
+    np.testing.assert_array_equal(lesion.touched_rows(cond, n_pre, n_hidden), [0, 2, 4])
+    cond["hid_units"] = lesion.pack_indices([2, 3], n_hidden)
+    np.testing.assert_array_equal(lesion.touched_rows(cond, n_pre, n_hidden), [0, 4])
+    noisy = {"w_noise": {"seed": [1], "sigma": 0.1}}
+    np.testing.assert_array_equal(lesion.touched_rows(noisy, n_pre, n_hidden), np.arange(5))
+
+
+@pytest.mark.parametrize("options", [{"recurrent": True}, {"m_update": "hebb_pre"}])
+def test_coupled_units_run_stacked_and_still_equal_one_at_a_time(tests, options):
+    """With W_rec (units coupled) or hebb_pre (the update constant depends on N_post) rows
+    cannot be shared: conditions are stacked instead, with the same results."""
+    net = mpn.build_model("dmpn", n_hidden=N_HIDDEN, seed=3, **options).eval()
+    assert not lesion.rows_independent(net)
+    conditions = conditions_for(net, np.random.default_rng(3))
+    acc = lesion.evaluate_conditions(net, tests, conditions, memory_mb=64)
+    for i, cond in enumerate(conditions):
+        ser = serial_accuracy(net, tests, cond)
+        for m in ("angle", "trial"):
+            np.testing.assert_allclose(acc[m][i], ser[m], atol=1e-6, err_msg=f"{m} {cond}")
+
+
+# ----------------------------------------------------------------------------------------
 # Limiting cases of the perturbations
 
 
