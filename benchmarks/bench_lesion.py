@@ -3,20 +3,26 @@
 Both paths score the same conditions on the same fixed test set (lesion.make_test_set: all
 15 rules, aligned trials) and must give the same accuracies; the script checks that and
 prints the wall time of each and the ratio:
-  batched   lesion.evaluate_conditions: K conditions x n_test trial copies of one rule per
-            forward pass (Perturbation.stack), K from the memory budget (conditions that
-            change W run alone over all rules while the compiled kernel lacks per-trial W);
+  batched   lesion.evaluate_conditions: for a dmpn, one base run per input-lesion set, the
+            silenced units zeroed, and only the rows a condition's W / M perturbation
+            touches run again, stacked over conditions into one virtual layer
+            (lesion.evaluate_by_rows); other networks stack K conditions per forward pass;
   serial    one net_helpers.evaluate call per condition on the whole test set (all rules
             in one padded batch: the natural way to run one condition);
   per-rule  one evaluate call per (condition, rule) on that rule's n_test trials.
-It also prints the projected time of the default lesion suite at this N.
+It also prints the work ceiling: plastic-layer row-steps of the serial path over those of the
+batched path, the speed-up a machine bound by arithmetic can reach.
 
-Reads a run's checkpoint with --run (else builds an untrained dmpn: speed does not depend
-on the weights); writes nothing. Timings on a shared machine are indicative only.
+With --run the conditions are that run's default lesion suite (lesion.build_conditions from
+its cluster pickles); the batched path runs all of them, the serial paths a random sample of
+--n_serial (each serial condition costs the same full forward pass, so the sample's mean
+time per condition, times the suite's size, is the serial suite time). Without --run: an
+untrained dmpn of --n_hidden and --n_conditions conditions mixed in the suite's proportions,
+every path over all of them. Writes nothing. Timings on a shared machine are indicative only.
 
 Example:
     python benchmarks/bench_lesion.py --n_hidden=64 --n_conditions=120
-    python benchmarks/bench_lesion.py --run=everything_dmpn_seed749_L21e4_h64_b64
+    python benchmarks/bench_lesion.py --run=everything_dmpn_seed749_L21e4_h64_b32
 """
 import argparse
 import sys
@@ -35,12 +41,36 @@ import net_helpers  # noqa: E402
 
 
 def load_net(args):
+    """(net, training config); an untrained dmpn of --n_hidden without --run."""
     if args.run:
         cfg = dict(lesion.CONFIG, device="cpu", engine=args.engine)
         net, train_cfg, _ = lesion.load_network(helper.run_paths(args.run, args.runs_dir), cfg)
-        return net, int(train_cfg["seed"])
+        return net, train_cfg
     net = mpn.build_model("dmpn", n_hidden=args.n_hidden, seed=0, engine=args.engine)
-    return net.eval(), 0
+    return net.eval(), {"seed": 0, "rules": list(mpn_tasks.RULES)}
+
+
+def suite_conditions(args, net, train_cfg):
+    """The run's default lesion suite, as lesion.py builds it."""
+    paths = helper.run_paths(args.run, args.runs_dir)
+    cfg = dict(lesion.CONFIG)
+    ci, ci_mod, variance = lesion.load_clusters(paths, cfg["experiments"])
+    table, _ = lesion.build_conditions(cfg, net, ci, ci_mod, variance, int(train_cfg["seed"]))
+    return table.conditions
+
+
+def work_ceiling(net, conditions):
+    """Plastic-layer rows run by the serial path (every unit of every condition) over those
+    of the batched path (every unit once per input-lesion set, plus each condition's touched
+    rows): the speed-up at best when arithmetic bounds the time."""
+    if not lesion.rows_independent(net):
+        return 1.0
+    n_hidden, n_pre = lesion.net_shapes(net)
+    in_sets = {lesion.unpack_indices(c["in_units"]).tobytes() if "in_units" in c else b""
+               for c in conditions}
+    rows = len(in_sets) * n_hidden + sum(lesion.touched_rows(c, n_pre, n_hidden).size
+                                         for c in conditions)
+    return len(conditions) * n_hidden / rows
 
 
 def mixed_conditions(net, n, rng):
@@ -72,9 +102,9 @@ def run_serial(net, tests, rules, conditions, per_rule):
            "trial": np.zeros((len(conditions), len(rules)))}
     for i, cond in enumerate(conditions):
         pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
-        parts = [(b, net_helpers.evaluate(net, b, perturbation=pert)) for b in tests] \
-            if per_rule else [(whole, net_helpers.evaluate(net, whole, perturbation=pert))]
-        for _, res in parts:
+        parts = [net_helpers.evaluate(net, b, perturbation=pert) for b in tests] \
+            if per_rule else [net_helpers.evaluate(net, whole, perturbation=pert)]
+        for res in parts:
             for m in acc:
                 for rule, a in res["acc"][m].items():
                     acc[m][i, rules.index(rule)] = a
@@ -89,10 +119,11 @@ def timed(fn, *args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", default="", help="run name (else an untrained dmpn)")
+    p.add_argument("--run", default="", help="run name: its default suite (else an untrained dmpn)")
     p.add_argument("--runs_dir", default=None)
     p.add_argument("--n_hidden", type=int, default=64)
-    p.add_argument("--n_conditions", type=int, default=120)
+    p.add_argument("--n_conditions", type=int, default=120, help="without --run")
+    p.add_argument("--n_serial", type=int, default=150, help="with --run: serial sample size")
     p.add_argument("--n_test", type=int, default=lesion.CONFIG["n_test"])
     p.add_argument("--test_quantile", type=float, default=lesion.CONFIG["test_quantile"])
     p.add_argument("--memory_mb", type=float, default=lesion.CONFIG["memory_mb"])
@@ -103,33 +134,41 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    net, seed = load_net(args)
-    rules = list(mpn_tasks.RULES)
+    net, train_cfg = load_net(args)
+    rules = lesion.run_rules(train_cfg)
     cfg = dict(lesion.CONFIG, n_test=args.n_test, test_quantile=args.test_quantile)
-    tests = lesion.make_test_set(rules, cfg, seed, "low_dim")
-    conditions = mixed_conditions(net, args.n_conditions, np.random.default_rng(0))
+    tests = lesion.make_test_set(rules, cfg, int(train_cfg["seed"]), "low_dim")
+    if args.run:
+        conditions = suite_conditions(args, net, train_cfg)
+        sample = np.sort(np.random.default_rng(0).choice(
+            len(conditions), min(args.n_serial, len(conditions)), replace=False))
+    else:
+        conditions = mixed_conditions(net, args.n_conditions, np.random.default_rng(0))
+        sample = np.arange(len(conditions))
     n_hidden, n_pre = lesion.net_shapes(net)
     steps = [b.inputs.shape[1] for b in tests]
-    print(f"dmpn N={n_hidden} (N_pre={n_pre}), engine {args.engine}, {torch.get_num_threads()} "
-          f"threads; {len(conditions)} conditions x {len(rules)} rules x {args.n_test} trials; "
-          f"T = {min(steps)}..{max(steps)} steps (mean {np.mean(steps):.0f})")
+    print(f"{net.net_type} N={n_hidden} (N_pre={n_pre}), engine {args.engine}, "
+          f"{torch.get_num_threads()} threads; {len(conditions)} conditions x {len(rules)} rules "
+          f"x {args.n_test} trials; T = {min(steps)}..{max(steps)} steps (mean {np.mean(steps):.0f})")
     with torch.no_grad():
         t_batch, acc_b = timed(lesion.evaluate_conditions, net, tests, conditions, args.memory_mb)
-        t_serial, acc_s = timed(run_serial, net, tests, rules, conditions, False)
-        rows = [("batched", t_batch), ("serial (whole test set per call)", t_serial)]
+        subset = [conditions[i] for i in sample]
+        paths = [("serial (whole test set per call)", False)]
         if not args.skip_per_rule:
-            t_rule, acc_r = timed(run_serial, net, tests, rules, conditions, True)
-            rows.append(("serial (one rule per call)", t_rule))
-            np.testing.assert_allclose(acc_b["angle"], acc_r["angle"], atol=1e-6)
-    for m in ("angle", "trial"):
-        np.testing.assert_allclose(acc_b[m], acc_s[m], atol=1e-6)
-    print("accuracies identical across paths")
+            paths.append(("serial (one rule per call)", True))
+        rows = [("batched", t_batch)]
+        for name, per_rule in paths:
+            t, acc_s = timed(run_serial, net, tests, rules, subset, per_rule)
+            for m in ("angle", "trial"):
+                np.testing.assert_allclose(acc_b[m][sample], acc_s[m], atol=1e-6)
+            rows.append((name, t * len(conditions) / len(sample)))
+    print(f"accuracies identical across paths ({len(sample)} conditions compared)")
+    if len(sample) < len(conditions):
+        print(f"serial times: {len(sample)} random conditions timed, scaled to all {len(conditions)}")
     for name, t in rows:
-        print(f"  {name:34s} {t:8.2f} s  {1e3 * t / len(conditions):8.1f} ms/condition  "
+        print(f"  {name:34s} {t:8.1f} s  {1e3 * t / len(conditions):8.1f} ms/condition  "
               f"x{t / t_batch:5.2f} vs batched")
-    per_cond = t_batch / len(conditions)
-    print(f"projection: the default suite runs ~{600 / per_cond:.0f} distinct conditions in "
-          f"10 minutes at this N ({1e3 * per_cond:.0f} ms per condition)")
+    print(f"work ceiling (serial / batched plastic-layer rows): x{work_ceiling(net, conditions):.2f}")
 
 
 if __name__ == "__main__":
