@@ -3,7 +3,10 @@ lesion plots -> state space, for one seed or several.
 
 Reads: config files (`configs/*.py`) and `--key=value` overrides. Each key is handed to every
 stage whose CONFIG has it (e.g. --n_hidden goes to training, --n_test to the lesion stage,
---device to all); a key that no stage knows is an error.
+--device to all); a key that no stage knows is an error. `--<stage>.<key>=value` goes to that
+stage alone, for the keys several stages share (sigma_x: training and lesion test noise;
+acc_measure: training's rule sampling and lesion_plot's measure; fixed_k, engine, ...), e.g.
+--lesion.sigma_x=0.1 or --train.acc_measure='angle'.
 Writes: everything each stage writes under runs/<aname>/, plus runs/<aname>/pipeline.json
 (which stages ran, with which config, how long); with several seeds, the multi-seed summary
 under runs/summary/.
@@ -59,7 +62,17 @@ def split_overrides(argv, defaults_by_stage):
             merged[key] = text if key == "seeds" else (helper._parse_value(text) if sep else True)
         else:
             merged.update(helper._read_config_file(arg))
-    for key, value in merged.items():
+    # stage-specific keys last, so that they win over a shared key in any order
+    for key, value in sorted(merged.items(), key=lambda kv: "." in kv[0]):
+        stage, dot, bare = key.rpartition(".")
+        if dot:
+            if stage not in defaults_by_stage:
+                raise helper.StageError(f"unknown stage {stage!r} in --{key}; choose from "
+                                        f"{sorted(defaults_by_stage)}.")
+            if bare not in defaults_by_stage[stage]:
+                raise helper._unknown_key(bare, set(defaults_by_stage[stage]))
+            per_stage[stage][bare] = value
+            continue
         owners = [name for name, defaults in defaults_by_stage.items() if key in defaults]
         if key in CONFIG:
             pipeline_cfg = helper.apply_overrides(pipeline_cfg, {key: value}, echo=False)

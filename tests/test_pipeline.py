@@ -37,3 +37,19 @@ def test_unknown_keys_and_stages_are_refused(runs_dir):
         run_pipeline.main([TINY, "--n_hiden=3"])
     with pytest.raises(helper.StageError, match="unknown stage"):
         run_pipeline.main([TINY, "--stages=train,dance"])
+
+
+def test_stage_prefixed_keys_go_to_that_stage_alone():
+    defaults = run_pipeline.stage_defaults()
+    _, per_stage = run_pipeline.split_overrides(
+        ["--lesion.sigma_x=0.1", "--sigma_x=0.05", "--train.acc_measure='angle'"], defaults)
+    assert per_stage["lesion"]["sigma_x"] == 0.1  # the stage's own key wins, in any order
+    assert per_stage["train"]["sigma_x"] == 0.05
+    assert per_stage["train"]["acc_measure"] == "angle"
+    assert "acc_measure" not in per_stage["lesion_plot"]
+    with pytest.raises(helper.StageError, match="unknown stage 'lesions'"):
+        run_pipeline.split_overrides(["--lesions.n_test=8"], defaults)
+    with pytest.raises(helper.StageError, match="Did you mean n_test"):
+        run_pipeline.split_overrides(["--lesion.n_tset=8"], defaults)
+    with pytest.raises(helper.StageError, match="unknown config key 'n_hidden'"):
+        run_pipeline.split_overrides(["--lesion.n_hidden=8"], defaults)
