@@ -6,7 +6,7 @@ stage whose CONFIG has it (e.g. --n_hidden goes to training, --n_test to the les
 --device to all); a key that no stage knows is an error. `--<stage>.<key>=value` goes to that
 stage alone, for the keys several stages share (sigma_x: training and lesion test noise;
 acc_measure: training's rule sampling and lesion_plot's measure; fixed_k, engine, ...), e.g.
---lesion.sigma_x=0.1 or --train.acc_measure='angle'.
+--lesion.sigma_x=0.1 or --train.acc_measure=angle.
 Writes: everything each stage writes under runs/<aname>/, plus runs/<aname>/pipeline.json
 (which stages ran, with which config, how long); with several seeds, the multi-seed summary
 under runs/summary/.
