@@ -585,7 +585,7 @@ def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
     G = max(1, min(int(memory_mb * 2**20 // (2 * per_group)),
                    trials_per_pass({}, n_pre, n_hidden, T_max, memory_mb) // n_test))
     torch_tests = [net_helpers.batch_to_torch(b, p0.device, p0.dtype)["inputs"] for b in tests]
-    tiled = {}
+    scorer = TiledScorer(tests)
     for start in range(0, len(groups), G):
         chunk = groups[start:start + G]
         bases = _base_runs(net, torch_tests, [conditions[ids[0]] for ids in chunk], n_test)
@@ -595,14 +595,29 @@ def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
                                           memory_mb):
                 conds = [conditions[i] for i in part]
                 ys = _chunk_outputs(net, xs, hs, conds, n_pre, n_hidden)
-                K = len(conds)
-                for r, (batch, y) in enumerate(zip(tests, ys)):
-                    if (K, r) not in tiled:
-                        tiled[K, r] = batch.take(np.tile(np.arange(n_test), K))
-                    acc["angle"][part, r], acc["trial"][part, r] = score_conditions(
-                        y.reshape(K * n_test, *y.shape[2:]).float().cpu().numpy(),
-                        tiled[K, r], K)
+                for r, y in enumerate(ys):
+                    acc["angle"][part, r], acc["trial"][part, r] = scorer(r, y)
                 bar.update(len(part))
+
+
+class TiledScorer:
+    """Scores outputs (K, n_test, T, n_out) of K conditions on rule r's test batch, up to
+    `size` conditions at a time against a test batch tiled once per rule (not once per K)."""
+
+    def __init__(self, tests, size=32):
+        self.tests, self.size, self.tiled = tests, size, {}
+
+    def __call__(self, r, y):
+        K, n = y.shape[:2]
+        y = y.reshape(K * n, *y.shape[2:]).float().cpu().numpy()
+        if r not in self.tiled:
+            self.tiled[r] = self.tests[r].take(np.tile(np.arange(n), self.size))
+        out = [np.empty(K), np.empty(K)]
+        for s in range(0, K, self.size):
+            k = min(self.size, K - s)
+            batch = self.tiled[r] if k == self.size else self.tiled[r].take(np.arange(k * n))
+            out[0][s:s + k], out[1][s:s + k] = score_conditions(y[s * n:(s + k) * n], batch, k)
+        return out
 
 
 def _base_runs(net, torch_tests, firsts, n_test):
@@ -625,7 +640,7 @@ def _base_runs(net, torch_tests, firsts, n_test):
 def _condition_chunks(ids, conditions, n_pre, n_hidden, n_test, T_max, memory_mb):
     """Consecutive runs of a group's condition ids whose assembled outputs and touched rows
     fit the memory budget together."""
-    per_cond = 4 * n_test * T_max * (n_hidden + 3)  # assembled h and y of one condition
+    per_cond = 12 * n_test * T_max * 3  # outputs of one condition (float32, then float64)
     per_row = 4 * n_test * (4 * n_pre + T_max)  # M, W_eff and update, and h, of one row
     budget = memory_mb * 2**20
     part, used = [], 0
@@ -642,24 +657,32 @@ def _condition_chunks(ids, conditions, n_pre, n_hidden, n_test, T_max, memory_mb
 
 def _chunk_outputs(net, xs, hs, conds, n_pre, n_hidden):
     """Per rule, outputs (K, n_test, T, 3) of K conditions sharing one input set, from its
-    base x and h and one virtual-layer pass over the rows the conditions touch."""
+    base x and h and one virtual-layer pass over the rows the conditions touch:
+    y = h_base @ (W_out with silenced and touched units' columns zeroed)ᵀ + h_touched @
+    W_out[:, touched]ᵀ, which never builds a (K, n_test, T, N) activity tensor."""
     mp = net.mp
-    rows_of = [touched_rows(c, n_pre, n_hidden) for c in conds]
-    layer = virtual_layer(net, conds, rows_of) if sum(r.size for r in rows_of) else None
+    rows_of = [torch.from_numpy(touched_rows(c, n_pre, n_hidden)).to(hs[0].device)
+               for c in conds]
+    layer = (virtual_layer(net, conds, [r.cpu().numpy() for r in rows_of])
+             if sum(r.numel() for r in rows_of) else None)
     keep = _hidden_keep(conds, n_hidden, hs[0].device, hs[0].dtype)
-    starts = np.cumsum([0] + [r.size for r in rows_of])
-    W_out = net.W_out.detach()
+    for k, rows in enumerate(rows_of):
+        keep[k, rows] = 0.0
+    starts = np.cumsum([0] + [r.numel() for r in rows_of])
+    W_out_T = net.W_out.detach().T
+    W_keep = W_out_T.unsqueeze(0) * keep[:, :, None]  # (K, N, 3)
     ys = []
     for x, h_base in zip(xs, hs):
-        h = h_base.unsqueeze(0) * keep[:, None, None, :]
+        n, T = h_base.shape[:2]
+        y = torch.matmul(h_base.reshape(1, n * T, n_hidden), W_keep)  # (K, n T, 3)
         if layer is not None:
             W, b, eta, lam, m_freeze = layer
             h_rows, _ = mpn_engine_forward(mp, x, W, b, eta, lam, m_freeze)
+            h_rows = h_rows.reshape(n * T, -1)
             for k, rows in enumerate(rows_of):
-                if rows.size:
-                    h[k][..., torch.from_numpy(rows).to(h.device)] = \
-                        h_rows[..., starts[k]:starts[k + 1]]
-        ys.append(h @ W_out.T)
+                if rows.numel():
+                    y[k] += h_rows[:, starts[k]:starts[k + 1]] @ W_out_T[rows]
+        ys.append(y.reshape(len(conds), n, T, -1))
     return ys
 
 
