@@ -56,6 +56,45 @@ _SOURCE = r"""
 
 namespace {
 
+// tanh without a library call, so that a loop over it vectorises (std::tanh is a scalar call
+// that took three quarters of the forward step). float input, double arithmetic: an odd
+// polynomial for |a| < 0.625 (coefficients fitted by weighted least squares; relative error
+// 2e-13), else (1 - e) / (1 + e) with e = exp(-2|a|) = 2^k exp(r), |r| <= ln2 / 2, exp(r) by
+// its degree-8 Taylor polynomial (relative error 6e-10), then one rounding to float: within
+// 0.5003 ulp of the exact tanh on 4.1 M points in [-12, 12] (correctly rounded but for 5 in a
+// million). NaN stays NaN, ±inf gives ±1. double arguments keep std::tanh.
+static inline __attribute__((always_inline)) float tanh_vec(float a) {
+  const double t = std::min(std::fabs(a), 10.0f);  // std::min keeps a NaN first argument
+  const double z = t * t;
+  static constexpr double C[8] = {-0.33333333327804954, 0.1333333287130527,
+                                  -0.05396812145075109, 0.021867640203921866,
+                                  -0.0088488519925966243, 0.0035259496501643247,
+                                  -0.0012740969330960724, 0.00030260344608723109};
+  double q = C[8 - 1];
+  for (int k = 8 - 2; k >= 0; --k) q = q * z + C[k];
+  const double small = t + t * z * q;
+  const double y = -2.0 * t;
+  const double kf = (y * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+  const double r = (y - kf * 0.6931471803691238) - kf * 1.9082149292705877e-10;
+  double e = 1.0 / 40320;
+  e = e * r + 1.0 / 5040;
+  e = e * r + 1.0 / 720;
+  e = e * r + 1.0 / 120;
+  e = e * r + 1.0 / 24;
+  e = e * r + 1.0 / 6;
+  e = e * r + 0.5;
+  e = e * r + 1.0;
+  e = e * r + 1.0;
+  const int64_t bits = (static_cast<int64_t>(kf) + 1023) << 52;  // 2^k, k in [-29, 0]
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  e *= scale;
+  const double large = (1.0 - e) / (1.0 + e);
+  return static_cast<float>(std::copysign(t < 0.625 ? small : large, static_cast<double>(a)));
+}
+
+static inline double tanh_vec(double a) { return std::tanh(a); }
+
 template <typename S>
 struct Prm {
   int64_t B, T, No, Np;
@@ -88,39 +127,53 @@ void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* 
   const S* mask = p.mask ? p.mask + b * No : nullptr;
   const S lo = p.lo, hi = p.hi;
   const S* lc = p.lc;
-  for (int64_t i = 0; i < No; ++i) {
-    const S* Mr = Msrc + i * Np;
-    S* Md = Mdst + i * Np;
-    const S* Wr = p.W + i * Np;
-    S s = 0;  // (W ⊙ (1 + M)) x  or  (W + M) x, never split: no cancellation in float32
-    if (MULT) {
+  // Rows in blocks of RB: the block's pre-activations, then its tanh as one vector loop,
+  // then its M updates (each row's M is still in L1 from its dot product).
+  constexpr int64_t RB = 16;
+  S pre[RB], gv[RB];
+  for (int64_t i0 = 0; i0 < No; i0 += RB) {
+    const int64_t nb = std::min(RB, No - i0);
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t i = i0 + r;
+      const S* Mr = Msrc + i * Np;
+      const S* Wr = p.W + i * Np;
+      S s = 0;  // (W ⊙ (1 + M)) x  or  (W + M) x, never split: no cancellation in float32
+      if (MULT) {
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < Np; ++j) s += Wr[j] * (S(1) + Mr[j]) * xt[j];
-    } else {
+        for (int64_t j = 0; j < Np; ++j) s += Wr[j] * (S(1) + Mr[j]) * xt[j];
+      } else {
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < Np; ++j) s += (Wr[j] + Mr[j]) * xt[j];
-    }
-    S a = s + p.bias[i];
-    if (has_rec) a += rec[i];
-    const S gi = std::tanh(a);
-    const S hv = mask ? gi * mask[i] : gi;
-    g[t * No + i] = gi;
-    h[t * No + i] = hv;
-    const S pe = p.er[i] * (p.assoc ? hv : p.pc);
-    const S li = p.lr[i];
-    if (KEEP) {
-      const S* kr = keep + i * Np;
-#pragma omp simd
-      for (int64_t j = 0; j < Np; ++j) {
-        S m = li * lc[j] * Mr[j] + pe * xe[j];
-        m = std::min(std::max(m, lo), hi);
-        Md[j] = m * kr[j];
+        for (int64_t j = 0; j < Np; ++j) s += (Wr[j] + Mr[j]) * xt[j];
       }
-    } else {
+      S a = s + p.bias[i];
+      if (has_rec) a += rec[i];
+      pre[r] = a;
+    }
 #pragma omp simd
-      for (int64_t j = 0; j < Np; ++j) {
-        S m = li * lc[j] * Mr[j] + pe * xe[j];
-        Md[j] = std::min(std::max(m, lo), hi);
+    for (int64_t r = 0; r < nb; ++r) gv[r] = tanh_vec(pre[r]);
+    for (int64_t i = i0; i < i0 + nb; ++i) {
+      const S* Mr = Msrc + i * Np;
+      S* Md = Mdst + i * Np;
+      const S gi = gv[i - i0];
+      const S hv = mask ? gi * mask[i] : gi;
+      g[t * No + i] = gi;
+      h[t * No + i] = hv;
+      const S pe = p.er[i] * (p.assoc ? hv : p.pc);
+      const S li = p.lr[i];
+      if (KEEP) {
+        const S* kr = keep + i * Np;
+#pragma omp simd
+        for (int64_t j = 0; j < Np; ++j) {
+          S m = li * lc[j] * Mr[j] + pe * xe[j];
+          m = std::min(std::max(m, lo), hi);
+          Md[j] = m * kr[j];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < Np; ++j) {
+          S m = li * lc[j] * Mr[j] + pe * xe[j];
+          Md[j] = std::min(std::max(m, lo), hi);
+        }
       }
     }
   }
@@ -425,7 +478,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the GIL is released while a kerne
 }
 """
 
-_VERSION = 3  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
+_VERSION = 4  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
 
 
 def _name():
