@@ -8,6 +8,7 @@ largest entry). Sizes are tiny so the whole file runs in seconds.
 import itertools
 
 import pytest
+import numpy as np
 import torch
 
 import mpn_cpp
@@ -223,6 +224,27 @@ def kernel_only(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("engine 'cpp' fell back to 'fast'")
     monkeypatch.setattr(mpn_engine, "plastic_forward_fast", refuse)
+
+
+def test_kernel_tanh_is_correctly_rounded_in_float32(kernel_only):
+    """The kernel's own vectorised float tanh: one step with W = 0 gives h = tanh(b), so a
+    bias grid checks it against tanh in float64, within 0.5 ulp (+ a little) everywhere."""
+    b32 = torch.cat([torch.linspace(-12, 12, 200_001), torch.logspace(-30, 0, 2_001),
+                     -torch.logspace(-30, 0, 2_001), torch.tensor([0.0, -0.0, 0.625, 10.0, 80.0,
+                                                                   float("inf"), -float("inf")])])
+    n = b32.numel()
+    x, W = torch.ones(1, 1, 1), torch.zeros(n, 1)
+    with torch.no_grad():
+        h, _ = mpn_engine.plastic_forward(x, W, b32, torch.tensor(1.0), torch.tensor(0.99),
+                                          engine="cpp")
+    got, want = h[0, 0].double(), torch.tanh(b32.double())
+    ulp = torch.from_numpy(np.spacing(want.abs().float().numpy())).double()
+    assert ((got - want).abs() / ulp).max().item() <= 0.501
+    nonzero = b32 != 0
+    assert torch.equal(torch.sign(h[0, 0][nonzero]), torch.sign(b32[nonzero]))
+    h_nan, _ = mpn_engine.plastic_forward(x, torch.zeros(2, 1), torch.tensor([float("nan"), 1.0]),
+                                          torch.tensor(1.0), torch.tensor(0.99), engine="cpp")
+    assert torch.isnan(h_nan[0, 0, 0]) and not torch.isnan(h_nan[0, 0, 1])
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
