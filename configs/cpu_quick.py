@@ -1,7 +1,7 @@
 # The preset to run first on a laptop or workstation CPU: all 15 rules, a small dmpn
 # (N = 64, batch 32) trained with a higher learning rate that the plateau scheduler anneals.
-# About 7 minutes on 2 idle cores with the compiled engine (engine="auto"); the 19-minute cap
-# bounds it on a busy machine.
+# About 6 minutes on 2 idle cores with the compiled engine (engine="auto"; the whole pipeline
+# about 8); the 19-minute cap bounds it on a busy machine.
 #   python multiple_task.py configs/cpu_quick.py
 #   python run_pipeline.py configs/cpu_quick.py      # the whole pipeline
 # Measured on 2 shared cores: 0.03-0.06 s/step quiet, 0.1-0.25 s/step under load; one
