@@ -482,16 +482,20 @@ _VERSION = 4  # bump when _SOURCE changes meaning (load_inline also rebuilds on 
 
 
 def _name():
-    """Extension name, keyed by the CPU's instruction-set flags: the build uses -march=native,
-    so a cache directory shared between different machines never loads a foreign build."""
+    """Extension name, keyed by the CPU's instruction-set flags (the build uses -march=native,
+    so a cache directory shared between different machines never loads a foreign build) and
+    by the torch installation (two virtualenvs would otherwise rebuild over each other's
+    build, 30 s each time)."""
     import hashlib
+    import sys
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    return f"mpn_plastic_kernel_v{_VERSION}_{hashlib.md5(flags.encode()).hexdigest()[:8]}"
+    key = f"{flags}|{torch.__version__}|{os.path.dirname(torch.__file__)}|{sys.version_info[:2]}"
+    return f"mpn_plastic_kernel_v{_VERSION}_{hashlib.md5(key.encode()).hexdigest()[:8]}"
 _lock = threading.Lock()
 _state = {"module": None, "tried": False, "error": None, "build_s": None}
 
