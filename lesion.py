@@ -502,7 +502,8 @@ def _run_over_rules(net, tests, cond, acc, cid):
 # Every other unit keeps its trajectory from the base run of the condition's input set. The
 # rows that must run again, over all conditions of a chunk, form one "virtual" plastic layer
 # of stacked rows that shares x and W across trials, so the compiled kernel runs it as one
-# call. The outputs are then y = W_out h exactly as the forward pass computes them.
+# call. The readout sums the kept units of the base run and the rerun rows: the outputs equal
+# the condition's own forward pass up to float rounding (tested).
 
 
 def rows_independent(net):
@@ -533,20 +534,16 @@ def _row_coef(value, rows):
 
 
 def virtual_layer(net, conds, rows_of):
-    """(W, b, eta, lam, m_freeze) of the stacked touched rows of several conditions: the rows
-    of condition k follow those of condition k - 1, each with its own W mask and noise."""
+    """(W, b, eta, lam, m_freeze) of the stacked touched rows (tensors) of several
+    conditions: the rows of condition k follow those of condition k - 1, each with its own W
+    mask and noise."""
+    import mpn
     n_hidden, n_pre = net_shapes(net)
     mp = net.mp
     Ws, freeze, index = [], [], []
-    for cond, rows in zip(conds, rows_of):
+    for cond, rows_t in zip(conds, rows_of):
         pert = condition_perturbation(cond, n_pre, n_hidden).to(mp.W.device, mp.W.dtype)
-        W = mp.W.detach()
-        if pert.w_mask is not None:
-            W = W * pert.w_mask
-        if pert.w_noise is not None:
-            W = W + pert.w_noise
-        rows_t = torch.from_numpy(rows).to(mp.W.device)
-        Ws.append(W[rows_t])
+        Ws.append(mpn.perturbed_weight(mp.W.detach(), pert)[rows_t])
         freeze.append(None if pert.m_freeze is None else pert.m_freeze[rows_t])
         index.append(rows_t)
     index = torch.cat(index)
@@ -587,16 +584,16 @@ def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
     G = max(1, min(int(memory_mb * 2**20 // (2 * per_group)),
                    trials_per_pass({}, n_pre, n_hidden, T_max, memory_mb) // n_test))
     torch_tests = [net_helpers.batch_to_torch(b, p0.device, p0.dtype)["inputs"] for b in tests]
+    rows = [touched_rows(c, n_pre, n_hidden) for c in conditions]
     scorer = TiledScorer(tests)
     for start in range(0, len(groups), G):
         chunk = groups[start:start + G]
         bases = _base_runs(net, torch_tests, [conditions[ids[0]] for ids in chunk], n_test)
         for g, ids in enumerate(chunk):
             xs, hs = [x[g] for x, _ in bases], [h[g] for _, h in bases]
-            for part in _condition_chunks(ids, conditions, n_pre, n_hidden, n_test, T_max,
-                                          memory_mb):
-                conds = [conditions[i] for i in part]
-                ys = _chunk_outputs(net, xs, hs, conds, n_pre, n_hidden)
+            for part in _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
+                ys = _chunk_outputs(net, xs, hs, [conditions[i] for i in part],
+                                    [rows[i] for i in part])
                 for r, y in enumerate(ys):
                     acc["angle"][part, r], acc["trial"][part, r] = scorer(r, y)
                 bar.update(len(part))
@@ -639,15 +636,15 @@ def _base_runs(net, torch_tests, firsts, n_test):
     return out
 
 
-def _condition_chunks(ids, conditions, n_pre, n_hidden, n_test, T_max, memory_mb):
-    """Consecutive runs of a group's condition ids whose assembled outputs and touched rows
+def _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
+    """Consecutive runs of a group's condition ids whose outputs and touched rows (rows[i])
     fit the memory budget together."""
     per_cond = 12 * n_test * T_max * 3  # outputs of one condition (float32, then float64)
     per_row = 4 * n_test * (4 * n_pre + T_max)  # M, W_eff and update, and h, of one row
     budget = memory_mb * 2**20
     part, used = [], 0
     for i in ids:
-        cost = per_cond + per_row * touched_rows(conditions[i], n_pre, n_hidden).size
+        cost = per_cond + per_row * rows[i].size
         if part and used + cost > budget:
             yield part
             part, used = [], 0
@@ -657,16 +654,15 @@ def _condition_chunks(ids, conditions, n_pre, n_hidden, n_test, T_max, memory_mb
         yield part
 
 
-def _chunk_outputs(net, xs, hs, conds, n_pre, n_hidden):
+def _chunk_outputs(net, xs, hs, conds, rows_np):
     """Per rule, outputs (K, n_test, T, 3) of K conditions sharing one input set, from its
-    base x and h and one virtual-layer pass over the rows the conditions touch:
-    y = h_base @ (W_out with silenced and touched units' columns zeroed)ᵀ + h_touched @
-    W_out[:, touched]ᵀ, which never builds a (K, n_test, T, N) activity tensor."""
+    base x and h and one virtual-layer pass over the rows the conditions touch (rows_np,
+    from touched_rows): y = h_base @ (W_out with silenced and touched units' columns
+    zeroed)ᵀ + h_touched @ W_out[:, touched]ᵀ, never a (K, n_test, T, N) activity tensor."""
     mp = net.mp
-    rows_of = [torch.from_numpy(touched_rows(c, n_pre, n_hidden)).to(hs[0].device)
-               for c in conds]
-    layer = (virtual_layer(net, conds, [r.cpu().numpy() for r in rows_of])
-             if sum(r.numel() for r in rows_of) else None)
+    n_hidden = net.W_out.shape[1]
+    rows_of = [torch.from_numpy(r).to(hs[0].device) for r in rows_np]
+    layer = virtual_layer(net, conds, rows_of) if sum(r.numel() for r in rows_of) else None
     keep = _hidden_keep(conds, n_hidden, hs[0].device, hs[0].dtype)
     for k, rows in enumerate(rows_of):
         keep[k, rows] = 0.0

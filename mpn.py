@@ -44,6 +44,15 @@ def resolve_engine(engine):
     return engine
 
 
+def perturbed_weight(W, pert):
+    """W with a Perturbation's synapse mask (zero_W) and then its additive noise applied."""
+    if pert.w_mask is not None:
+        W = W * pert.w_mask
+    if pert.w_noise is not None:
+        W = W + pert.w_noise
+    return W
+
+
 class MultiPlasticLayer(nn.Module):
     """The plastic layer N_pre -> N_post of SPEC §1.1 (steps 2 and 4), run over whole trials
     by mpn_engine.plastic_forward."""
@@ -85,10 +94,7 @@ class MultiPlasticLayer(nn.Module):
         B = x.shape[0]
         W, hid_mask, m_freeze = self.W, None, None
         if pert is not None:
-            if pert.w_mask is not None:
-                W = W * pert.w_mask
-            if pert.w_noise is not None:
-                W = W + pert.w_noise
+            W = perturbed_weight(W, pert)
             hid_mask = per_trial(pert.hid_mask, 1, B)
             m_freeze = pert.m_freeze
         return mpn_engine.plastic_forward(

@@ -167,14 +167,16 @@ def test_shared_rows_give_every_condition_its_own_forward_pass(tests, options):
     with torch.no_grad():
         for cond in conditions:
             (x, h), = lesion._base_runs(net, [inputs], [cond], n)
-            (y,) = lesion._chunk_outputs(net, [x[0]], [h[0]], [cond], n_pre, n_hidden)
+            (y,) = lesion._chunk_outputs(net, [x[0]], [h[0]], [cond],
+                                         [lesion.touched_rows(cond, n_pre, n_hidden)])
             pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
             torch.testing.assert_close(y[0], net(inputs, perturbation=pert)["y"],
                                        rtol=1e-5, atol=1e-6, msg=str(cond.keys()))
         # and all of them in one chunk, sharing the intact network's base run
         plain = [c for c in conditions if "in_units" not in c]
         (x, h), = lesion._base_runs(net, [inputs], [{}], n)
-        (ys,) = lesion._chunk_outputs(net, [x[0]], [h[0]], plain, n_pre, n_hidden)
+        (ys,) = lesion._chunk_outputs(net, [x[0]], [h[0]], plain,
+                                      [lesion.touched_rows(c, n_pre, n_hidden) for c in plain])
         for cond, y in zip(plain, ys):
             pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
             torch.testing.assert_close(y, net(inputs, perturbation=pert)["y"],
