@@ -402,9 +402,10 @@ def clean_temp_files(folder, old_s=600):
     return removed
 
 
-def check_writable(folder, min_free=MIN_FREE_BYTES):
+def check_writable(folder, min_free=None):
     """Before a long computation: the folder can be created and written, with free space."""
     folder = Path(folder)
+    min_free = MIN_FREE_BYTES if min_free is None else min_free
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -467,6 +468,9 @@ def run_lock(run_dir, wait_s=0.0):
     _HELD[key] = [fd, 1]
     try:
         clean_temp_files(run_dir)
+        if not (run_dir / MANIFEST).exists():  # marks the folder as a run folder (run_dir_of)
+            with atomic_path(run_dir / MANIFEST) as tmp:
+                tmp.write_text("{}")
         yield run_dir
     finally:
         del _HELD[key]
@@ -481,10 +485,10 @@ def run_lock(run_dir, wait_s=0.0):
 
 
 def run_dir_of(path):
-    """The run folder holding `path` (a folder with a .lock or config.json, at most two
-    levels up), or None when `path` lies in no run folder."""
-    for folder in list(Path(path).parents)[:3]:
-        if (folder / LOCK).exists() or (folder / "config.json").exists():
+    """The run folder holding `path` directly or in a sub-folder (a folder with a manifest or
+    a config.json), or None when `path` lies in no run folder."""
+    for folder in list(Path(path).parents)[:2]:
+        if (folder / MANIFEST).exists() or (folder / "config.json").exists():
             return folder
     return None
 
@@ -640,9 +644,9 @@ def load_json(path, producer="the stage that writes it", keys=None, inputs=None)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _corrupt(path, producer, err) from err
     if keys is not None and (not isinstance(obj, dict) or set(keys) - set(obj)):
-        lacks = sorted(set(keys) - set(obj)) if isinstance(obj, dict) else "a JSON object"
-        raise StageError(f"{str(path)!r} is not the file `{producer}` writes (it lacks "
-                         f"{lacks}); restore it, or move it away and rerun `{producer}`.")
+        raise StageError(f"{str(path)!r} is not the file `{producer}` writes (expected a JSON "
+                         f"object with the keys {sorted(keys)}); restore it, or move it away "
+                         f"and rerun `{producer}`.")
     return obj
 
 
