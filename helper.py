@@ -339,7 +339,6 @@ def summary_paths(root=None):
 # the folder can tell the litter of a dead writer from the work of a live one.
 
 MIN_FREE_BYTES = 50 * 2**20  # refuse to start writing a run folder with less free space
-_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _write_failed(path, err):
@@ -366,10 +365,8 @@ def atomic_path(path):
         os.chmod(tmp, 0o666 & ~umask)
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as err:
-        if err.errno in _WRITE_ERRORS or tmp is None:
-            raise _write_failed(path, err) from None
-        raise
+    except OSError as err:  # ENOSPC, EDQUOT, EACCES, EROFS, or h5py's own write errors
+        raise _write_failed(path, err) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
@@ -383,8 +380,8 @@ def _pid_alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -394,11 +391,11 @@ def clean_temp_files(folder, old_s=600):
     folder, removed = Path(folder), []
     for tmp in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
         match = _TMP_NAME.match(tmp.name)
-        dead = (not _pid_alive(int(match.group(1))) if match
-                else time.time() - tmp.stat().st_mtime > old_s)
-        if dead:
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            if (not _pid_alive(int(match.group(1))) if match
+                    else time.time() - tmp.stat().st_mtime > old_s):
+                tmp.unlink()
+                removed.append(tmp)
     return removed
 
 
@@ -523,7 +520,7 @@ def _record(run_dir, path, written, cfg, inputs):
     rel = path.relative_to(run_dir).as_posix()
     entry = {"sha256": sha256(written),
              "replaces": manifest.get(rel, {}).get("sha256"),
-             "producer": producer_of(run_dir, rel) or Path(sys.argv[0]).name,
+             "producer": producer_of(run_dir, rel),
              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if cfg is not None:
@@ -561,9 +558,9 @@ def verify(path, producer):
         return None
     entry = read_manifest(run_dir).get(path.relative_to(run_dir).as_posix())
     if entry and sha256(path) not in (entry["sha256"], entry.get("replaces")):
-        raise StageError(f"{str(path)!r} differs from the version `{entry['producer']}` wrote "
-                         f"(its sha256 in {MANIFEST} does not match: altered or corrupt); "
-                         f"rerun `{entry['producer'] or producer}`.")
+        raise StageError(f"{str(path)!r} differs from the version its producer wrote (its "
+                         f"sha256 in {MANIFEST} does not match: altered or corrupt); rerun "
+                         f"`{entry.get('producer') or producer}`.")
     return entry
 
 
@@ -587,8 +584,8 @@ def check_fresh(path, obj=None, producer="the stage that writes it", expect_hash
     for rel, sha in entry.get("inputs", {}).items():
         now = manifest.get(rel, {}).get("sha256")
         if sha is not None and now is not None and now != sha:
-            raise StageError(f"{str(path)!r} was computed from an older {rel} (rewritten by "
-                             f"`{manifest[rel]['producer']}` since); rerun `{producer}`.")
+            raise StageError(f"{str(path)!r} was computed from an older {rel} (rewritten "
+                             f"since); rerun `{producer}`.")
     if "inputs" not in entry and path.exists():
         for item in inputs or ():
             if Path(item).exists() and Path(item).stat().st_mtime > path.stat().st_mtime:
@@ -662,20 +659,6 @@ def load_pickle(path, producer, expect_hash=None):
         raise _missing(path, producer)
     raise StageError(f"{str(path)!r} is an old-format pickle, which is never opened (loading a "
                      f"pickle can run code); rerun `{producer}` to rewrite it as HDF5/JSON.")
-
-
-def save_npz(path, **arrays):
-    with guarded_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def load_npz(path, producer):
-    path = _open_checked(path, producer)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except _READ_ERRORS as err:
-        raise _corrupt(path, producer, err) from err
 
 
 def save_h5(path, arrays, attrs=None, cfg=None, inputs=None):

@@ -8,6 +8,7 @@ Writes runs/<aname>/ (aname = helper.run_name(cfg), e.g. everything_dmpn_seed749
                                  accuracies per rule, sampling probabilities
     snapshots/weights_step*.pt   weights at steps 0, 1, 32, 1024, 32768 and the end
     figures/training_*.png       curves, accuracy heatmap, sampling probabilities, example trials
+    manifest.json, .lock         sha256 and producer of each file; the writer lock (helper.run_lock)
 
 Example:
     python multiple_task.py configs/cpu_quick.py          # all 15 rules on a CPU

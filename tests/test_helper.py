@@ -93,12 +93,10 @@ def test_runs_root_comes_from_the_environment(runs_dir):
         helper.find_runs("abc*")
 
 
-def test_json_npz_h5_round_trip(tmp_path):
+def test_json_h5_round_trip(tmp_path):
     cfg = dict(a=1)
     helper.save_json(tmp_path / "x.json", {"a": np.float32(1.5), "b": np.arange(3)})
     assert helper.load_json(tmp_path / "x.json") == {"a": 1.5, "b": [0, 1, 2]}
-    helper.save_npz(tmp_path / "x.npz", w=np.eye(3))
-    assert np.array_equal(helper.load_npz(tmp_path / "x.npz", "make it")["w"], np.eye(3))
     arrays = {"m": np.random.default_rng(0).normal(size=(49, 500)),
               "names": np.array(["fdgo-stim1", "fdgo-go1"]), "g": {"k": np.arange(5)}}
     helper.save_h5(tmp_path / "x.h5", arrays, attrs={"rows": 49}, cfg=cfg)

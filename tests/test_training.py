@@ -206,6 +206,7 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
     assert 5 <= killed_at < TINY["max_steps"]
     out = mt.main(tiny(tmp_path, ckpt_every=5, resume=True))
     assert_same_params(params(out["paths"]), params(reference_run["paths"]))
+    assert list(out["paths"].dir.rglob(".*.tmp")) == []  # the dead writer's litter is gone
 
 
 # ----------------------------------------------------------------------------------------
