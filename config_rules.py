@@ -32,6 +32,12 @@ def safe_name(value):
             and not value.startswith(".") and len(value) <= 100)
 
 
+def _run_pattern(value):
+    """A run name, or a glob of run names (* ? [ ] allowed) that stays in the runs folder."""
+    return (isinstance(value, str) and re.fullmatch(rf"[*?\[\]{SAFE_NAME_CHARS}]+", value)
+            is not None and not value.startswith("."))
+
+
 def _increasing_pair(value):
     return (isinstance(value, (list, tuple)) and len(value) == 2
             and all(_is_number(v) and math.isfinite(v) for v in value) and value[0] < value[1])
@@ -68,6 +74,8 @@ CHECKS = {
     "path": (_path, "a folder path"),
     "run_name": (safe_name, f"letters, digits and . _ - only ([{SAFE_NAME_CHARS}]*, not "
                              f"starting with '.', at most 100 characters)"),
+    "run_pattern": (_run_pattern, "a run name or a glob of run names (letters, digits, "
+                                  ". _ - * ? [ ]; not starting with '.')"),
     "increasing_pair": (_increasing_pair, "a pair [low, high] of finite numbers with low < high"),
     "device": (_device, "auto, cpu, mps, cuda or cuda:<index>"),
     "seed_list": (_seed_list, "comma-separated non-negative integers, e.g. 1,2,3"),

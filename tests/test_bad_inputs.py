@@ -135,6 +135,10 @@ def test_constraint_grammar_on_planted_values():
     assert satisfies(["raw", "mean"], rule) and not satisfies(["foo"], rule)
     assert satisfies([1, 2], parse_constraint("{@increasing_pair}"))
     assert not satisfies([2, 1], parse_constraint("{@increasing_pair}"))
+    pattern = parse_constraint("{@run_pattern}")
+    assert satisfies("everything_dmpn_seed*", pattern) and satisfies("run[12]", pattern)
+    assert not satisfies("../x*", pattern) and not satisfies("a/b", pattern)
+    assert satisfies(None, ["None", "@bool"]) and not satisfies(1, ["None", "@bool"])
     with pytest.raises(ValueError, match="unknown check @nope"):
         satisfies(1, ["@nope"])
 
