@@ -525,12 +525,13 @@ def _record(run_dir, path, written, cfg, inputs):
              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if cfg is not None:
         entry["config_hash"] = config_hash(cfg)
-    if inputs:
+    inside = [Path(item) for item in inputs or () if run_dir in Path(item).parents]
+    if inside:  # inputs outside the run folder have no manifest entry to compare with later
         entry["inputs"] = {}
-        for item in inputs:
-            item_rel = Path(item).relative_to(run_dir).as_posix()
+        for item in inside:
+            item_rel = item.relative_to(run_dir).as_posix()
             known = manifest.get(item_rel, {}).get("sha256")
-            entry["inputs"][item_rel] = known or (sha256(item) if Path(item).exists() else None)
+            entry["inputs"][item_rel] = known or (sha256(item) if item.exists() else None)
     manifest[rel] = entry
     with atomic_path(run_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -176,6 +176,21 @@ def test_a_crafted_pickle_is_refused_and_runs_no_code(run_copy, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.parametrize("module, attrs", [("lesion_plot", ["lesion"]),
+                                           ("lesion", ["cluster_info", "cluster_info_mod"])])
+def test_stages_never_run_a_crafted_pickle_in_a_run_folder(run_copy, tmp_path, module, attrs):
+    """Row 1 as a user meets it: a run folder received with a crafted pickle in it."""
+    import importlib
+    stage = importlib.import_module(module)
+    marker = tmp_path / "pwned"
+    for attr in attrs:
+        getattr(run_copy, attr).write_bytes(pickle.dumps(_Exploit(marker)))
+    before = tree(run_copy.dir)
+    with pytest.raises(helper.StageError):
+        stage.main(dict(stage.CONFIG, run=run_copy.name, runs_dir=str(run_copy.dir.parent)))
+    assert not marker.exists() and tree(run_copy.dir) == before
+
+
 # ----------------------------------------------------------------------------------------
 # Corrupt, garbled, altered, wrong-shape and stale files
 
