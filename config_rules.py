@@ -60,6 +60,16 @@ def _multiple_of_8(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 8 and value % 8 == 0
 
 
+def _rulesets():
+    import mpn_tasks  # the one home of the rule sets (imported only when a key names it)
+    return list(mpn_tasks.RULESETS)
+
+
+def _engines():
+    import mpn_engine
+    return list(mpn_engine.ENGINES)
+
+
 def _bool(value):
     return isinstance(value, bool)
 
@@ -71,6 +81,8 @@ def _path(value):
 # named checks: name -> (test, what it allows, in words)
 CHECKS = {
     "bool": (_bool, "True or False"),
+    "ruleset": (lambda v: v in _rulesets(), lambda: f"one of {_rulesets()}"),
+    "engine": (lambda v: v in _engines(), lambda: f"one of {_engines()}"),
     "path": (_path, "a folder path"),
     "run_name": (safe_name, f"letters, digits and . _ - only ([{SAFE_NAME_CHARS}]*, not "
                              f"starting with '.', at most 100 characters)"),
@@ -114,7 +126,8 @@ def _matches(value, alternative):
 def describe(alternative):
     """An alternative in words, for error messages."""
     if alternative.startswith("@") and alternative[1:] in CHECKS:
-        return CHECKS[alternative[1:]][1]
+        words = CHECKS[alternative[1:]][1]
+        return words() if callable(words) else words
     if alternative.startswith("each "):
         return f"a list whose elements are each {describe(alternative[5:].strip())}"
     return alternative.replace(", ", " and ")

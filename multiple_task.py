@@ -34,7 +34,7 @@ import net_helpers
 
 CONFIG = dict(
     # tasks (SPEC §2)
-    ruleset="everything",  # mpn_tasks.RULESETS: everything (15 rules), go (6) {everything | go}
+    ruleset="everything",  # mpn_tasks.RULESETS: everything (15 rules), go (6) {@ruleset}
     io_mode="low_dim",  # input/output layout: "low_dim" (21 in, 3 out) or "ring" {low_dim | ring}
     sigma_x=0.0,  # std of the input noise during training and validation (SPEC §2.3) {>= 0}
     # model (SPEC §1; handed to mpn.build_model)
@@ -76,7 +76,7 @@ CONFIG = dict(
     snapshot_steps=[0, 1, 32, 1024, 32768],  # steps whose weights are kept (+ last) {each >= 0}
     seed=749,  # seeds the weights, the validation set and the training stream {>= 0, < 4294967296}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
-    engine="auto",  # plastic-layer engine of mpn_engine {auto | fast | reference | cpp}
+    engine="auto",  # plastic-layer engine of mpn_engine {@engine}
     num_threads=0,  # torch CPU threads (0: torch's default) {>= 0}
     runs_dir=None,  # root of the run folders (None: $MPN_RUNS_DIR or runs/) {None | @path}
     figures=True,  # draw the training figures into figures/ at the end {@bool}
@@ -132,14 +132,8 @@ class AdaptiveSampler:
 
 
 def derived(cfg):
-    """Values computed from the config (saved in log.json["meta"])."""
-    if cfg["ruleset"] not in mpn_tasks.RULESETS:
-        raise helper.StageError(f"unknown ruleset {cfg['ruleset']!r}; choose one of "
-                                f"{sorted(mpn_tasks.RULESETS)}.")
-    for key, allowed in (("acc_measure", ("trial", "angle")),
-                         ("sampling", ("adaptive", "uniform"))):
-        if cfg[key] not in allowed:
-            raise helper.StageError(f"{key} must be one of {allowed}, not {cfg[key]!r}.")
+    """Values computed from the config (saved in log.json["meta"]); the config's values were
+    checked against the CONFIG annotations (helper.check_config) first."""
     rules = list(mpn_tasks.RULESETS[cfg["ruleset"]])
     return {"rules": rules, "p_min": cfg["p_min_frac"] / len(rules),
             "n_input": mpn_tasks.n_inputs(cfg["io_mode"]),
