@@ -27,9 +27,10 @@ def _is_number(value):
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def safe_name(value):
+def safe_name(value, max_len=100):
+    """One folder-name component of letters, digits and . _ - (so never '..' or a path)."""
     return (isinstance(value, str) and _SAFE_NAME.fullmatch(value) is not None
-            and not value.startswith(".") and len(value) <= 100)
+            and not value.startswith(".") and len(value) <= max_len)
 
 
 def _run_pattern(value):

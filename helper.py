@@ -221,7 +221,7 @@ def run_name(cfg):
 
 def check_run_name(name):
     """A run name is one folder name of the safe character set (no '/', no '..')."""
-    if not config_rules.safe_name(name) or not name:
+    if not config_rules.safe_name(name, max_len=200) or not name:
         raise StageError(f"run name {name!r} is not allowed; use "
                          f"{config_rules.CHECKS['run_name'][1]}.")
     return name
