@@ -5,7 +5,10 @@ Every stage script ends with
     if __name__ == "__main__":
         helper.run_main(main, CONFIG)
 which parses `configs/*.py` files and `--key=value` overrides against the script's CONFIG
-block (see `load_config`) and turns a `StageError` into one clear sentence on stderr.
+block (see `load_config`; the braces in its comments are checked by `check_config`) and turns a
+`StageError` into one clear sentence on stderr. Files written into a run folder go through
+`guarded_write`: atomic, under the folder's writer lock (`run_lock`), entered in its manifest;
+`load_*` verify them against it (`verify`, `check_fresh`). Nothing is ever unpickled.
 """
 import ast
 import contextlib
@@ -426,10 +429,9 @@ _HELD = {}  # resolved run folder -> [lock file descriptor, nesting depth]
 
 
 def _lock_holder(lock_path):
-    try:
+    with contextlib.suppress(OSError):
         return Path(lock_path).read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
+    return "unknown"
 
 
 @contextlib.contextmanager
@@ -553,11 +555,8 @@ def guarded_write(path, cfg=None, inputs=None):
 
 def verify(path, producer):
     """Refuse a run-folder file whose sha256 differs from its manifest entry."""
-    path = Path(path)
-    run_dir = run_dir_of(path)
-    if run_dir is None:
-        return None
-    entry = read_manifest(run_dir).get(path.relative_to(run_dir).as_posix())
+    path, run_dir = Path(path), run_dir_of(path)
+    entry = read_manifest(run_dir).get(path.relative_to(run_dir).as_posix()) if run_dir else None
     if entry and sha256(path) not in (entry["sha256"], entry.get("replaces")):
         raise StageError(f"{str(path)!r} differs from the version its producer wrote (its "
                          f"sha256 in {MANIFEST} does not match: altered or corrupt); rerun "
@@ -572,13 +571,11 @@ def check_fresh(path, obj=None, producer="the stage that writes it", expect_hash
     entry), from an older version of an input (the sha256 recorded at writing differs from
     the input's manifest entry now), or, for files without recorded inputs, when one of
     `inputs` is newer than it."""
-    path = Path(path)
-    run_dir = run_dir_of(path)
+    path, run_dir = Path(path), run_dir_of(path)
     manifest = read_manifest(run_dir) if run_dir else {}
     entry = manifest.get(path.relative_to(run_dir).as_posix(), {}) if run_dir else {}
-    found = (obj or {}).get("_provenance", {}).get("config_hash") if isinstance(obj, dict) \
-        else None
-    found = found or entry.get("config_hash")
+    stamp = obj.get("_provenance", {}) if isinstance(obj, dict) else {}
+    found = stamp.get("config_hash") or entry.get("config_hash")
     if expect_hash is not None and found != expect_hash:
         raise StageError(f"{str(path)!r} was computed from another configuration "
                          f"(hash {found}, expected {expect_hash}); rerun `{producer}`.")
