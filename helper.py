@@ -5,23 +5,31 @@ Every stage script ends with
     if __name__ == "__main__":
         helper.run_main(main, CONFIG)
 which parses `configs/*.py` files and `--key=value` overrides against the script's CONFIG
-block (see `load_config`) and turns a `StageError` into one clear sentence on stderr.
+block (see `load_config`; the braces in its comments are checked by `check_config`) and turns a
+`StageError` into one clear sentence on stderr. Files written into a run folder go through
+`guarded_write`: atomic, under the folder's writer lock (`run_lock`), entered in its manifest;
+`load_*` verify them against it (`verify`, `check_fresh`). Nothing is ever unpickled.
 """
 import ast
 import contextlib
 import difflib
+import errno
+import fcntl
+import fnmatch
 import hashlib
-import inspect
 import json
 import os
-import pickle
 import random
+import re
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+import config_rules
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_RUNS_DIR = "runs"
@@ -35,17 +43,25 @@ class StageError(Exception):
 # Configuration
 
 
+def _config_source(defaults):
+    """The source file of the module whose CONFIG is `defaults`; else the first module up the
+    call stack that defines a CONFIG."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "CONFIG", None) is defaults and getattr(module, "__file__", None):
+            return module.__file__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "CONFIG" in frame.f_globals and frame.f_globals.get("__file__"):
+            return frame.f_globals["__file__"]
+        frame = frame.f_back
+    return None
+
+
 def _config_comments(defaults):
-    """Map each CONFIG key to the trailing comment on its line in the stage's own source:
-    the first module up the call stack that defines CONFIG."""
-    source = None
-    for frame in inspect.stack()[1:]:
-        module_file = frame.frame.f_globals.get("__file__")
-        if "CONFIG" in frame.frame.f_globals and module_file:
-            source = Path(module_file).read_text()
-            break
+    """Map each CONFIG key to the trailing comment on its line in the stage's own source."""
+    source = _config_source(defaults)
     comments = {}
-    for line in (source or "").splitlines():
+    for line in (Path(source).read_text() if source else "").splitlines():
         stripped = line.strip()
         for key in defaults:
             if stripped.startswith((f"{key}=", f"{key} =", f'"{key}":', f"'{key}':")) \
@@ -91,7 +107,16 @@ def _read_config_file(path):
     if not path.is_file():
         raise StageError(f"config file {str(path)!r} does not exist.")
     scope = {}
-    exec(compile(path.read_text(), str(path), "exec"), {}, scope)
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), {}, scope)
+    except SyntaxError as err:
+        raise StageError(f"config file {str(path)!r} has a syntax error at line {err.lineno} "
+                         f"({err.msg}); it must hold plain assignments such as n_hidden = 64.")
+    except Exception as err:  # noqa: BLE001 (any error of the user's file is the user's to fix)
+        line = err.__traceback__.tb_next.tb_lineno if err.__traceback__.tb_next else "?"
+        raise StageError(f"config file {str(path)!r} fails at line {line} "
+                         f"({type(err).__name__}: {err}); it must hold plain assignments of "
+                         f"literal values such as n_hidden = 64.") from None
     return {k: v for k, v in scope.items() if not k.startswith("_")}
 
 
@@ -120,7 +145,8 @@ def load_config(defaults, argv, echo=True):
 
     argv items are config files (`configs/cpu_quick.py`) applied in order, then
     `--key=value` overrides (values parsed as Python literals, e.g. --lr=3e-3,
-    --rules="['fdgo']"); `--help` prints every key with its comment and exits.
+    --rules="['fdgo']"); `--help` prints every key with its comment and exits. The result
+    is checked against the brace annotations of the CONFIG comments (`check_config`).
     """
     if "--help" in argv or "-h" in argv:
         print_help(defaults)
@@ -134,7 +160,7 @@ def load_config(defaults, argv, echo=True):
             cfg = apply_overrides(cfg, {key: value}, echo=echo)
         else:
             cfg = apply_overrides(cfg, _read_config_file(arg), source=f" ({arg})", echo=echo)
-    return cfg
+    return check_config(cfg, defaults)
 
 
 def run_main(main, defaults, argv=None):
@@ -145,6 +171,23 @@ def run_main(main, defaults, argv=None):
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_config(cfg, defaults=None):
+    """Refuse, with one sentence (key, value, what is allowed), the first value of `cfg` that
+    breaks the brace annotation of its key in the stage's CONFIG comments."""
+    comments = _config_comments(defaults if defaults is not None else cfg)
+    for key, value in cfg.items():
+        alternatives = config_rules.parse_constraint(comments.get(key))
+        try:
+            ok = not alternatives or config_rules.satisfies(value, alternatives)
+        except ValueError as err:
+            raise StageError(f"config key {key!r}: {err}") from None
+        if not ok:
+            allowed = " or ".join(config_rules.describe(a) for a in alternatives)
+            raise StageError(f"config key {key!r} = {value!r} is not allowed; allowed: "
+                             f"{allowed}.")
+    return cfg
 
 
 def config_hash(cfg, keys=None):
@@ -176,6 +219,14 @@ def run_name(cfg):
             f"_h{cfg['n_hidden']}_b{cfg['batch_size']}")
     if cfg.get("run_tag"):
         name += f"_{cfg['run_tag']}"
+    return check_run_name(name)
+
+
+def check_run_name(name):
+    """A run name is one folder name of the safe character set (no '/', no '..')."""
+    if not config_rules.safe_name(name, max_len=200) or not name:
+        raise StageError(f"run name {name!r} is not allowed; use "
+                         f"{config_rules.CHECKS['run_name'][1]}.")
     return name
 
 
@@ -184,11 +235,38 @@ def runs_root(root=None):
     return Path(root or os.environ.get("MPN_RUNS_DIR") or DEFAULT_RUNS_DIR)
 
 
+# Which command makes which file of a run folder ({run}: the run name). Consumers name it
+# in their errors, and the manifest records it.
+PRODUCERS = {
+    "config.json": "python multiple_task.py",
+    "checkpoint.pt": "python multiple_task.py",
+    "log.json": "python multiple_task.py",
+    "snapshots/*": "python multiple_task.py",
+    "task_variance.h5": "python multiple_task_analysis.py --run={run}",
+    "analysis.*": "python multiple_task_analysis.py --run={run}",
+    "cluster_info*": "python clustering.py --run={run}",
+    "lesion.*": "python lesion.py --run={run}",
+    "state_space.*": "python state_space_shift.py --run={run}",
+    "figures/lesion_*": "python lesion_plot.py --run={run}",
+    "figures/training_*": "python multiple_task.py",
+    "pipeline.json": "python run_pipeline.py",
+}
+
+
+def producer_of(run_dir, relpath):
+    """The command that (re)makes `relpath` of the run folder `run_dir`, or None."""
+    for pattern, command in PRODUCERS.items():
+        if fnmatch.fnmatch(relpath, pattern):
+            return command.format(run=Path(run_dir).name)
+    return None
+
+
 class RunPaths:
-    """Every artifact of one run, under runs/<aname>/."""
+    """Every artifact of one run, under runs/<aname>/ (a safe name: the folder lies inside
+    the runs root, whatever the name)."""
 
     def __init__(self, aname, root=None):
-        self.name = aname
+        self.name = check_run_name(aname)
         self.dir = runs_root(root) / aname
         self.config = self.dir / "config.json"
         self.checkpoint = self.dir / "checkpoint.pt"
@@ -201,6 +279,12 @@ class RunPaths:
         self.cluster_info_mod = self.dir / "cluster_info_mod.pkl"
         self.lesion = self.dir / "lesion.pkl"
         self.state_space = self.dir / "state_space.pkl"
+        self.manifest = self.dir / MANIFEST
+        self.lock = self.dir / LOCK
+
+    def producer(self, path):
+        """The command that remakes one of this run's files (see PRODUCERS)."""
+        return producer_of(self.dir, Path(path).relative_to(self.dir).as_posix())
 
     def snapshot(self, step):
         return self.snapshots / f"weights_step{step:07d}.pt"
@@ -254,25 +338,257 @@ def summary_paths(root=None):
 
 # ----------------------------------------------------------------------------------------
 # Atomic I/O: write to a temporary file in the same folder, then rename over the target.
+# A temporary file is named .<target>.<writer pid>.<random>.tmp, so that the next writer of
+# the folder can tell the litter of a dead writer from the work of a live one.
+
+MIN_FREE_BYTES = 50 * 2**20  # refuse to start writing a run folder with less free space
+
+
+def _write_failed(path, err):
+    reason = err.strerror or str(err) or type(err).__name__
+    return StageError(f"could not write {str(path)!r} ({reason}); the previous version of the "
+                      f"file (if any) is kept; free disk space or fix the folder's "
+                      f"permissions, then rerun.")
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; on success it replaces `path` atomically."""
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically. A
+    failed write (disk full, no permission) is one sentence and leaves `path` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    # mkstemp makes the file private (0600); give it the mode a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                   suffix=".tmp")
+        os.close(fd)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:  # ENOSPC, EDQUOT, EACCES, EROFS, or h5py's own write errors
+        raise _write_failed(path, err) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def clean_temp_files(folder, old_s=600):
+    """Remove the temporary files of dead writers under `folder` (two levels deep): those whose
+    writer PID is gone, and unnamed ones older than `old_s`. Returns the removed paths."""
+    folder, removed = Path(folder), []
+    for tmp in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
+        match = _TMP_NAME.match(tmp.name)
+        with contextlib.suppress(FileNotFoundError):
+            if (not _pid_alive(int(match.group(1))) if match
+                    else time.time() - tmp.stat().st_mtime > old_s):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def check_writable(folder, min_free=None):
+    """Before a long computation: the folder can be created and written, with free space."""
+    folder = Path(folder)
+    min_free = MIN_FREE_BYTES if min_free is None else min_free
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise StageError(f"{str(folder)!r} is not writable ({err.strerror or err}); fix its "
+                         f"permissions or choose another runs folder (--runs_dir or "
+                         f"MPN_RUNS_DIR).") from None
+    free = shutil.disk_usage(folder).free
+    if free < min_free:
+        raise StageError(f"only {free / 2**20:.0f} MB are free for {str(folder)!r} (at least "
+                         f"{min_free / 2**20:.0f} MB needed); free some disk space first.")
+
+
+# ----------------------------------------------------------------------------------------
+# One writer per run folder: an exclusive flock on runs/<aname>/.lock, holder PID inside.
+
+LOCK = ".lock"
+MANIFEST = "manifest.json"
+_HELD = {}  # resolved run folder -> [lock file descriptor, nesting depth]
+
+
+def _lock_holder(lock_path):
+    with contextlib.suppress(OSError):
+        return Path(lock_path).read_text().strip() or "unknown"
+    return "unknown"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir, wait_s=0.0):
+    """Hold the exclusive writer lock of a run folder (re-entrant within a process). Checks
+    that the folder is writable first and removes the temp files of dead writers. Another
+    process holding it (after `wait_s` seconds of retrying) is one sentence naming its PID."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield run_dir
+        finally:
+            _HELD[key][1] -= 1
+        return
+    check_writable(run_dir)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() >= deadline:
+                os.close(fd)
+                raise StageError(f"{str(run_dir)!r} is being written by another process (PID "
+                                 f"{_lock_holder(run_dir / LOCK)}); wait for it to finish or "
+                                 f"stop it, then rerun.") from None
+            time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = [fd, 1]
+    try:
+        clean_temp_files(run_dir)
+        if not (run_dir / MANIFEST).exists():  # marks the folder as a run folder (run_dir_of)
+            with atomic_path(run_dir / MANIFEST) as tmp:
+                tmp.write_text("{}")
+        yield run_dir
+    finally:
+        del _HELD[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------
+# The manifest of a run folder: relative path -> sha256, producer, command, config hash,
+# the sha256 of the inputs it was computed from, time. Written under the lock with each file
+# that save_json / save_h5 / save_torch put in a run folder; checked by their loaders.
+
+
+def run_dir_of(path):
+    """The run folder holding `path` directly or in a sub-folder (a folder with a manifest or
+    a config.json), or None when `path` lies in no run folder."""
+    for folder in list(Path(path).parents)[:2]:
+        if (folder / MANIFEST).exists() or (folder / "config.json").exists():
+            return folder
+    return None
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(run_dir):
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        return manifest
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StageError(f"{str(path)!r} is unreadable ({type(err).__name__}); restore it, or "
+                         f"delete it to stop verifying this run's files.") from None
+
+
+def _record(run_dir, path, written, cfg, inputs):
+    """Enter a file about to replace `path` (its new content is `written`) in the manifest;
+    the caller holds the lock. The entry keeps the sha256 of the version it replaces, so that a
+    writer killed between the manifest and the rename leaves a consistent folder."""
+    manifest = read_manifest(run_dir)
+    rel = path.relative_to(run_dir).as_posix()
+    entry = {"sha256": sha256(written),
+             "replaces": manifest.get(rel, {}).get("sha256"),
+             "producer": producer_of(run_dir, rel),
+             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if cfg is not None:
+        entry["config_hash"] = config_hash(cfg)
+    inside = [Path(item) for item in inputs or () if run_dir in Path(item).parents]
+    if inside:  # inputs outside the run folder have no manifest entry to compare with later
+        entry["inputs"] = {}
+        for item in inside:
+            item_rel = item.relative_to(run_dir).as_posix()
+            known = manifest.get(item_rel, {}).get("sha256")
+            entry["inputs"][item_rel] = known or (sha256(item) if item.exists() else None)
+    manifest[rel] = entry
+    with atomic_path(run_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+@contextlib.contextmanager
+def guarded_write(path, cfg=None, inputs=None):
+    """atomic_path, plus, inside a run folder, the writer lock and the manifest entry."""
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    if run_dir is None:
+        with atomic_path(path) as tmp:
+            yield tmp
+        return
+    with run_lock(run_dir, wait_s=10.0), atomic_path(path) as tmp:
+        yield tmp
+        _record(run_dir, path, tmp, cfg, inputs)
+
+
+def verify(path, producer):
+    """Refuse a run-folder file whose sha256 differs from its manifest entry."""
+    path, run_dir = Path(path), run_dir_of(path)
+    entry = read_manifest(run_dir).get(path.relative_to(run_dir).as_posix()) if run_dir else None
+    if entry and sha256(path) not in (entry["sha256"], entry.get("replaces")):
+        raise StageError(f"{str(path)!r} differs from the version its producer wrote (its "
+                         f"sha256 in {MANIFEST} does not match: altered or corrupt); rerun "
+                         f"`{entry.get('producer') or producer}`.")
+    return entry
+
+
+def check_fresh(path, obj=None, producer="the stage that writes it", expect_hash=None,
+                inputs=None):
+    """The one freshness check. `path` is stale when it was computed from another config
+    (`expect_hash` differs from the hash stamped in `obj["_provenance"]` or in its manifest
+    entry), from an older version of an input (the sha256 recorded at writing differs from
+    the input's manifest entry now), or, for files without recorded inputs, when one of
+    `inputs` is newer than it."""
+    path, run_dir = Path(path), run_dir_of(path)
+    manifest = read_manifest(run_dir) if run_dir else {}
+    entry = manifest.get(path.relative_to(run_dir).as_posix(), {}) if run_dir else {}
+    stamp = obj.get("_provenance", {}) if isinstance(obj, dict) else {}
+    found = stamp.get("config_hash") or entry.get("config_hash")
+    if expect_hash is not None and found != expect_hash:
+        raise StageError(f"{str(path)!r} was computed from another configuration "
+                         f"(hash {found}, expected {expect_hash}); rerun `{producer}`.")
+    for rel, sha in entry.get("inputs", {}).items():
+        now = manifest.get(rel, {}).get("sha256")
+        if sha is not None and now is not None and now != sha:
+            raise StageError(f"{str(path)!r} was computed from an older {rel} (rewritten "
+                             f"since); rerun `{producer}`.")
+    if "inputs" not in entry and path.exists():
+        for item in inputs or ():
+            if Path(item).exists() and Path(item).stat().st_mtime > path.stat().st_mtime:
+                raise StageError(f"{str(path)!r} is older than {str(item)!r}, which it was "
+                                 f"computed from; rerun `{producer}`.")
 
 
 def _missing(path, producer):
@@ -284,9 +600,24 @@ def _corrupt(path, producer, err):
                       f"it is corrupt or incomplete, rerun `{producer}`.")
 
 
-def save_json(path, obj):
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError,
+                AttributeError, UnicodeDecodeError, EOFError)
+
+
+def _open_checked(path, producer, inputs=None):
+    """Existence, manifest checksum and freshness of a file about to be read."""
+    path = Path(path)
+    if not path.exists():
+        raise _missing(path, producer)
+    verify(path, producer)
+    check_fresh(path, None, producer, inputs=inputs)
+    return path
+
+
+def save_json(path, obj, cfg=None, inputs=None):
+    text = json.dumps(obj, indent=1, default=_json_default)
+    with guarded_write(path, cfg, inputs) as tmp:
+        tmp.write_text(text)
 
 
 def _json_default(obj):
@@ -299,69 +630,39 @@ def _json_default(obj):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def load_json(path, producer="the stage that writes it"):
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, producer)
+def load_json(path, producer="the stage that writes it", keys=None, inputs=None):
+    """Read a JSON file; refuse a missing, corrupt, altered or stale one, and, with `keys`, one
+    that is not a JSON object holding those keys."""
+    path = _open_checked(path, producer, inputs)
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _corrupt(path, producer, err) from err
+    if keys is not None and (not isinstance(obj, dict) or set(keys) - set(obj)):
+        raise StageError(f"{str(path)!r} is not the file `{producer}` writes (expected a JSON "
+                         f"object with the keys {sorted(keys)}); restore it, or move it away "
+                         f"and rerun `{producer}`.")
+    return obj
 
 
 def provenance(cfg):
     return {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def save_pickle(path, obj, cfg=None):
-    """Pickle a dict atomically, stamped with the hash of the config it was computed from."""
-    if cfg is not None and isinstance(obj, dict):
-        obj = dict(obj, _provenance=provenance(cfg))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def load_pickle(path, producer, expect_hash=None):
-    """Load a pickle; refuse a missing, corrupt or stale one with the command that remakes it."""
+    """Refuse a .pkl file: unpickling runs whatever code the file names, and a run folder
+    received from someone else must be safe to open. Never unpickles."""
     path = Path(path)
     if not path.exists():
         raise _missing(path, producer)
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
-        raise _corrupt(path, producer, err) from err
-    check_fresh(path, obj, producer, expect_hash)
-    return obj
+    raise StageError(f"{str(path)!r} is an old-format pickle, which is never opened (loading a "
+                     f"pickle can run code); rerun `{producer}` to rewrite it as HDF5/JSON.")
 
 
-def check_fresh(path, obj, producer, expect_hash):
-    if expect_hash is None or not isinstance(obj, dict):
-        return
-    found = obj.get("_provenance", {}).get("config_hash")
-    if found != expect_hash:
-        raise StageError(f"{str(path)!r} was computed from another configuration "
-                         f"(hash {found}, expected {expect_hash}); rerun `{producer}`.")
-
-
-def save_npz(path, **arrays):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def load_npz(path, producer):
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, producer)
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise _corrupt(path, producer, err) from err
-
-
-def save_h5(path, arrays, attrs=None, cfg=None):
-    """HDF5 with Blosc(zstd) compression; nested dicts become groups, attrs go on the root."""
+def save_h5(path, arrays, attrs=None, cfg=None, inputs=None):
+    """HDF5 with Blosc(zstd) compression and the fletcher32 checksum on every array dataset;
+    nested dicts become groups, attrs go on the root. `inputs`: files it was computed from
+    (their sha256 goes in the run's manifest, for check_fresh)."""
     import h5py
     import hdf5plugin
 
@@ -372,25 +673,28 @@ def save_h5(path, arrays, attrs=None, cfg=None):
                 continue
             value = np.asarray(value)
             if value.dtype.kind == "U":
-                group.create_dataset(key, data=value.astype("S"))
-            elif value.size > 1:
-                group.create_dataset(key, data=value,
+                value = value.astype("S")
+            if value.size > 1 and value.dtype.kind != "S":
+                group.create_dataset(key, data=value, fletcher32=True,
                                      **hdf5plugin.Blosc(cname="zstd", clevel=5))
+            elif value.ndim > 0:
+                group.create_dataset(key, data=value, fletcher32=True, chunks=True)
             else:
                 group.create_dataset(key, data=value)
 
     attrs = dict(attrs or {})
     if cfg is not None:
         attrs.update(provenance(cfg))
-    with atomic_path(path) as tmp:
+    with guarded_write(path, cfg, inputs) as tmp:
         with h5py.File(tmp, "w") as f:
             write(f, arrays)
             for key, value in attrs.items():
                 f.attrs[key] = json.dumps(value, default=_json_default)
 
 
-def load_h5(path, producer, expect_hash=None):
-    """Read a file written by `save_h5` back into (nested dict of arrays, attrs)."""
+def load_h5(path, producer, expect_hash=None, inputs=None):
+    """Read a file written by `save_h5` back into (nested dict of arrays, attrs); a missing,
+    corrupt (checksums), altered (manifest) or stale file is one sentence."""
     import h5py
     import hdf5plugin  # noqa: F401  (registers the Blosc filter)
 
@@ -406,34 +710,35 @@ def load_h5(path, producer, expect_hash=None):
                 out[key] = value
         return out
 
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, producer)
+    path = _open_checked(path, producer, inputs)
     try:
         with h5py.File(path, "r") as f:
             arrays = read(f)
             attrs = {k: json.loads(v) for k, v in f.attrs.items()}
-    except (OSError, KeyError, ValueError) as err:
+    except _READ_ERRORS as err:
         raise _corrupt(path, producer, err) from err
     check_fresh(path, {"_provenance": attrs}, producer, expect_hash)
     return arrays, attrs
 
 
-def save_torch(path, obj):
+def save_torch(path, obj, cfg=None, inputs=None):
     import torch
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with guarded_write(path, cfg, inputs) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch reports a failed write (disk full) this way
+            raise _write_failed(path, OSError(errno.EIO, str(err).split("\n")[0])) from None
 
 
-def load_torch(path, producer):
-    """torch.load with weights_only=True; a missing or truncated file is a clear StageError."""
+def load_torch(path, producer, inputs=None):
+    """torch.load with weights_only=True; a missing, truncated or altered file is a clear
+    StageError."""
+    import pickle  # torch's own unpickler (weights_only) reports a foreign file with this
     import torch
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, producer)
+    path = _open_checked(path, producer, inputs)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+    except (*_READ_ERRORS, pickle.UnpicklingError) as err:
         raise _corrupt(path, producer, err) from err
 
 

@@ -8,6 +8,7 @@ Writes runs/<aname>/ (aname = helper.run_name(cfg), e.g. everything_dmpn_seed749
                                  accuracies per rule, sampling probabilities
     snapshots/weights_step*.pt   weights at steps 0, 1, 32, 1024, 32768 and the end
     figures/training_*.png       curves, accuracy heatmap, sampling probabilities, example trials
+    manifest.json, .lock         sha256 and producer of each file; the writer lock (helper.run_lock)
 
 Example:
     python multiple_task.py configs/cpu_quick.py          # all 15 rules on a CPU
@@ -33,60 +34,64 @@ import net_helpers
 
 CONFIG = dict(
     # tasks (SPEC §2)
-    ruleset="everything",  # rule subset in mpn_tasks.RULESETS: "everything" (15 rules), "go" (6)
-    io_mode="low_dim",  # input/output layout: "low_dim" (21 in, 3 out) or "ring"
-    sigma_x=0.0,  # std of the input noise during training and validation (SPEC §2.3)
+    ruleset="everything",  # mpn_tasks.RULESETS: everything (15 rules), go (6) {@ruleset}
+    io_mode="low_dim",  # input/output layout: "low_dim" (21 in, 3 out) or "ring" {low_dim | ring}
+    sigma_x=0.0,  # std of the input noise during training and validation (SPEC §2.3) {>= 0}
     # model (SPEC §1; handed to mpn.build_model)
-    net="dmpn",  # "dmpn" (multi-plastic network), "vanilla" (leaky RNN) or "gru"
-    n_hidden=300,  # hidden units N
-    mp_type="mult",  # dmpn: "mult" (W + W*M) or "add" (W + M)
-    m_update="hebb_assoc",  # dmpn: "hebb_assoc" (eta * post x pre) or "hebb_pre" (post = 1/sqrt(N))
-    eta_type="scalar",  # dmpn: shape of eta: "scalar", "pre_vector", "post_vector" or "matrix"
-    lam_type="scalar",  # dmpn: shape of lambda, same choices as eta_type
-    eta_train=True,  # dmpn: learn eta
-    lam_train=False,  # dmpn: learn lambda (clamped to [0, 1 - dt/tau_M_ms])
-    eta_init=1.0,  # dmpn: initial eta
-    tau_M_ms=4000.0,  # dmpn: time constant of M in ms; lambda = 1 - dt/tau_M_ms
-    m_bounds=[-1.0, 1.0],  # dmpn: clip range of M; None disables the clip
-    recurrent=False,  # dmpn: add a recurrent weight W_rec h_{t-1}
-    input_layer=True,  # dmpn: embedding x = tanh(W_in u); False feeds u to the plastic layer
-    tau_ms=200.0,  # vanilla: unit time constant in ms (alpha = dt/tau_ms)
+    net="dmpn",  # multi-plastic network, leaky RNN or GRU {dmpn | vanilla | gru}
+    n_hidden=300,  # hidden units N {>= 1}
+    mp_type="mult",  # dmpn: "mult" (W + W*M) or "add" (W + M) {mult | add}
+    m_update="hebb_assoc",  # dmpn: eta post x pre, or post = 1/sqrt(N) {hebb_assoc | hebb_pre}
+    eta_type="scalar",  # dmpn: shape of eta {scalar | pre_vector | post_vector | matrix}
+    lam_type="scalar",  # dmpn: shape of lambda {scalar | pre_vector | post_vector | matrix}
+    eta_train=True,  # dmpn: learn eta {@bool}
+    lam_train=False,  # dmpn: learn lambda (clamped to [0, 1 - dt/tau_M_ms]) {@bool}
+    eta_init=1.0,  # dmpn: initial eta {> -1e6, < 1e6}
+    tau_M_ms=4000.0,  # dmpn: time constant of M in ms; lambda = 1 - dt/tau_M_ms {> 0}
+    m_bounds=[-1.0, 1.0],  # dmpn: clip range of M (None: no clip) {None | @increasing_pair}
+    recurrent=False,  # dmpn: add a recurrent weight W_rec h_{t-1} {@bool}
+    input_layer=True,  # dmpn: embedding x = tanh(W_in u); False: u to the plastic layer {@bool}
+    tau_ms=200.0,  # vanilla: unit time constant in ms (alpha = dt/tau_ms) {> 0}
     # optimisation (SPEC §4)
-    batch_size=128,  # trials per step, all of one rule
-    lr=1e-3,  # Adam learning rate
-    weight_reg=1e-4,  # L2 penalty weight_reg/2 * sum ||W||^2 over W_in, W, W_out (W_rec)
-    activity_reg=1e-4,  # activity penalty activity_reg * mean(h^2) over real steps
-    grad_clip=10.0,  # maximum gradient norm
-    lr_factor=0.95,  # ReduceLROnPlateau on validation loss: multiply lr by this ...
-    lr_patience=30,  # ... after this many evaluations without improvement ...
-    lr_min=1e-8,  # ... down to this lr
-    max_steps=100000,  # optimiser steps (the paper: 100,000)
-    max_minutes=None,  # stop after this many training minutes, summed over resumes (None: no cap)
+    batch_size=128,  # trials per step, all of one rule {>= 1}
+    lr=1e-3,  # Adam learning rate {> 0, <= 1}
+    weight_reg=1e-4,  # L2 penalty weight_reg/2 * sum ||W||^2 over W_in, W, W_out (W_rec) {>= 0}
+    activity_reg=1e-4,  # activity penalty activity_reg * mean(h^2) over real steps {>= 0}
+    grad_clip=10.0,  # maximum gradient norm {> 0}
+    lr_factor=0.95,  # ReduceLROnPlateau on validation loss: multiply lr by this ... {> 0, < 1}
+    lr_patience=30,  # ... after this many evaluations without improvement ... {>= 0}
+    lr_min=1e-8,  # ... down to this lr {>= 0}
+    max_steps=100000,  # optimiser steps (the paper: 100,000) {>= 0}
+    max_minutes=None,  # stop after this many training minutes, summed over resumes {None | > 0}
     # rule sampling and validation
-    sampling="adaptive",  # "adaptive" (SPEC §4: weak rules drawn more often) or "uniform"
-    p_min_frac=0.2,  # floor of a rule's sampling probability, as a fraction of 1/n_rules
-    eval_every=100,  # steps between evaluations on the fixed validation set
-    n_valid=128,  # validation trials per rule (random_batch, drawn once from the seed)
-    acc_measure="trial",  # accuracy that drives sampling and stopping: "trial" (strict) or "angle"
-    target_acc=None,  # stop when every rule's accuracy >= this ... (None: run max_steps)
-    patience_evals=3,  # ... at this many consecutive evaluations
+    sampling="adaptive",  # SPEC §4: weak rules drawn more often, or not {adaptive | uniform}
+    p_min_frac=0.2,  # floor of a rule's sampling probability, in units of 1/n_rules {>= 0, <= 1}
+    eval_every=100,  # steps between evaluations on the fixed validation set {>= 1}
+    n_valid=128,  # validation trials per rule (random_batch, drawn once from the seed) {>= 1}
+    acc_measure="trial",  # accuracy driving sampling and stopping (trial: strict) {trial | angle}
+    target_acc=None,  # stop when every rule's accuracy >= this ... {None | >= 0, <= 1}
+    patience_evals=3,  # ... at this many consecutive evaluations {>= 1}
     # bookkeeping
-    ckpt_every=1000,  # steps between checkpoints (plus one at the end)
-    snapshot_steps=[0, 1, 32, 1024, 32768],  # steps whose weights are kept (plus the last step)
-    seed=749,  # seeds the weights, the validation set and the training stream
-    device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
-    engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
-    num_threads=0,  # torch CPU threads (0: torch's default)
-    runs_dir=None,  # root of the run folders (None: $MPN_RUNS_DIR or runs/)
-    figures=True,  # draw the training figures into figures/ at the end
-    run_tag="",  # suffix of the run name, to keep variants apart
-    resume=None,  # None: continue a matching run with a checkpoint; True: must; False: new run only
+    ckpt_every=1000,  # steps between checkpoints (plus one at the end) {>= 1}
+    snapshot_steps=[0, 1, 32, 1024, 32768],  # steps whose weights are kept (+ last) {each >= 0}
+    seed=749,  # seeds the weights, the validation set and the training stream {>= 0, < 4294967296}
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
+    engine="auto",  # plastic-layer engine of mpn_engine {@engine}
+    num_threads=0,  # torch CPU threads (0: torch's default) {>= 0}
+    runs_dir=None,  # root of the run folders (None: $MPN_RUNS_DIR or runs/) {None | @path}
+    figures=True,  # draw the training figures into figures/ at the end {@bool}
+    run_tag="",  # suffix of the run name, to keep variants apart {@run_name}
+    resume=None,  # None: continue a matching run; True: must continue; False: new {None | @bool}
 )
 
-# Keys that may change when a run is continued: they do not alter what a step computes.
+# Keys that may change when a run is continued. None changes what a step computes, except
+# that device, engine and num_threads change its float rounding: a run resumed on another
+# engine equals an uninterrupted one up to float rounding, not bit for bit (tests/
+# test_training.py checks both).
 RESUMABLE_KEYS = ("max_steps", "max_minutes", "target_acc", "patience_evals", "ckpt_every",
                   "device", "engine", "num_threads", "runs_dir", "resume", "figures")
 PRODUCER = "python multiple_task.py"
+CONFIG_ID_KEYS = ("ruleset", "net", "n_hidden", "batch_size", "seed")  # in every config.json
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,14 +132,8 @@ class AdaptiveSampler:
 
 
 def derived(cfg):
-    """Values computed from the config (saved in log.json["meta"])."""
-    if cfg["ruleset"] not in mpn_tasks.RULESETS:
-        raise helper.StageError(f"unknown ruleset {cfg['ruleset']!r}; choose one of "
-                                f"{sorted(mpn_tasks.RULESETS)}.")
-    for key, allowed in (("acc_measure", ("trial", "angle")),
-                         ("sampling", ("adaptive", "uniform"))):
-        if cfg[key] not in allowed:
-            raise helper.StageError(f"{key} must be one of {allowed}, not {cfg[key]!r}.")
+    """Values computed from the config (saved in log.json["meta"]); the config's values were
+    checked against the CONFIG annotations (helper.check_config) first."""
     rules = list(mpn_tasks.RULESETS[cfg["ruleset"]])
     return {"rules": rules, "p_min": cfg["p_min_frac"] / len(rules),
             "n_input": mpn_tasks.n_inputs(cfg["io_mode"]),
@@ -193,8 +192,8 @@ def check_run_folder(cfg, paths):
                                 f"continue it.")
     if not has_ckpt:
         return False
-    old = helper.load_json(paths.config, PRODUCER) if paths.config.exists() \
-        else net_helpers.load_checkpoint(paths.checkpoint)["config"]
+    old = helper.load_json(paths.config, PRODUCER, keys=CONFIG_ID_KEYS) \
+        if paths.config.exists() else net_helpers.load_checkpoint(paths.checkpoint)["config"]
     new, absent = normalised(cfg), "<absent>"
     changed = sorted(k for k in set(old) | set(new)
                      if k not in RESUMABLE_KEYS and old.get(k, absent) != new.get(k, absent))
@@ -244,7 +243,12 @@ def restore(paths, net, opt, sched, sampler, rng, state):
     torch.set_rng_state(extra["torch_rng"])
     state.update(extra["state"])
     state["step"] = ckpt["step"]
-    log = helper.load_json(paths.log, PRODUCER)["evals"] if paths.log.exists() else []
+    log = helper.load_json(paths.log, PRODUCER, keys=("meta", "evals"))["evals"] \
+        if paths.log.exists() else []
+    if not isinstance(log, list) or not all(isinstance(e, dict) and "step" in e for e in log):
+        raise helper.StageError(f"{str(paths.log)!r} is not a training log (its evals are not "
+                                f"entries with a step); restore it, or move it away to resume "
+                                f"without the earlier curves.")
     state["log"] = [e for e in log if e["step"] <= state["step"]]
     print(f"resuming {paths.name} from step {state['step']}")
 
@@ -542,9 +546,17 @@ def make_figures(paths, log, rules, trials):
 
 def main(cfg):
     """Train (or continue) the run of `cfg`. Returns dict(paths=RunPaths, step, stop_reason,
-    final=last log entry (loss, acc per rule under both measures, means), log=all entries)."""
+    final=last log entry (loss, acc per rule under both measures, means), log=all entries).
+    The run folder is locked against other writers for the whole run."""
+    helper.check_config(cfg, CONFIG)
     meta = derived(cfg)
     paths = helper.run_paths(cfg)
+    with helper.run_lock(paths.dir):
+        return train(cfg, meta, paths)
+
+
+def train(cfg, meta, paths):
+    """The body of main, under the run folder's lock."""
     resume = check_run_folder(cfg, paths)
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])

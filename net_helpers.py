@@ -282,7 +282,7 @@ def save_checkpoint(path, net, cfg, step, extra=None):
         "step": int(step),
         "extra": extra if extra is not None else {},
     }
-    helper.save_torch(path, ckpt)
+    helper.save_torch(path, ckpt, cfg=cfg)
 
 
 def load_checkpoint(path, producer=CHECKPOINT_PRODUCER):

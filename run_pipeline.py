@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 import helper
 
 CONFIG = dict(
-    seeds="",  # comma-separated seeds, e.g. "1,2,3"; empty = the training config's seed
-    jobs=1,  # seeds run in parallel as local processes (each gets cores // jobs threads)
-    force=False,  # redo every stage even when its outputs are up to date
-    stages="train,analyze,cluster,lesion,lesion_plot,state_space",  # stages to run, in order
+    seeds="",  # comma-separated seeds, e.g. "1,2,3"; empty: the training seed {@seed_list}
+    jobs=1,  # seeds run in parallel as processes (each gets cores // jobs threads) {>= 1}
+    force=False,  # redo every stage even when its outputs are up to date {@bool}
+    stages="train,analyze,cluster,lesion,lesion_plot,state_space",  # run in order {@stage_list}
 )
 
 # (stage name, module, RunPaths attributes it reads, RunPaths attributes it writes)
@@ -85,12 +85,13 @@ def split_overrides(argv, defaults_by_stage):
 
 
 def stage_config(name, defaults, overrides, aname, runs_dir):
+    """A stage's config, checked against its CONFIG annotations before any stage runs."""
     cfg = helper.apply_overrides(defaults, overrides, echo=False)
     if name != "train":
         cfg["run"] = aname
     if "runs_dir" in cfg and runs_dir is not None:
         cfg["runs_dir"] = runs_dir
-    return cfg
+    return helper.check_config(cfg, defaults)
 
 
 def is_up_to_date(paths, state, name, cfg, inputs, outputs):
@@ -112,15 +113,18 @@ def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
     if unknown:
         raise helper.StageError(f"unknown stage(s) {sorted(unknown)}; choose from "
                                 f"{[name for name, *_ in STAGES]}.")
-    train_cfg = helper.apply_overrides(defaults_by_stage["train"], per_stage["train"], echo=False)
+    train_cfg = helper.check_config(helper.apply_overrides(
+        defaults_by_stage["train"], per_stage["train"], echo=False), defaults_by_stage["train"])
     aname, runs_dir = helper.run_name(train_cfg), train_cfg.get("runs_dir")
     paths = helper.run_paths(aname, runs_dir)
     state_file = paths.dir / "pipeline.json"
     state = helper.load_json(state_file) if state_file.exists() else {}
+    cfgs = {name: stage_config(name, defaults_by_stage[name], per_stage[name], aname, runs_dir)
+            for name, *_ in STAGES if name in wanted}
     for name, module, inputs, outputs in STAGES:
         if name not in wanted:
             continue
-        cfg = stage_config(name, defaults_by_stage[name], per_stage[name], aname, runs_dir)
+        cfg = cfgs[name]
         if not pipeline_cfg["force"] and is_up_to_date(paths, state, name, cfg, inputs, outputs):
             print(f"[{aname}] {name}: up to date, skipped")
             continue
@@ -161,6 +165,7 @@ def run_seeds_in_parallel(argv, seeds, jobs):
 def main(argv):
     defaults_by_stage = stage_defaults()
     pipeline_cfg, per_stage = split_overrides(argv, defaults_by_stage)
+    helper.check_config(pipeline_cfg, CONFIG)
     seeds = [int(s) for s in str(pipeline_cfg["seeds"]).split(",") if str(s).strip()]
     if len(seeds) <= 1:
         if seeds:

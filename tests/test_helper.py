@@ -93,39 +93,48 @@ def test_runs_root_comes_from_the_environment(runs_dir):
         helper.find_runs("abc*")
 
 
-def test_json_pickle_npz_h5_round_trip(tmp_path):
+def test_json_h5_round_trip(tmp_path):
     cfg = dict(a=1)
     helper.save_json(tmp_path / "x.json", {"a": np.float32(1.5), "b": np.arange(3)})
     assert helper.load_json(tmp_path / "x.json") == {"a": 1.5, "b": [0, 1, 2]}
-    helper.save_pickle(tmp_path / "x.pkl", {"v": [1, 2]}, cfg)
-    obj = helper.load_pickle(tmp_path / "x.pkl", "make it", expect_hash=helper.config_hash(cfg))
-    assert obj["v"] == [1, 2] and "created" in obj["_provenance"]
-    helper.save_npz(tmp_path / "x.npz", w=np.eye(3))
-    assert np.array_equal(helper.load_npz(tmp_path / "x.npz", "make it")["w"], np.eye(3))
     arrays = {"m": np.random.default_rng(0).normal(size=(49, 500)),
               "names": np.array(["fdgo-stim1", "fdgo-go1"]), "g": {"k": np.arange(5)}}
     helper.save_h5(tmp_path / "x.h5", arrays, attrs={"rows": 49}, cfg=cfg)
     back, attrs = helper.load_h5(tmp_path / "x.h5", "make it", expect_hash=helper.config_hash(cfg))
     assert np.array_equal(back["m"], arrays["m"]) and list(back["names"]) == ["fdgo-stim1", "fdgo-go1"]
     assert np.array_equal(back["g"]["k"], np.arange(5)) and attrs["rows"] == 49
+    assert "created" in attrs
     assert list(tmp_path.glob(".*tmp")) == []  # no temporary files left behind
 
 
+def test_h5_arrays_carry_the_fletcher32_checksum(tmp_path):
+    import h5py
+    helper.save_h5(tmp_path / "x.h5", {"m": np.ones((4, 4)), "v": np.arange(1), "s": 3.0})
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        assert f["m"].fletcher32 and f["v"].fletcher32
+
+
 def test_stale_missing_and_corrupt_files_name_the_producer(tmp_path):
-    helper.save_pickle(tmp_path / "x.pkl", {"v": 1}, dict(a=1))
+    helper.save_h5(tmp_path / "x.h5", {"v": np.ones(3)}, cfg=dict(a=1))
     with pytest.raises(helper.StageError, match="another configuration.*rerun `python a.py`"):
-        helper.load_pickle(tmp_path / "x.pkl", "python a.py", expect_hash=helper.config_hash(dict(a=2)))
+        helper.load_h5(tmp_path / "x.h5", "python a.py", expect_hash=helper.config_hash(dict(a=2)))
     with pytest.raises(helper.StageError, match="missing; run `python a.py` first"):
-        helper.load_pickle(tmp_path / "nope.pkl", "python a.py")
-    (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"v": 1})[:5])
-    with pytest.raises(helper.StageError, match="corrupt"):
-        helper.load_pickle(tmp_path / "bad.pkl", "python a.py")
+        helper.load_h5(tmp_path / "nope.h5", "python a.py")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(helper.StageError, match="corrupt"):
         helper.load_json(tmp_path / "bad.json", "python a.py")
     (tmp_path / "bad.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"0" * 20)
     with pytest.raises(helper.StageError, match="corrupt"):
         helper.load_h5(tmp_path / "bad.h5", "python a.py")
+
+
+def test_a_pickle_is_refused_without_being_opened(tmp_path):
+    (tmp_path / "old.pkl").write_bytes(pickle.dumps({"v": 1}))
+    with pytest.raises(helper.StageError, match="old-format pickle.*rerun `python a.py`"):
+        helper.load_pickle(tmp_path / "old.pkl", "python a.py")
+    with pytest.raises(helper.StageError, match="missing; run `python a.py` first"):
+        helper.load_pickle(tmp_path / "nope.pkl", "python a.py")
+    assert not hasattr(helper, "save_pickle")
 
 
 def test_failed_write_leaves_the_old_file(tmp_path):
