@@ -275,8 +275,8 @@ class RunPaths:
         self.figures = self.dir / "figures"
         self.variance = self.dir / "task_variance.h5"
         self.analysis = self.dir / "analysis.pkl"
-        self.cluster_info = self.dir / "cluster_info.pkl"
-        self.cluster_info_mod = self.dir / "cluster_info_mod.pkl"
+        self.cluster_info = self.dir / "cluster_info.h5"
+        self.cluster_info_mod = self.dir / "cluster_info_mod.h5"
         self.lesion = self.dir / "lesion.pkl"
         self.state_space = self.dir / "state_space.pkl"
         self.manifest = self.dir / MANIFEST
@@ -322,7 +322,7 @@ class SummaryPaths:
         self.dir = runs_root(root) / "summary"
         self.figures = self.dir
         self.state_space = self.dir / "state_space_summary.pkl"
-        self.seeds = self.dir / "seed_summary.pkl"
+        self.seeds = self.dir / "seed_summary.json"
 
     def figure(self, name, ext="png"):
         return self.figures / f"{name}.{ext}"
@@ -707,6 +707,8 @@ def load_h5(path, producer, expect_hash=None, inputs=None):
                 value = item[()]
                 if isinstance(value, np.ndarray) and value.dtype.kind == "S":
                     value = value.astype("U")
+                elif isinstance(value, bytes):  # a scalar string
+                    value = value.decode()
                 out[key] = value
         return out
 

@@ -318,7 +318,7 @@ def modulation_experiments(table, ci_mod, variance, cfg, run_seed, n_syn):
     synapse-set controls."""
     out = {}
     for rep in cfg["mod_reps"]:
-        for form in cfg["forms"]:
+        for form in [f for f in cfg["forms"] if f in ci_mod.get(rep, {})]:  # W⊙M: unnormalized
             for cut in cfg["mod_k_cuts"]:
                 t = cluster_table(ci_mod[rep][form], cut, cfg["fixed_k"], n_syn)
                 for kind, field in (("zero_W", "w_zero"), ("freeze_M", "m_freeze")):
@@ -736,9 +736,21 @@ def load_clusters(paths, experiments):
             out[attr] = None
             continue
         path = getattr(paths, attr)
-        out[attr] = helper.load_pickle(path, producer)
+        out[attr] = read_cluster_file(path, producer)
         check_clusters_fresh(paths, path, out[attr], producer)
     return out["cluster_info"], out["cluster_info_mod"], variance_reader(paths)
+
+
+def read_cluster_file(path, producer):
+    """A cluster_info*.h5 file as the dict the experiments read: int keys for labels by k,
+    k = the labelled k (k_argmax when no k is above the null), root attrs merged in."""
+    info, attrs = helper.load_h5(path, producer)
+    for forms in info.values():
+        for R in forms.values():
+            R["col_labels_by_k"] = {int(k): v for k, v in R["col_labels_by_k"].items()}
+            R["k"] = int(R["k_ref"])
+    return dict(info, fixed_k=attrs.get("fixed_k", 20), variance_hash=attrs.get("variance_hash"),
+                _provenance={"config_hash": attrs.get("config_hash")})
 
 
 def check_clusters_fresh(paths, path, info, producer):

@@ -397,7 +397,7 @@ def test_both_scripts_end_to_end(trained_root, runs_dir):
     assert set(saved["single"]) == {f"{r}-{f}-{c}" for r in ("input", "hidden")
                                     for f in ("normalized", "unnormalized")
                                     for c in ("fixed", "selected")}
-    assert len(saved["modulation"]) == 4 and len(saved["combined"]) == 1
+    assert len(saved["modulation"]) == 3 and len(saved["combined"]) == 1  # no W⊙M normalized
     comb = saved["combined"]["normalized-fixed"]
     assert comb["lesion"].size == comb["input_clusters"].size * comb["hidden_clusters"].size
     assert comb["k_input"] == 6 and comb["k_hidden"] == 6
@@ -416,8 +416,8 @@ def test_both_scripts_end_to_end(trained_root, runs_dir):
 def test_missing_or_stale_clusters_name_the_clustering_command(trained_root, runs_dir):
     paths = copy_run(trained_root, runs_dir)
     cfg = dict(lesion.CONFIG, run=paths.name, **FAST)
-    ci = helper.load_pickle(paths.cluster_info, "clustering")
-    helper.save_pickle(paths.cluster_info, dict(ci, variance_hash="other"), {"x": 1})
+    ci, attrs = helper.load_h5(paths.cluster_info, "clustering")
+    helper.save_h5(paths.cluster_info, ci, dict(attrs, variance_hash="other"))
     with pytest.raises(helper.StageError, match=f"another task_variance.h5; rerun `python "
                        f"clustering.py --run={paths.name}"):
         lesion.main(cfg)
