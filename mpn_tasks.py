@@ -11,7 +11,8 @@ Provides
   (1 + 2·32 + 15 in, 1 + 32 out);
 - Batch, random_batch (training: every trial draws its own durations and conditions),
   aligned_batch (analysis: shared epoch boundaries, stim1 directions balanced),
-  concat_batches;
+  condition_set (analysis and lesion tests: the complete factorial condition set of a rule,
+  aligned durations, SPEC §5.1), concat_batches;
 - score_angle, score_trial, accuracy_by_rule: both accuracy measures, vectorised, on numpy
   arrays or torch tensors.
 
@@ -145,8 +146,11 @@ def _grid(index):
 
 def _sample_single(task, rng, i1):
     """fd / react / delay: one stimulus, strength 1, on a random ring; go or anti response."""
+    return _single_conditions(task, i1, rng.integers(1, 3, size=len(i1)))
+
+
+def _single_conditions(task, i1, ring):
     n = len(i1)
-    ring = rng.integers(1, 3, size=n)
     ring_strength = np.zeros((n, 2, 2))
     ring_strength[np.arange(n), 0, ring - 1] = 1.0
     theta = _grid(i1)
@@ -156,17 +160,19 @@ def _sample_single(task, rng, i1):
         resp_dir=theta + np.pi * task.anti, resp_amp=np.ones(n), is_go=np.ones(n, bool))
 
 
+COHERENCES = np.array([0.08, 0.16, 0.32])  # c of the strength pairs μ ± c·s
+DM_OFFSETS = np.arange(2, 7)  # θ2 - θ1 of dm rules in grid steps: 90°, 135°, ..., 270°
+
+
 def _strength_pair(rng, n):
     """Strengths μ ± c·s: μ ~ U(0.8, 1.2), c ∈ {0.08, 0.16, 0.32}, s = ±1 (never equal)."""
     mu = rng.uniform(0.8, 1.2, size=n)
-    c = rng.choice(np.array([0.08, 0.16, 0.32]), size=n)
+    c = rng.choice(COHERENCES, size=n)
     s = rng.choice(np.array([-1.0, 1.0]), size=n)
-    return mu + c * s, mu - c * s
+    return np.stack([mu + c * s, mu - c * s], axis=1)
 
 
-def _dm_dirs(rng, i1):
-    """θ1 from i1, θ2 = θ1 + one of 90°..270° on the grid (the two never look alike)."""
-    i2 = i1 + rng.integers(2, 7, size=len(i1))
+def _dm_dirs(i1, i2):
     return np.stack([_grid(i1), _grid(i2)], axis=1)
 
 
@@ -181,34 +187,47 @@ def _dm_conditions(dirs, ring_strength, strength, decisive, stim1_ring, amp_is_s
 
 
 def _sample_delaydm(task, rng, i1):
-    """stim1 on ring `task.ring`, stim2 on the other; the stronger wins, amp = its strength."""
+    """stim1 on ring `task.ring`, stim2 on the other; θ2 = θ1 + 90°..270° on the grid."""
+    s = _strength_pair(rng, len(i1))
+    return _delaydm_conditions(task, i1, i1 + rng.integers(2, 7, size=len(i1)), s)
+
+
+def _delaydm_conditions(task, i1, i2, s):
+    """The stronger of the strengths s (B, 2) wins, amp = its strength."""
     n = len(i1)
-    s = np.stack(_strength_pair(rng, n), axis=1)
-    dirs = _dm_dirs(rng, i1)
     ring_strength = np.zeros((n, 2, 2))
     ring_strength[:, 0, task.ring - 1] = s[:, 0]
     ring_strength[:, 1, 2 - task.ring] = s[:, 1]
-    return _dm_conditions(dirs, ring_strength, s, s, np.full(n, task.ring), True)
+    return _dm_conditions(_dm_dirs(i1, i2), ring_strength, s, s, np.full(n, task.ring), True)
 
 
 def _sample_contextdm(task, rng, i1):
     """Both stimuli on both rings, independent strengths per ring; only `task.ring` counts."""
     n = len(i1)
-    ring_strength = np.zeros((n, 2, 2))
-    for r in range(2):
-        ring_strength[:, 0, r], ring_strength[:, 1, r] = _strength_pair(rng, n)
+    pairs = [_strength_pair(rng, n) for _ in range(2)]  # per ring: (B, 2) stimulus strengths
+    return _contextdm_conditions(task, i1, i1 + rng.integers(2, 7, size=n),
+                                 np.stack(pairs, axis=2))
+
+
+def _contextdm_conditions(task, i1, i2, ring_strength):
+    """ring_strength (B, 2, 2): strength of stimulus k on ring r; the attended ring decides."""
     attended = ring_strength[:, :, task.ring - 1]
-    return _dm_conditions(_dm_dirs(rng, i1), ring_strength, attended.copy(), attended,
-                          np.zeros(n, np.int64), False)
+    return _dm_conditions(_dm_dirs(i1, i2), ring_strength, attended.copy(), attended,
+                          np.zeros(len(i1), np.int64), False)
 
 
 def _sample_multidm(task, rng, i1):
     """Stimulus i shows s_i ± d_i/2 on ring 1/2, d_i = ±s_i·U(0.2, 0.8); larger 2·s_i wins."""
     n = len(i1)
-    s = np.stack(_strength_pair(rng, n), axis=1)
+    s = _strength_pair(rng, n)
     d = s * rng.uniform(0.2, 0.8, size=(n, 2)) * rng.choice(np.array([-1.0, 1.0]), size=(n, 2))
+    return _multidm_conditions(i1, i1 + rng.integers(2, 7, size=n), s, d)
+
+
+def _multidm_conditions(i1, i2, s, d):
     ring_strength = np.stack([s + d / 2, s - d / 2], axis=2)
-    return _dm_conditions(_dm_dirs(rng, i1), ring_strength, s, s, np.zeros(n, np.int64), False)
+    return _dm_conditions(_dm_dirs(i1, i2), ring_strength, s, s, np.zeros(len(i1), np.int64),
+                          False)
 
 
 def _category_test(rng, i1, match):
@@ -227,11 +246,23 @@ def _sample_match(task, rng, i1):
         i2 = _category_test(rng, i1, match)
     else:  # a non-match test is one of the 7 other directions
         i2 = np.where(match, i1, i1 + rng.integers(1, N_DIRS, size=n))
+    return _match_conditions(task, i1, i2, ring)
+
+
+def _is_match(task, i1, i2):
+    """dms: same direction; dmc: same category (θ > π), for grid indices."""
+    if task.category:
+        return (np.mod(i1, N_DIRS) > N_DIRS // 2) == (np.mod(i2, N_DIRS) > N_DIRS // 2)
+    return np.mod(i1, N_DIRS) == np.mod(i2, N_DIRS)
+
+
+def _match_conditions(task, i1, i2, ring):
+    n = len(i1)
     ring_strength = np.zeros((n, 2, 2))
     ring_strength[np.arange(n), 0, ring - 1] = 1.0
     ring_strength[np.arange(n), 1, 2 - ring] = 1.0
     dirs = np.stack([_grid(i1), _grid(i2)], axis=1)
-    is_go = match != task.nogo
+    is_go = _is_match(task, i1, i2) != task.nogo
     return _Conditions(dirs=dirs, ring_strength=ring_strength, strength=np.ones((n, 2)),
                        stim1_ring=ring, resp_dir=np.where(is_go, dirs[:, 1], np.nan),
                        resp_amp=np.ones(n), is_go=is_go)
@@ -239,6 +270,78 @@ def _sample_match(task, rng, i1):
 
 FAMILIES = {"single": _sample_single, "delaydm": _sample_delaydm,
             "contextdm": _sample_contextdm, "multidm": _sample_multidm, "match": _sample_match}
+
+# ---------------------------------------------------------------------------------------
+# Condition sets (SPEC §5.1): every family's complete factorial design, fixed by the rule
+
+MULTI_D_RATIO = 0.5  # multidm condition set: |d_i| = s_i/2, the middle of U(0.2, 0.8)
+
+
+def _levels(*counts):
+    """Index arrays of the full factorial of `counts` levels (the first varies slowest)."""
+    return tuple(np.indices(counts).reshape(len(counts), -1))
+
+
+def _fixed_pair(coherence_index, stronger):
+    """μ = 1 strength pairs (B, 2): 1 ± c, stimulus `stronger` (0 or 1) the larger."""
+    c = COHERENCES[coherence_index] * np.where(stronger == 0, 1.0, -1.0)
+    return np.stack([1 + c, 1 - c], axis=1)
+
+
+def _grid_single(task, dirs):
+    """stim1 direction x stim1 ring: 8 x 2 = 16 trials."""
+    d, ring = _levels(len(dirs), 2)
+    return dirs[d], _single_conditions(task, dirs[d], ring + 1)
+
+
+def _grid_delaydm(task, dirs):
+    """stim1 direction x stim2 offset x coherence x stronger: 8 x 5 x 3 x 2 = 240 trials."""
+    d, off, c, w = _levels(len(dirs), len(DM_OFFSETS), len(COHERENCES), 2)
+    i1 = dirs[d]
+    return i1, _delaydm_conditions(task, i1, i1 + DM_OFFSETS[off], _fixed_pair(c, w))
+
+
+def _grid_contextdm(task, dirs):
+    """A balanced sixth of the 8 x 5 x 6 x 6 design (direction, offset, attended pair, ignored
+    pair): the ignored ring's (coherence, stronger) level is (a + d + off) mod 6 for attended
+    level a, so every level of every variable occurs equally often (240 trials) and the
+    ignored ring favours the same stimulus as the attended one in exactly half of them."""
+    d, off, a = _levels(len(dirs), len(DM_OFFSETS), 2 * len(COHERENCES))
+    ignored = (a + d + off) % (2 * len(COHERENCES))
+    pairs = {task.ring - 1: _fixed_pair(a // 2, a % 2), 2 - task.ring: _fixed_pair(
+        ignored // 2, ignored % 2)}
+    ring_strength = np.stack([pairs[0], pairs[1]], axis=2)
+    i1 = dirs[d]
+    return i1, _contextdm_conditions(task, i1, i1 + DM_OFFSETS[off], ring_strength)
+
+
+def _grid_multidm(task, dirs):
+    """direction x offset x coherence x stronger (240 trials), |d_i| = MULTI_D_RATIO·s_i; the
+    signs of (d_1, d_2) run through their 4 patterns with (d + off) mod 4, equally often."""
+    d, off, c, w = _levels(len(dirs), len(DM_OFFSETS), len(COHERENCES), 2)
+    i1, s = dirs[d], _fixed_pair(c, w)
+    pattern = (d + off) % 4
+    signs = np.stack([np.where(pattern % 2 == 0, 1.0, -1.0),
+                      np.where(pattern // 2 == 0, 1.0, -1.0)], axis=1)
+    return i1, _multidm_conditions(i1, i1 + DM_OFFSETS[off], s, MULTI_D_RATIO * s * signs)
+
+
+def _grid_match(task, dirs):
+    """sample direction x sample ring x test. dms: the match test 7 times (so match and
+    non-match are equally frequent) and each of the 7 other directions once: 8 x 2 x 14 =
+    224 trials. dmc: the 6 usable test directions: 6 x 2 x 6 = 72 trials, match = category."""
+    n_tests = len(dirs) if task.category else 2 * (N_DIRS - 1)
+    d, ring, test = _levels(len(dirs), 2, n_tests)
+    i1 = dirs[d]
+    if task.category:
+        i2 = dirs[test]
+    else:  # tests 0..6: the sample direction, tests 7..13: offsets 1..7
+        i2 = i1 + np.where(test < N_DIRS - 1, 0, test - (N_DIRS - 2))
+    return i1, _match_conditions(task, i1, i2, ring + 1)
+
+
+CONDITION_GRIDS = {"single": _grid_single, "delaydm": _grid_delaydm,
+                   "contextdm": _grid_contextdm, "multidm": _grid_multidm, "match": _grid_match}
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,7 +398,8 @@ def random_batch(rule, batch_size, rng, *, sigma_x=0.0, io_mode="low_dim"):
     steps = (ms / DT_MS).astype(np.int64)
     choices = np.asarray(task.stim1_dirs)
     i1 = choices[rng.integers(0, len(choices), size=batch_size)]
-    return _make_batch(rule, steps, i1, rng, sigma_x, io_mode, jitter=io_mode == "ring")
+    cond = FAMILIES[task.family](task, rng, i1)
+    return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=io_mode == "ring")
 
 
 def aligned_batch(rule, n_trials, rng, *, quantile=1.0, sigma_x=0.0, io_mode="low_dim"):
@@ -307,19 +411,44 @@ def aligned_batch(rule, n_trials, rng, *, quantile=1.0, sigma_x=0.0, io_mode="lo
     """
     task = _task(rule)
     _check_io_mode(io_mode)
+    choices = np.asarray(task.stim1_dirs)
+    i1 = choices[np.arange(n_trials) % len(choices)]
+    steps = _aligned_steps(task, quantile, n_trials)
+    cond = FAMILIES[task.family](task, rng, i1)
+    return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)
+
+
+def condition_set(rule, rng=None, quantile=1.0, sigma_x=0.0, io_mode="low_dim"):
+    """The rule's complete factorial condition set (SPEC §5.1), `aligned` durations.
+
+    Fixed by the rule, never drawn: stim1 direction (8; dmc its 6 usable ones) x stim1 ring
+    where the rule draws it x the family's other variables (see the _grid_* functions); every
+    level of every variable occurs equally often. Sizes: fd/react/delay 16, delaydm,
+    contextdm and multidm 240, dms 224, dmc 72. `rng` is used only for the input noise,
+    which is added when sigma_x > 0. Angles stay on the 8-direction grid in both io modes.
+    """
+    task = _task(rule)
+    _check_io_mode(io_mode)
+    if sigma_x > 0 and rng is None:
+        raise ValueError("condition_set needs an rng for input noise (sigma_x > 0)")
+    i1, cond = CONDITION_GRIDS[task.family](task, np.asarray(task.stim1_dirs))
+    steps = _aligned_steps(task, quantile, len(i1))
+    return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)
+
+
+def _aligned_steps(task, quantile, n_trials):
+    """(n_trials, n_epochs) steps: every epoch at `quantile` of its range, shared by all."""
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     ms = np.array([lo + quantile * (hi - lo) for _, lo, hi in task.epochs])
-    steps = np.tile((ms / DT_MS).astype(np.int64), (n_trials, 1))
-    choices = np.asarray(task.stim1_dirs)
-    i1 = choices[np.arange(n_trials) % len(choices)]
-    return _make_batch(rule, steps, i1, rng, sigma_x, io_mode, jitter=False)
+    return np.tile((ms / DT_MS).astype(np.int64), (n_trials, 1))
 
 
-def _make_batch(rule, steps, i1, rng, sigma_x, io_mode, jitter):
+def _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter):
+    """Render conditions into a Batch; `rng` draws the ring-mode rotation (jitter) and the
+    input noise (sigma_x > 0) only, in that order."""
     task = TASKS[rule]
-    n = len(i1)
-    cond = FAMILIES[task.family](task, rng, i1)
+    n = len(cond.dirs)
     rotation = rng.uniform(-np.pi / N_DIRS, np.pi / N_DIRS, size=n) if jitter else np.zeros(n)
     cond.dirs = np.mod(cond.dirs + rotation[:, None], 2 * np.pi)
     cond.resp_dir = np.mod(cond.resp_dir + rotation, 2 * np.pi)

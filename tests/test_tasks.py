@@ -3,6 +3,7 @@
 Axis order (B, T, N). The expectations here are written from the SPEC, independently of the
 declarations in mpn_tasks, and compared with plain per-trial loops.
 """
+import dataclasses
 import functools
 
 import numpy as np
@@ -97,7 +98,10 @@ def test_epochs_in_order_within_ranges(rule):
 
 @pytest.mark.parametrize("rule", mt.RULES)
 def test_input_channels(rule):
-    b = batch(rule)
+    check_inputs(rule, batch(rule))
+
+
+def check_inputs(rule, b):
     fixate_whole = kind(rule) in ("react", "match")
     for i in range(len(b.length)):
         go, end = b.go_step[i], b.length[i]
@@ -155,7 +159,10 @@ def check_strength_law(s1, s2):
 
 @pytest.mark.parametrize("rule", mt.RULES)
 def test_targets_and_amplitudes(rule):
-    b = batch(rule)
+    check_targets(batch(rule))
+
+
+def check_targets(b):
     for i in range(len(b.length)):
         go, end = b.go_step[i], b.length[i]
         direction, amp = expected_response(b, i)
@@ -300,3 +307,101 @@ def test_concat_batches_pads():
     assert np.all(b.epochs["stim2"][:8] == -1) and np.all(b.epochs["stim2"][8:16] >= 0)
     sub = b.take(np.arange(8, 16))
     np.testing.assert_array_equal(sub.stim2_dir, parts[1].stim2_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# condition_set (SPEC §5.1): the complete factorial design, read back from the metadata
+
+CONDITION_SET_SIZE = {"fd": 16, "react": 16, "delay": 16, "dm": 240, "match": 224}
+
+
+def grid_steps(angle):
+    return np.round(np.asarray(angle) / (np.pi / 4)).astype(int) % 8
+
+
+def assert_balanced(values, n_levels, name):
+    """Every one of the n_levels levels of a variable occurs equally often."""
+    keys, counts = np.unique(np.round(np.asarray(values, dtype=float), 6), axis=0,
+                             return_counts=True)
+    assert len(keys) == n_levels, (name, keys)
+    assert np.all(counts == counts[0]), (name, dict(zip(map(str, keys), counts)))
+
+
+def pair_levels(s1, s2):
+    """(μ, c, stronger) of strength pairs μ ± c."""
+    return (s1 + s2) / 2, np.abs(s1 - s2) / 2, (s1 > s2).astype(int)
+
+
+def design_variables(rule, b):
+    """{variable: (values per trial, number of levels)} of the rule's condition set."""
+    n = len(b.length)
+    variables = {"stim1 direction": (grid_steps(b.stim1_dir), 6 if rule.startswith("dmc") else 8)}
+    s = b.ring_strength
+    if kind(rule) in ("fd", "react", "delay", "match"):
+        variables["stim1 ring"] = (b.stim1_ring, 2)
+    if kind(rule) == "match":
+        variables["match"] = (np.array([is_match(b, i) for i in range(n)]), 2)
+        variables["test direction"] = (grid_steps(b.stim2_dir), 6 if rule.startswith("dmc") else 8)
+    if kind(rule) != "dm":
+        return variables
+    variables["stim2 offset"] = (grid_steps(b.stim2_dir - b.stim1_dir), 5)
+    if rule.startswith("context"):
+        attended = int(rule[-1]) - 1
+        for name, r in (("attended", attended), ("ignored", 1 - attended)):
+            mu, c, stronger = pair_levels(s[:, 0, r], s[:, 1, r])
+            assert np.allclose(mu, 1)
+            variables[f"{name} pair"] = (np.stack([c, stronger], axis=1), 6)
+        congruent = (s[:, 0, 0] > s[:, 1, 0]) == (s[:, 0, 1] > s[:, 1, 1])
+        variables["ignored ring congruent"] = (congruent, 2)
+        return variables
+    total = s.sum(axis=2) / (2 if rule == "multidelaydm" else 1)
+    mu, c, stronger = pair_levels(total[:, 0], total[:, 1])
+    assert np.allclose(mu, 1)
+    variables["coherence"], variables["stronger"] = (c, 3), (stronger, 2)
+    if rule == "multidelaydm":
+        d = s[:, :, 0] - s[:, :, 1]
+        np.testing.assert_allclose(np.abs(d) / total, 0.5)
+        variables["signs of d"] = (d > 0, 4)
+    else:
+        assert np.all(b.stim1_ring == int(rule[-1]))
+    return variables
+
+
+@pytest.mark.parametrize("rule", mt.RULES)
+def test_condition_set_is_complete_and_balanced(rule):
+    b = mt.condition_set(rule)
+    n = 72 if rule.startswith("dmc") else CONDITION_SET_SIZE[kind(rule)]
+    assert len(b.length) == n and np.all(b.rule == mt.RULES.index(rule))
+    for name, (values, n_levels) in design_variables(rule, b).items():
+        assert_balanced(values, n_levels, name)
+    for name, lo, hi in SPEC_EPOCHS[kind(rule)]:  # aligned, quantile 1 = the longest
+        assert np.all(np.diff(b.epochs[name], axis=1) == int(hi / DT))
+    if kind(rule) == "match" and not rule.startswith("dmc"):
+        offsets = grid_steps(b.stim2_dir - b.stim1_dir)[~b.is_go != rule.endswith("nogo")]
+        assert_balanced(offsets, 7, "non-match offset")  # every other direction
+
+
+@pytest.mark.parametrize("rule", mt.RULES)
+def test_condition_set_targets_and_inputs_agree_with_metadata(rule):
+    b = mt.condition_set(rule, quantile=0.5)
+    check_targets(b)
+    check_inputs(rule, b)
+
+
+@pytest.mark.parametrize("rule", ["fdgo", "contextdelaydm2", "dmsnogo", "dmcgo"])
+def test_condition_set_is_fixed_and_noise_needs_rng(rule):
+    a, b = mt.condition_set(rule), mt.condition_set(rule, np.random.default_rng(5))
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, dict):
+            assert all(np.array_equal(x[k], y[k]) for k in x)
+        else:
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="rng"):
+        mt.condition_set(rule, sigma_x=0.01)
+    noisy = [mt.condition_set(rule, np.random.default_rng(s), sigma_x=0.01) for s in (1, 1, 2)]
+    np.testing.assert_array_equal(noisy[0].inputs, noisy[1].inputs)
+    assert not np.array_equal(noisy[0].inputs, noisy[2].inputs)
+    np.testing.assert_array_equal(noisy[0].targets, a.targets)
+    ring = mt.condition_set(rule, io_mode="ring")
+    np.testing.assert_array_equal(ring.stim1_dir, a.stim1_dir)  # on the grid, no jitter
