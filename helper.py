@@ -197,10 +197,10 @@ class RunPaths:
         self.figures = self.dir / "figures"
         self.variance = self.dir / "task_variance.h5"
         self.analysis = self.dir / "analysis.pkl"
-        self.cluster_info = self.dir / "cluster_info.pkl"
-        self.cluster_info_mod = self.dir / "cluster_info_mod.pkl"
-        self.lesion = self.dir / "lesion.pkl"
-        self.state_space = self.dir / "state_space.pkl"
+        self.cluster_info = self.dir / "cluster_info.h5"
+        self.cluster_info_mod = self.dir / "cluster_info_mod.h5"
+        self.lesion = self.dir / "lesion.h5"
+        self.state_space = self.dir / "state_space.h5"
 
     def snapshot(self, step):
         return self.snapshots / f"weights_step{step:07d}.pt"
@@ -237,7 +237,7 @@ class SummaryPaths:
     def __init__(self, root=None):
         self.dir = runs_root(root) / "summary"
         self.figures = self.dir
-        self.state_space = self.dir / "state_space_summary.pkl"
+        self.state_space = self.dir / "state_space_summary.json"
         self.seeds = self.dir / "seed_summary.pkl"
 
     def figure(self, name, ext="png"):
