@@ -82,6 +82,7 @@ CONFIG = dict(
     n_random_combined=5,  # random controls per (input, hidden) cluster pair (400 pairs at k=20); significance needs 2 {>= 1}
     alpha=0.05,  # false-discovery rate of the Benjamini–Hochberg control over each heatmap {> 0, < 1}
     fixed_k=None,  # the fixed number of clusters (SPEC §6.1); None: cluster_info's fixed_k (20); nearest available k if absent
+    unit_reps=["input", "hidden"],  # unit clusterings lesioned alone (single) {each in input, hidden}
     k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k
     forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned
     combined_forms=["normalized"],  # forms whose fixed-k clusterings get all pair lesions
@@ -205,6 +206,8 @@ def single_experiments(table, ci, variance, cfg, run_seed, n_units, W_out=None):
     carry each cluster's readout share."""
     out = {}
     for rep, field in (("input", "in_units"), ("hidden", "hid_units")):
+        if rep not in cfg["unit_reps"]:
+            continue
         for form in cfg["forms"]:
             for cut in _cuts(ci[rep][form], cfg["k_cuts"], f"{rep} {form}"):
                 t = cluster_table(ci[rep][form], cut, cfg["fixed_k"], n_units[rep])

@@ -416,7 +416,7 @@ def plot_shift_test(ax, shift, title):
     ax.set_title(f"{title} ({shift['trained']['n']} rule pairs)\nshuffled-label r, 95%: "
                  f"[{lo:.2f}, {hi:.2f}]", fontsize=9)
     ax.set_ylim(0, 180)
-    ax.legend(loc="lower right", fontsize=6)
+    ax.legend(loc="upper left", fontsize=6)
 
 
 def plot_subspace_angles(ax, matrix, rules, stat, dim):
