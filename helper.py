@@ -238,7 +238,7 @@ class SummaryPaths:
         self.dir = runs_root(root) / "summary"
         self.figures = self.dir
         self.state_space = self.dir / "state_space_summary.json"
-        self.seeds = self.dir / "seed_summary.pkl"
+        self.seeds = self.dir / "seed_summary.json"
 
     def figure(self, name, ext="png"):
         return self.figures / f"{name}.{ext}"
@@ -403,6 +403,8 @@ def load_h5(path, producer, expect_hash=None):
                 value = item[()]
                 if isinstance(value, np.ndarray) and value.dtype.kind == "S":
                     value = value.astype("U")
+                elif isinstance(value, bytes):  # a scalar string
+                    value = value.decode()
                 out[key] = value
         return out
 

@@ -1,27 +1,38 @@
-"""Task-variance matrices of a trained network (SPEC §5.1), and the multi-seed summary.
+"""Task-variance matrices of a trained network (SPEC §5.2), and the multi-seed summary.
 
 Reads:  runs/<aname>/checkpoint.pt (its config gives the rules and io_mode).
-Writes: runs/<aname>/task_variance.h5: groups input, hidden, modulation, modulation_weighted,
-        each with datasets normalized and unnormalized (49 task-periods x columns; raw task
-        variance, log1p is applied only when clustering), root dataset row_names, group pca
-        (per rule the stim1-direction-mean hidden trajectories on their first 3 PCs), and
-        attrs: provenance, analysis config, run, checkpoint step, epoch windows;
-        runs/<aname>/figures/variance_*.png, weights.png, hidden_pca.png.
-        With --summary=True: runs/summary/seed_summary.pkl and seed_summary.png (per-rule
+Writes: runs/<aname>/task_variance.h5: groups input, hidden, modulation (datasets normalized
+        and unnormalized, 49 task-periods x columns; raw task variance, log1p is applied only
+        when clustering) and modulation_weighted (unnormalized only: its normalized form
+        equals modulation's exactly, SPEC §5.2), root dataset row_names, group perturbed
+        (per perturbed design, input and hidden raw task variance: the stability designs of
+        SPEC §5.3), group pca (per rule the stim1-direction-mean hidden trajectories on their
+        first 3 PCs), and attrs: provenance, analysis config, run, checkpoint step, epoch
+        windows, designs; runs/<aname>/figures/variance_*.png, weights.png, hidden_pca.png.
+        With --summary=True: runs/summary/seed_summary.json and seed_summary.png (per-rule
         accuracy across seeds, selected k across seeds, co-clustering of sibling rules).
 
 Axis order: trials x time x units, (B, T, N). A modulation tensor M is (B, N_post, N_pre) and
 a synapse column is its flattened post-major index `post * N_pre + pre`.
 
+Trials: per rule its complete condition set (`mpn_tasks.condition_set`, SPEC §5.1): fixed by
+the rule, noise-free, every epoch at `quantile` of its range; nothing is sampled, so the
+matrices are a function of the network alone (two analyses give bit-identical files).
+
 A *task-period* is one (rule, epoch) with epoch in PERIOD_EPOCHS, named like `dmcgo-delay1`.
 For a representation z and one task-period with step window [start, stop) shared by all the
-rule's (aligned) trials: m[k, t, n] = mean of z[trials with stim1 direction k, t, n]; the task
-variance of unit n is the variance of m[:, :, n] pooled over (k, t) (population variance,
-ddof 0; only directions that occur in the rule's trials count).
+rule's trials, the task variance of unit n is (variance="per_step", Yang et al. 2019) the
+variance of z[:, t, n] across the rule's conditions at each step t, averaged over the
+period's steps; (variance="pooled", the reference's definition) the variance of the
+stim1-direction means m[k, t, n] pooled over (k, t). Both are population variances (ddof 0).
 
 Representations: input = x (the embedding output, N_pre columns), hidden = h, modulation = M
 (N_post*N_pre synapses, streamed: the M history is never held), modulation_weighted = W ⊙ M.
 Vanilla-RNN and GRU runs have no embedding and no M: only hidden.
+
+Stability designs (SPEC §5.3): the same condition sets with input noise sigma_x =
+`stability_sigma_x` (one design per seed in range(`stability_seeds`)) and noise-free at each of
+`stability_quantiles`; only input and hidden are recomputed (clustering re-chooses k on them).
 
 Example:
     python multiple_task_analysis.py --run=everything_dmpn_seed749_L21e4_h300_b128
@@ -37,10 +48,12 @@ import helper
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
-    n_analysis=48,  # aligned trials per rule (>= 8; 48 balances the 8 directions and dmc's 6)
-    quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest)
-    trial_seed=0,  # seeds the trial conditions other than the stim1 direction (with the run seed)
-    chunk_size=16,  # trials per forward pass (sorted by direction: few M-stream buffers open)
+    variance="per_step",  # "per_step": Yang's variance across conditions per step, averaged over the period; "pooled": the reference's direction means pooled over (direction, t) {per_step | pooled}
+    quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
+    stability_seeds=5,  # stability designs: input-noise seeds of the condition set (0: none) {>= 0}
+    stability_sigma_x=0.01,  # input noise of those designs (SPEC §2.3 analysis noise) {> 0}
+    stability_quantiles=[0.25, 0.5, 0.75],  # stability designs: noise-free, durations at these quantiles {each >= 0, <= 1}
+    chunk_size=64,  # trials per forward pass (M stream: 64 x N^2 floats per step) {>= 1}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
     torch_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s
@@ -50,11 +63,15 @@ CONFIG = dict(
 )
 
 PRODUCER = "python multiple_task_analysis.py"
-ANALYSIS_KEYS = ("n_analysis", "quantile", "trial_seed")  # what the variance matrices depend on
-TRIAL_STREAM = 60  # second entry of the analysis trials' numpy seed list, after the run seed
+ANALYSIS_KEYS = ("variance", "quantile", "stability_seeds", "stability_sigma_x",
+                 "stability_quantiles")  # what the variance file depends on
+VARIANCE_MODES = ("per_step", "pooled")
+TRIAL_STREAM = 60  # second entry of the noise designs' numpy seed list, after the run seed
 UNIT_REPS = ("input", "hidden")  # representations whose columns are units
 SYNAPSE_REPS = ("modulation", "modulation_weighted")  # columns are synapses (post-major)
 FORMS = ("normalized", "unnormalized")
+REP_FORMS = {"input": FORMS, "hidden": FORMS, "modulation": FORMS,
+             "modulation_weighted": ("unnormalized",)}  # W ⊙ M normalized = M normalized
 SIBLINGS = (("dmcgo", "dmcnogo"), ("delaydm1", "delaydm2"), ("contextdelaydm1", "contextdelaydm2"))
 
 PERIOD_EPOCHS = ("stim1", "delay1", "stim2", "delay2", "go1")  # row epochs, in trial order
@@ -99,32 +116,137 @@ def direction_index(angle, n_dirs=N_DIRS):
     return np.rint(np.asarray(angle) / (2 * np.pi / n_dirs)).astype(np.int64) % n_dirs
 
 
-def task_variance(z, window, stim1_dir_idx):
+def task_variance(z, window, stim1_dir_idx=None, mode="per_step"):
     """Task variance (units,) of z (trials, steps, units) within window = (start, stop) steps.
 
-    z may be numpy or torch; the result is a float64 numpy array.
+    mode "per_step": variance across trials at each step, averaged over the window's steps;
+    "pooled": variance of the stim1-direction means (stim1_dir_idx (trials,)) pooled over
+    (direction, step). z may be numpy or torch; the result is a float64 numpy array.
     """
+    check_variance_mode(mode)
     if isinstance(z, torch.Tensor):
         z = z.detach().cpu().numpy()
+    if len(z) == 0:
+        raise helper.StageError("task variance needs at least one condition; the rule's "
+                                "condition set is empty.")
     start, stop = window
     zw = np.asarray(z[:, start:stop], dtype=np.float64)
+    if mode == "per_step":
+        return zw.var(axis=0).mean(axis=0)
     dirs = np.asarray(stim1_dir_idx)
     m = np.stack([zw[dirs == k].mean(axis=0) for k in np.unique(dirs)])  # (K, steps, units)
     return m.reshape(-1, m.shape[-1]).var(axis=0)
 
 
-def task_variance_matrix(z_by_rule, windows_by_rule, dirs_by_rule):
+def check_variance_mode(mode):
+    if mode not in VARIANCE_MODES:
+        raise helper.StageError(f"unknown variance mode {mode!r}; use one of "
+                                f"{', '.join(VARIANCE_MODES)}.")
+
+
+def task_variance_matrix(z_by_rule, windows_by_rule, dirs_by_rule=None, mode="per_step"):
     """(n_periods, units) task-variance matrix of in-memory activity, rows as task_periods."""
     rows = []
     for rule, windows in windows_by_rule.items():
+        dirs = None if dirs_by_rule is None else dirs_by_rule[rule]
         for epoch in PERIOD_EPOCHS:
             if epoch in windows:
-                rows.append(task_variance(z_by_rule[rule], windows[epoch], dirs_by_rule[rule]))
+                rows.append(task_variance(z_by_rule[rule], windows[epoch], dirs, mode))
     return np.stack(rows)
 
 
+def _period_rows(row_names, rule, windows):
+    """[(row, start, stop, offset into a per-step buffer)] of a rule's periods; buffer steps."""
+    periods, offset = [], 0
+    for epoch in PERIOD_EPOCHS:
+        if epoch in windows:
+            start, stop = windows[epoch]
+            periods.append((row_names.index(f"{rule}-{epoch}"), start, stop, offset))
+            offset += stop - start
+    return periods, offset
+
+
+def _variance_of(m2, count, done, weight):
+    """(n_rows, C) float64 numpy from (n_rows, C) M2 and (n_rows,) counts; NaN rows not done;
+    weight W (N_post, N_pre) -> the variance of W ⊙ M, which is W² ⊙ var(M) (W is fixed)."""
+    var = (m2 / count.clamp(min=1)[:, None]).cpu().numpy()
+    var[~done] = np.nan
+    if weight is not None:
+        if isinstance(weight, torch.Tensor):
+            weight = weight.detach().cpu().numpy()
+        var = var * np.asarray(weight, dtype=np.float64).reshape(1, -1) ** 2
+    return var
+
+
+class StepModulationVariance:
+    """Per-step task variance of M (B, N_post, N_pre) across conditions, streamed (SPEC §5.2).
+
+    Same protocol as StreamingModulationVariance (start_rule, start_chunk, the m_reduce
+    callback, end_rule, variance); directions are ignored. Per step t of the rule's periods a
+    float64 accumulator holds (mean, M2) of M_{t-1} over the trials streamed so far; each
+    chunk's own (mean, M2), computed in M's dtype around the chunk mean, is merged with Chan's
+    pairwise update (the numerically stable form of sum / sum-of-squares accumulators). At
+    end_rule each period's row is the mean over its steps of M2 / n_trials.
+    Memory: 16 * C bytes per buffered step (C = N_post*N_pre; 210 MB for a delaydm rule at
+    N = 300, quantile 1) plus 8 * n_rows * C for the rows (35 MB).
+    W ⊙ M: W is fixed within a trial, so var(W ⊙ M) = W² ⊙ var(M) exactly: `variance(weight=W)`.
+    """
+
+    def __init__(self, row_names, n_post, n_pre, *, device="cpu", dtype=torch.float64):
+        self.row_names = list(row_names)
+        self.n_cols = n_post * n_pre
+        self.device, self.dtype = torch.device(device), dtype
+        self.rows = torch.zeros(len(self.row_names), self.n_cols, device=self.device, dtype=dtype)
+        self.done = np.zeros(len(self.row_names), dtype=bool)
+        self.rule = None
+
+    def start_rule(self, rule, windows, dir_counts):
+        """windows: {epoch: (start, stop)}; dir_counts: trials per direction (their sum is
+        the number of trials the rule must stream)."""
+        if self.rule is not None:
+            raise RuntimeError(f"rule {self.rule!r} not ended; call end_rule() first")
+        self.rule = rule
+        self.periods, n_steps = _period_rows(self.row_names, rule, windows)
+        self.expected, self.seen, self.n = int(np.sum(dir_counts)), 0, 0
+        self.mean = torch.zeros(n_steps, self.n_cols, device=self.device, dtype=self.dtype)
+        self.m2 = torch.zeros_like(self.mean)
+
+    def start_chunk(self, stim1_dir_idx):
+        """Declare the next chunk's trials (their number is what counts here)."""
+        self.n = self.seen
+        self.seen += len(stim1_dir_idx)
+
+    def __call__(self, t, M_prev):
+        """m_reduce callback: merge M_{t-1} (B, N_post, N_pre) of the current chunk at step t."""
+        for _, start, stop, offset in self.periods:
+            if start <= t < stop:
+                flat = M_prev.detach().reshape(M_prev.shape[0], -1)
+                n_b = flat.shape[0]
+                mean_b = flat.mean(dim=0)
+                m2_b = ((flat - mean_b) ** 2).sum(dim=0).to(self.dtype)
+                i, n_a = offset + t - start, float(self.n)
+                delta = mean_b.to(self.dtype) - self.mean[i]
+                self.mean[i] += delta * (n_b / (n_a + n_b))
+                self.m2[i] += m2_b + delta ** 2 * (n_a * n_b / (n_a + n_b))
+
+    def end_rule(self):
+        """Finalise the rule's rows (every declared trial must have been streamed)."""
+        if self.seen != self.expected:
+            raise RuntimeError(f"rule {self.rule!r}: streamed {self.seen} trials, expected "
+                               f"{self.expected}")
+        for row, start, stop, offset in self.periods:
+            self.rows[row] = (self.m2[offset:offset + stop - start] / self.seen).mean(dim=0)
+            self.done[row] = True
+        self.rule = self.mean = self.m2 = None
+
+    def variance(self, weight=None):
+        """(n_rows, N_post*N_pre) float64 numpy; rows of rules never streamed are NaN."""
+        return _variance_of(self.rows, torch.ones(len(self.rows), dtype=self.dtype,
+                                                  device=self.device), self.done, weight)
+
+
 class StreamingModulationVariance:
-    """Exact task variance of M (B, N_post, N_pre), streamed step by step, never stored.
+    """Exact `pooled` task variance of M (B, N_post, N_pre), streamed step by step.
 
     Use per rule:
         acc.start_rule(rule, windows, dir_counts)
@@ -168,14 +290,7 @@ class StreamingModulationVariance:
         if self.rule is not None:
             raise RuntimeError(f"rule {self.rule!r} not ended; call end_rule() first")
         self.rule = rule
-        self.periods = []  # (row, start, stop, offset into the step buffer)
-        offset = 0
-        for epoch in PERIOD_EPOCHS:
-            if epoch in windows:
-                start, stop = windows[epoch]
-                self.periods.append((self.row_names.index(f"{rule}-{epoch}"), start, stop, offset))
-                offset += stop - start
-        self.n_buf_steps = offset
+        self.periods, self.n_buf_steps = _period_rows(self.row_names, rule, windows)
         self.dir_counts = np.asarray(dir_counts, dtype=np.int64)
         self.seen = np.zeros_like(self.dir_counts)
         self.buffers = {}  # direction -> (n_buf_steps, C) per-step sums
@@ -234,13 +349,7 @@ class StreamingModulationVariance:
 
         weight: W (N_post, N_pre) numpy or torch -> task variance of W ⊙ M.
         """
-        var = (self.m2 / self.count.clamp(min=1)[:, None]).cpu().numpy()
-        var[~self.done] = np.nan
-        if weight is not None:
-            if isinstance(weight, torch.Tensor):
-                weight = weight.detach().cpu().numpy()
-            var = var * np.asarray(weight, dtype=np.float64).reshape(1, -1) ** 2
-        return var
+        return _variance_of(self.m2, self.count, self.done, weight)
 
 
 def normalize_columns(V):
@@ -284,20 +393,30 @@ def variance_provenance(train_cfg, step, analysis_cfg):
             **{k: analysis_cfg[k] for k in ANALYSIS_KEYS}}
 
 
-def analysis_trials(rules, cfg, run_seed, io_mode="low_dim"):
-    """{rule: dict(inputs (B, T, n_in) float32, dirs (B,), windows)}: `aligned` trials,
-    sigma_x = 0, sorted by stim1 direction so that a chunk spans few directions."""
+def analysis_trials(rules, run_seed=0, io_mode="low_dim", quantile=1.0, sigma_x=0.0, seed=0):
+    """{rule: dict(inputs (B, T, n_in) float32, dirs (B,) stim1 direction index, windows)}:
+    the rule's condition set (sorted by stim1 direction, as `pooled` streaming wants); with
+    sigma_x > 0 the input noise is drawn from the seed list [run_seed, TRIAL_STREAM, seed]."""
     import mpn_tasks
-    rng = np.random.default_rng([int(run_seed), TRIAL_STREAM, int(cfg["trial_seed"])])
+    rng = np.random.default_rng([int(run_seed), TRIAL_STREAM, int(seed)]) if sigma_x > 0 else None
     trials = {}
     for rule in rules:
-        batch = mpn_tasks.aligned_batch(rule, cfg["n_analysis"], rng, quantile=cfg["quantile"],
-                                        sigma_x=0.0, io_mode=io_mode)
+        batch = mpn_tasks.condition_set(rule, rng, quantile=quantile, sigma_x=sigma_x,
+                                        io_mode=io_mode)
         dirs = direction_index(batch.stim1_dir)
         order = np.argsort(dirs, kind="stable")
         trials[rule] = dict(inputs=batch.inputs[order], dirs=dirs[order],
                             windows=rule_windows(batch))
     return trials
+
+
+def stability_designs(cfg):
+    """{name: dict(quantile, sigma_x, seed)} of the perturbed designs (SPEC §5.3)."""
+    designs = {f"noise_seed{s}": dict(quantile=cfg["quantile"], sigma_x=cfg["stability_sigma_x"],
+                                      seed=s) for s in range(cfg["stability_seeds"])}
+    designs.update({f"quantile_{q:g}": dict(quantile=float(q), sigma_x=0.0, seed=0)
+                    for q in cfg["stability_quantiles"]})
+    return designs
 
 
 @torch.no_grad()
@@ -317,16 +436,21 @@ def run_rule(net, trials, chunk_size, acc=None):
     return np.concatenate(xs), np.concatenate(hs)
 
 
-def compute_variances(net, trials, chunk_size, desc="task variance"):
+MODULATION_STREAMS = {"per_step": StepModulationVariance, "pooled": StreamingModulationVariance}
+
+
+def compute_variances(net, trials, chunk_size, mode="per_step", modulation=True,
+                      desc="task variance"):
     """(raw task-variance matrices {rep: (n_periods, n_columns)}, row names, per rule the
     stim1-direction means of h (n_dirs, T, N)). Modulation rows are streamed (never the M
-    history); vanilla/GRU nets give hidden only."""
+    history) when `modulation`; vanilla/GRU nets give hidden only."""
+    check_variance_mode(mode)
     rows = task_periods({rule: t["windows"] for rule, t in trials.items()})
     plastic = net.net_type == "dmpn"
     acc = None
-    if plastic:
+    if plastic and modulation:
         n_post, n_pre = net.mp.W.shape
-        acc = StreamingModulationVariance(rows, n_post, n_pre, device=net.mp.W.device)
+        acc = MODULATION_STREAMS[mode](rows, n_post, n_pre, device=net.mp.W.device)
     x_rows, h_rows, h_means = [], [], {}
     for rule, t in helper.progress(trials.items(), desc=desc, total=len(trials)):
         if acc is not None:
@@ -334,15 +458,27 @@ def compute_variances(net, trials, chunk_size, desc="task variance"):
         x, h = run_rule(net, t, chunk_size, acc)
         if acc is not None:
             acc.end_rule()
-        one = ({rule: t["windows"]}, {rule: t["dirs"]})
+        one = ({rule: t["windows"]}, {rule: t["dirs"]}, mode)
         x_rows.append(task_variance_matrix({rule: x}, *one))
         h_rows.append(task_variance_matrix({rule: h}, *one))
         h_means[rule] = np.stack([h[t["dirs"] == k].mean(axis=0) for k in np.unique(t["dirs"])])
-    raw = {"hidden": np.concatenate(h_rows)}
-    if plastic:
-        raw = {"input": np.concatenate(x_rows), "hidden": raw["hidden"],
-               "modulation": acc.variance(), "modulation_weighted": acc.variance(weight=net.mp.W)}
+    raw = {"input": np.concatenate(x_rows)} if plastic else {}
+    raw["hidden"] = np.concatenate(h_rows)
+    if acc is not None:
+        raw.update(modulation=acc.variance(), modulation_weighted=acc.variance(weight=net.mp.W))
     return raw, rows, h_means
+
+
+def compute_stability(net, rules, cfg, run_seed, io_mode, name):
+    """{design: {rep: raw (n_periods, n_columns)}} of input and hidden on each perturbed
+    design (no modulation stream: the synapse clusterings are not re-chosen)."""
+    out = {}
+    for design, spec in stability_designs(cfg).items():
+        trials = analysis_trials(rules, run_seed, io_mode, **spec)
+        raw, _, _ = compute_variances(net, trials, cfg["chunk_size"], cfg["variance"],
+                                      modulation=False, desc=f"{name} {design}")
+        out[design] = raw
+    return out
 
 
 def hidden_pca(h_means, n_pc=3):
@@ -361,13 +497,21 @@ def hidden_pca(h_means, n_pc=3):
     return out
 
 
-def save_variance(paths, raw, rows, pca, trials, attrs, provenance_cfg):
-    """task_variance.h5: {rep: {normalized, unnormalized}}, row_names, pca/<rule>/..."""
-    # float32 on disk halves the file (120 -> 58 MiB at N = 300); 48-trial estimates are far
-    # less precise than that
-    arrays = {rep: {"normalized": normalize_columns(V).astype(np.float32),
-                    "unnormalized": V.astype(np.float32)} for rep, V in raw.items()}
+def variance_arrays(raw):
+    """{rep: {form: matrix}} as saved: raw ("unnormalized") and column-max ("normalized")
+    forms, float32 (halves the file; far finer than the estimates' own precision), only the
+    forms REP_FORMS lists (W ⊙ M normalized would duplicate M normalized)."""
+    forms = {"normalized": normalize_columns, "unnormalized": lambda V: V}
+    return {rep: {form: forms[form](V).astype(np.float32) for form in REP_FORMS[rep]}
+            for rep, V in raw.items()}
+
+
+def save_variance(paths, raw, rows, pca, trials, perturbed, attrs, provenance_cfg):
+    """task_variance.h5: {rep: {form}}, row_names, perturbed/<design>/<rep>, pca/<rule>/..."""
+    arrays = variance_arrays(raw)
     arrays["row_names"] = np.array(rows)
+    arrays["perturbed"] = {d: {rep: V.astype(np.float32) for rep, V in reps.items()}
+                           for d, reps in perturbed.items()}
     arrays["pca"] = {rule: {"trajectories": p["trajectories"].astype(np.float32),
                             "explained": p["explained"],
                             "directions": np.unique(trials[rule]["dirs"])}
@@ -376,25 +520,29 @@ def save_variance(paths, raw, rows, pca, trials, attrs, provenance_cfg):
 
 
 def analyze_run(paths, cfg):
-    """Variance matrices, PCA trajectories and figures of one run; returns the arrays."""
+    """Variance matrices, stability designs, PCA trajectories and figures of one run;
+    returns (raw matrices, row names, pca)."""
     t0 = time.time()
     net, ckpt = load_network(paths, cfg)
     train_cfg = ckpt["config"]
-    trials = analysis_trials(run_rules(train_cfg), cfg, train_cfg["seed"],
-                             train_cfg.get("io_mode", "low_dim"))
-    raw, rows, h_means = compute_variances(net, trials, cfg["chunk_size"],
+    rules, io_mode = run_rules(train_cfg), train_cfg.get("io_mode", "low_dim")
+    trials = analysis_trials(rules, train_cfg["seed"], io_mode, quantile=cfg["quantile"])
+    raw, rows, h_means = compute_variances(net, trials, cfg["chunk_size"], cfg["variance"],
                                            desc=f"{paths.name} task variance")
-    pca = hidden_pca(h_means)
+    perturbed = compute_stability(net, rules, cfg, train_cfg["seed"], io_mode, paths.name)
     attrs = dict(run=paths.name, net_type=net.net_type, checkpoint_step=int(ckpt["step"]),
                  analysis={k: cfg[k] for k in ANALYSIS_KEYS},
                  windows={rule: t["windows"] for rule, t in trials.items()},
-                 n_columns={rep: V.shape[1] for rep, V in raw.items()},
-                 seconds=round(time.time() - t0, 1))
-    save_variance(paths, raw, rows, pca, trials, attrs,
+                 n_conditions={rule: len(t["dirs"]) for rule, t in trials.items()},
+                 designs=stability_designs(cfg),
+                 n_columns={rep: V.shape[1] for rep, V in raw.items()})
+    pca = hidden_pca(h_means)
+    save_variance(paths, raw, rows, pca, trials, perturbed, attrs,
                   variance_provenance(train_cfg, ckpt["step"], cfg))
     print(f"[{paths.name}] {len(rows)} task-periods x "
-          f"{', '.join(f'{rep} {V.shape[1]}' for rep, V in raw.items())} columns in "
-          f"{attrs['seconds']:.0f} s -> {paths.variance}")
+          f"{', '.join(f'{rep} {V.shape[1]}' for rep, V in raw.items())} columns, "
+          f"{sum(attrs['n_conditions'].values())} conditions, {len(perturbed)} stability "
+          f"designs in {time.time() - t0:.0f} s -> {paths.variance}")
     if cfg["figures"]:
         for path in make_figures(paths, net):
             print(f"figure: {path}")
@@ -429,7 +577,7 @@ def plot_variance(ax, V, row_names, title, show_rows=True, vmin=None, vmax=None)
 
 def figure_variance(arrays, form, path):
     import matplotlib.pyplot as plt
-    reps = [rep for rep in REP_TITLES if rep in arrays]
+    reps = [rep for rep in REP_TITLES if rep in arrays and form in arrays[rep]]
     rows = list(arrays["row_names"])
     fig, axes = plt.subplots(1, len(reps), figsize=(2.9 * len(reps) + 1.2, 7.0), squeeze=False,
                              constrained_layout=True)
@@ -565,14 +713,14 @@ def final_accuracy(paths):
 
 
 def cluster_entries(paths):
-    """{(rep, form): R} from the run's cluster pickles ({} when clustering has not run)."""
+    """{(rep, form): R} from the run's cluster files ({} when clustering has not run)."""
     out = {}
     for attr in ("cluster_info", "cluster_info_mod"):
         path = getattr(paths, attr)
         if path.exists():
-            info = helper.load_pickle(path, f"python clustering.py --run={paths.name}")
-            out.update({(rep, form): R for rep, forms in info.items() if isinstance(forms, dict)
-                        and rep in REP_TITLES for form, R in forms.items()})
+            info, _ = helper.load_h5(path, f"python clustering.py --run={paths.name}")
+            out.update({(rep, form): R for rep, forms in info.items() if rep in REP_TITLES
+                        for form, R in forms.items()})
     return out
 
 
@@ -711,7 +859,8 @@ def seed_summary(cfg):
               f"include them in the k and sibling summaries")
     print_summary(summary)
     out = helper.summary_paths(cfg["runs_dir"])
-    helper.save_pickle(out.seeds, summary, dict(cfg, runs_found=summary["runs"]))
+    helper.save_json(out.seeds, dict(summary, _provenance=helper.provenance(
+        dict(cfg, runs_found=summary["runs"]))))
     figure = figure_seed_summary(summary, out.figure("seed_summary"))
     print(f"summary: {out.seeds}\nfigure: {figure}")
     return summary
@@ -720,14 +869,23 @@ def seed_summary(cfg):
 # ---------------------------------------------------------------------------------------
 
 
+def check_config(cfg):
+    """One sentence for a setting the analysis cannot use."""
+    check_variance_mode(cfg["variance"])
+    quantiles = [cfg["quantile"], *cfg["stability_quantiles"]]
+    if not all(0.0 <= q <= 1.0 for q in quantiles):
+        raise helper.StageError(f"duration quantiles must lie in [0, 1], got {quantiles}.")
+    if cfg["stability_seeds"] < 0 or cfg["stability_sigma_x"] <= 0 or cfg["chunk_size"] < 1:
+        raise helper.StageError("stability_seeds must be >= 0, stability_sigma_x > 0 and "
+                                "chunk_size >= 1.")
+
+
 def main(cfg):
     """Analyse every run matching cfg["run"] (or summarise cfg["runs"] with summary=True);
     returns {aname: (raw matrices, row names, pca)} or the summary dict."""
     if cfg["summary"]:
         return seed_summary(cfg)
-    if cfg["n_analysis"] < N_DIRS:
-        raise helper.StageError(f"n_analysis={cfg['n_analysis']} leaves stim1 directions "
-                                f"without trials; use at least {N_DIRS} (default 48).")
+    check_config(cfg)
     threads = torch.get_num_threads()
     if cfg["torch_threads"]:
         torch.set_num_threads(cfg["torch_threads"])

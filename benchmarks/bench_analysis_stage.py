@@ -2,8 +2,11 @@
 network (N = 300, all 15 rules), each stage in its own process.
 
 Builds the checkpoint with mpn.build_model + net_helpers.save_checkpoint in a temporary runs
-root, then runs `multiple_task_analysis.py` and `clustering.py` on it and prints, per stage,
-wall seconds and the peak resident memory of the child process (getrusage).
+root, then runs `multiple_task_analysis.py` (the complete condition sets, 1,888 trials, plus
+its 8 stability designs) and `clustering.py` (20 nulls per clustering, k re-chosen on the 8
+designs for input and hidden) on it and prints, per stage, wall seconds, the child's CPU
+seconds (user + system: the cost on an idle machine, when the machine is shared) and its
+peak resident memory (getrusage).
 Example: python benchmarks/bench_analysis_stage.py --n_hidden=300 --figures=True
 """
 import argparse
@@ -32,7 +35,7 @@ def make_run(root, n_hidden):
 
 
 def run_stage(script, paths, root, extra):
-    """(wall seconds, peak RSS MB) of one stage run as a child process."""
+    """(wall seconds, CPU seconds, peak RSS MB) of one stage run as a child process."""
     cmd = [sys.executable, os.path.join(helper.REPO_DIR, script), f"--run={paths.name}",
            f"--runs_dir={root}", *extra]
     t0 = time.perf_counter()
@@ -40,7 +43,7 @@ def run_stage(script, paths, root, extra):
     _, status, usage = os.wait4(pid, 0)
     if status != 0:
         raise SystemExit(f"{script} failed (status {status})")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main():
@@ -50,10 +53,13 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         paths = make_run(root, args.n_hidden)
+        total = [0.0, 0.0]
         for script in ("multiple_task_analysis.py", "clustering.py"):
-            wall, peak = run_stage(script, paths, root, [f"--figures={args.figures}"])
-            print(f"{script:28s} N={args.n_hidden}: wall {wall:6.1f} s, peak RSS {peak:6.0f} MB",
-                  flush=True)
+            wall, cpu, peak = run_stage(script, paths, root, [f"--figures={args.figures}"])
+            total = [total[0] + wall, total[1] + cpu]
+            print(f"{script:28s} N={args.n_hidden}: wall {wall:6.1f} s, cpu {cpu:6.1f} s, "
+                  f"peak RSS {peak:6.0f} MB", flush=True)
+        print(f"analysis + clustering: wall {total[0]:.1f} s, cpu {total[1]:.1f} s")
         sizes = {p.name: p.stat().st_size / 2**20 for p in paths.dir.iterdir() if p.is_file()}
         print("files: " + ", ".join(f"{k} {v:.1f} MB" for k, v in sorted(sizes.items())))
     print(f"(machine load: {os.getloadavg()[0]:.1f}; this process peak "

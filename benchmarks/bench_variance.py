@@ -1,4 +1,5 @@
-"""Time the streamed modulation task variance for one delaydm-sized rule at N = 300.
+"""Time the streamed modulation task variance for one delaydm-sized rule at N = 300
+(240 trials: a delaydm condition set), per-step (default) or pooled.
 
 Prints wall and process-CPU seconds and the peak RSS. torch threads: --threads (on a shared
 2-core machine 1 thread was ~5x faster than 2 in our measurements).
@@ -20,15 +21,16 @@ import multiple_task_analysis as mta  # noqa: E402
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n_hidden", type=int, default=300)
-    parser.add_argument("--n_trials", type=int, default=48)
-    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--n_trials", type=int, default=240)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--mode", default="per_step", choices=mta.VARIANCE_MODES)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.n_hidden
     windows = {"stim1": (5, 45), "delay1": (45, 85), "stim2": (85, 125), "delay2": (125, 132),
                "go1": (132, 149)}  # delaydm at the maximum quantile, steps
-    acc = mta.StreamingModulationVariance(mta.task_periods({"delaydm1": windows}), n, n)
+    acc = mta.MODULATION_STREAMS[args.mode](mta.task_periods({"delaydm1": windows}), n, n)
     dirs = np.sort(np.arange(args.n_trials) % mta.N_DIRS)  # sorted: few open directions
     M = torch.rand(args.chunk, n, n, generator=torch.Generator().manual_seed(0))
     t0, c0 = time.perf_counter(), time.process_time()
@@ -40,7 +42,7 @@ def main():
             acc(t, M[:len(chunk_dirs)])
     acc.end_rule()
     acc.variance()
-    print(f"one rule, {args.n_trials} trials, N={n}: wall {time.perf_counter() - t0:.1f} s, "
+    print(f"{args.mode}: one rule, {args.n_trials} trials, N={n}: wall {time.perf_counter() - t0:.1f} s, "
           f"cpu {time.process_time() - c0:.1f} s, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

@@ -1,6 +1,6 @@
 """Analysis and clustering stages end to end on tiny runs (SPEC §5): every artifact, the
-cluster_info format lesion.py reads, streamed modulation variance vs the recorded M history,
-clear errors for missing or stale inputs, and the multi-seed summary."""
+cluster_info.h5 format the lesion stage reads, streamed modulation variance vs the recorded M
+history, bit-identical repeats, clear errors for bad input, and the multi-seed summary."""
 import shutil
 
 import numpy as np
@@ -9,18 +9,19 @@ import torch
 
 import clustering
 import helper
-import lesion
 import mpn
 import multiple_task
 import multiple_task_analysis as mta
 import net_helpers
 
 SEEDS = (749, 750)
-ANALYSIS = dict(mta.CONFIG, n_analysis=8, chunk_size=3, device="cpu", figures=False)
-CLUSTER = dict(clustering.CONFIG, n_repeats=4, n_groups=40, n_restarts=3, figures=False)
-R_KEYS = {"col_labels", "col_labels_by_k", "k", "k_argmax", "unresponsive", "row_labels",
-          "row_labels_by_k", "linkage", "leaf_order", "ks", "silhouette", "ari", "matrix",
-          "row_names"}  # CONTRACTS.md
+ANALYSIS = dict(mta.CONFIG, stability_seeds=1, stability_quantiles=[0.5], chunk_size=100,
+                device="cpu", figures=False)
+CLUSTER = dict(clustering.CONFIG, n_groups=40, n_restarts=3, figures=False)
+R_KEYS = {"k", "k_argmax", "above_null", "col_labels", "col_labels_by_k", "matrix",
+          "unresponsive", "row_names", "variance_hash", "k_ref", "fixed_k", "ks", "silhouette",
+          "null_silhouettes", "null_band", "null_pointwise", "above", "row_k", "row_labels",
+          "row_labels_by_k", "linkage", "leaf_order"}  # the format the lesion stage reads
 
 
 def tiny_config(seed, root):
@@ -66,52 +67,93 @@ def test_both_stages_write_every_artifact_in_the_format_lesion_reads(runs):
     assert len(arrays["row_names"]) == 49 and arrays["row_names"][0] == "fdgo-stim1"
     n_cols = {"input": 16, "hidden": 16, "modulation": 256, "modulation_weighted": 256}
     for rep, n in n_cols.items():
-        for form in mta.FORMS:
+        assert tuple(arrays[rep]) == mta.REP_FORMS[rep]
+        for form in mta.REP_FORMS[rep]:
             assert arrays[rep][form].shape == (49, n)
-        V = arrays[rep]["unnormalized"]
-        np.testing.assert_allclose(arrays[rep]["normalized"], mta.normalize_columns(V), atol=1e-6)
-    assert attrs["analysis"] == {"n_analysis": 8, "quantile": 1.0, "trial_seed": 0}
+    assert "normalized" not in arrays["modulation_weighted"]  # equals modulation's exactly
+    np.testing.assert_allclose(arrays["modulation"]["normalized"],
+                               mta.normalize_columns(arrays["modulation"]["unnormalized"]),
+                               atol=1e-6)
+    assert set(arrays["perturbed"]) == {"noise_seed0", "quantile_0.5"}
+    for design in arrays["perturbed"].values():
+        assert set(design) == {"input", "hidden"} and design["hidden"].shape == (49, 16)
+    assert attrs["analysis"]["variance"] == "per_step"
+    assert sum(attrs["n_conditions"].values()) == 6 * 16 + 5 * 240 + 2 * 224 + 2 * 72
     assert set(arrays["pca"]) == set(attrs["windows"]) and len(attrs["windows"]) == 15
     for figure in ("variance_normalized", "variance_unnormalized", "weights", "hidden_pca"):
         assert paths.figure(figure).exists()
 
-    ci, ci_mod = cluster(name, figures=True)[name]
-    assert ci["fixed_k"] == 20 and set(ci_mod) >= set(mta.SYNAPSE_REPS)
+    cluster(name, figures=True)
+    ci, ci_attrs = helper.load_h5(paths.cluster_info, "clustering")
+    ci_mod, _ = helper.load_h5(paths.cluster_info_mod, "clustering")
+    assert ci_attrs["fixed_k"] == 20 and ci_attrs["variance_hash"] == attrs["config_hash"]
+    assert set(ci) == set(mta.UNIT_REPS) and set(ci_mod) == set(mta.SYNAPSE_REPS)
+    assert set(ci_mod["modulation_weighted"]) == {"unnormalized"}
     for info, reps in ((ci, mta.UNIT_REPS), (ci_mod, mta.SYNAPSE_REPS)):
         for rep in reps:
-            for form in mta.FORMS:
-                R = info[rep][form]
-                n = n_cols[rep]
-                assert R_KEYS <= set(R) and R["form"] == form
-                assert R["col_labels"].shape == (n,) and R["matrix"].shape == (49, n)
-                assert (R["col_labels"][R["unresponsive"]] == R["k"]).all()
-                assert R["fixed_k"] == min(20, R["ks"][-1]) and R["fixed_k"] in R["col_labels_by_k"]
-                assert R["k"] in R["col_labels_by_k"] and R["k_argmax"] in R["col_labels_by_k"]
-                for k, labels in R["col_labels_by_k"].items():
-                    np.testing.assert_array_equal(labels, clustering.labels_at(R["columns"], k))
-                assert R["row_labels"].shape == (49,) and R["row_k"] in R["row_labels_by_k"]
-                for cut in ("fixed", "selected"):  # lesion.py's own reader
-                    table = lesion.cluster_table(R, cut, ci["fixed_k"], n)
-                    assert table["sizes"].sum() == n
-    assert "groups" in ci_mod["modulation"]["normalized"]["columns"]  # pre-grouped (256 > 40)
-    om = ci_mod["modulation"]["normalized"]["over_membership"]["om"]
-    assert om.shape == (ci_mod["modulation"]["normalized"]["col_labels"].max() + 1,
-                        ci["input"]["normalized"]["col_labels"].max() + 1,
-                        ci["hidden"]["normalized"]["col_labels"].max() + 1)
-    loaded = lesion.load_clusters(paths, ["single", "combined", "modulation"])
-    assert loaded[0]["_provenance"]["config_hash"] == loaded[1]["_provenance"]["config_hash"]
-    for figure in ["k_selection"] + [f"{kind}_{rep}_{form}" for form in mta.FORMS
-                                     for kind, reps in (("clusters", n_cols),
-                                                        ("over_membership", mta.SYNAPSE_REPS))
-                                     for rep in reps]:
+            for form in mta.REP_FORMS[rep]:
+                check_entry(info[rep][form], n_cols[rep], form, attrs["config_hash"])
+    for rep in mta.UNIT_REPS:
+        st = ci[rep]["normalized"]["stability"]
+        assert st["design"].tolist() == ["noise_seed0", "quantile_0.5"]
+        assert st["ari"].shape == (2,) and np.all(st["ari"] <= 1)
+    R = ci_mod["modulation"]["normalized"]
+    assert "groups" in R  # pre-grouped (256 > 40)
+    assert R["over_membership"]["om"].shape == (
+        R["col_labels"].max() + 1, ci["input"]["normalized"]["col_labels"].max() + 1,
+        ci["hidden"]["normalized"]["col_labels"].max() + 1)
+    figures = ["k_selection", "k_stability"] + [
+        f"{kind}_{rep}_{form}" for kind, reps in (("clusters", n_cols),
+                                                  ("over_membership", mta.SYNAPSE_REPS))
+        for rep in reps for form in mta.REP_FORMS[rep]]
+    for figure in figures:
         assert paths.figure(figure).exists(), figure
+    assert not list(paths.dir.glob("*.pkl"))
+
+
+def check_entry(R, n, form, variance_hash):
+    """One <rep>/<form> group of a cluster file against the documented format."""
+    assert R_KEYS <= set(R) and R["form"] == form and R["variance_hash"] == variance_hash
+    assert R["col_labels"].shape == (n,) and R["matrix"].shape == (49, n)
+    assert R["k"] == 0 or R["above_null"]
+    assert R["k_ref"] == (R["k"] or R["k_argmax"])
+    assert (R["col_labels"][R["unresponsive"]] == R["k_ref"]).all()
+    assert R["fixed_k"] == min(20, R["ks"][-1])
+    for k in {R["k_argmax"], R["fixed_k"]} | ({R["k"]} - {0}):
+        assert str(k) in R["col_labels_by_k"]
+    for k, labels in R["col_labels_by_k"].items():
+        assert labels.shape == (n,) and (labels[R["unresponsive"]] == int(k)).all()
+        assert len(np.unique(labels[~R["unresponsive"]])) == int(k)
+    np.testing.assert_array_equal(R["col_labels"], R["col_labels_by_k"][str(R["k_ref"])])
+    assert R["null_silhouettes"].shape == (20, len(R["ks"]))
+    assert R["row_labels"].shape == (49,) and str(R["row_k_ref"]) in R["row_labels_by_k"]
+
+
+def test_analysis_twice_gives_bit_identical_matrices(runs):
+    name = runs[0]
+    paths = helper.run_paths(name)
+    first = analyse(name)[name][0]
+    saved, _ = helper.load_h5(paths.variance, "analysis")
+    second = analyse(name)[name][0]
+    again, _ = helper.load_h5(paths.variance, "analysis")
+    for rep in first:
+        np.testing.assert_array_equal(first[rep], second[rep])
+        for form in mta.REP_FORMS[rep]:
+            np.testing.assert_array_equal(saved[rep][form], again[rep][form])
+    for design, reps in saved["perturbed"].items():
+        for rep, V in reps.items():
+            np.testing.assert_array_equal(V, again["perturbed"][design][rep])
+    # the noise design differs from the main one, and only by the noise
+    assert not np.array_equal(saved["perturbed"]["noise_seed0"]["hidden"],
+                              saved["hidden"]["unnormalized"])
 
 
 def test_streamed_modulation_variance_equals_recorded_m_history(runs):
     paths = helper.run_paths(runs[0])
     net, ckpt = mta.load_network(paths, ANALYSIS)
-    trials = mta.analysis_trials(mta.run_rules(ckpt["config"]), ANALYSIS, ckpt["config"]["seed"])
-    raw, rows, _ = mta.compute_variances(net, trials, chunk_size=3)  # chunks split directions
+    # one rule per family shape (the whole set would only repeat them, slowly)
+    trials = mta.analysis_trials(["fdgo", "contextdelaydm1", "dmsnogo"], ckpt["config"]["seed"])
+    raw, rows, _ = mta.compute_variances(net, trials, chunk_size=50)  # unequal chunks
     ref = {rep: [] for rep in raw}
     W = net.mp.W.detach().double()
     with torch.no_grad():
@@ -122,17 +164,19 @@ def test_streamed_modulation_variance_equals_recorded_m_history(runs):
                  "modulation_weighted": (M * W).flatten(2)}
             for rep, value in z.items():
                 ref[rep].append(mta.task_variance_matrix({rule: value.double().numpy()},
-                                                         {rule: t["windows"]}, {rule: t["dirs"]}))
-    assert len(rows) == 49
+                                                         {rule: t["windows"]}))
+    assert len(rows) == 2 + 5 + 3
     for rep, V in raw.items():
         expected = np.concatenate(ref[rep])
         np.testing.assert_allclose(V, expected, rtol=1e-4, atol=1e-7 * expected.max(), err_msg=rep)
 
 
-def test_missing_or_stale_inputs_stop_with_the_command_that_makes_them(runs):
+def test_missing_stale_or_bad_inputs_stop_with_one_sentence(runs):
     name = runs[0]
     with pytest.raises(helper.StageError, match="python multiple_task.py"):
         analyse("no_such_run")
+    with pytest.raises(helper.StageError, match="unknown variance mode 'yang'"):
+        analyse(name, variance="yang")
     with pytest.raises(helper.StageError, match=f"python multiple_task_analysis.py --run={name}"):
         cluster(name)
     analyse(name)
@@ -142,6 +186,12 @@ def test_missing_or_stale_inputs_stop_with_the_command_that_makes_them(runs):
     net_helpers.save_checkpoint(paths.checkpoint, net, ckpt["config"], ckpt["step"] + 10)
     with pytest.raises(helper.StageError, match=f"rerun `python multiple_task_analysis.py "
                                                 f"--run={name}`"):
+        cluster(name)
+    with torch.no_grad():  # an embedding that ignores its input: every x column is silent
+        net.W_in.zero_()
+    net_helpers.save_checkpoint(paths.checkpoint, net, ckpt["config"], ckpt["step"] + 20)
+    analyse(name, stability_seeds=0, stability_quantiles=[])
+    with pytest.raises(helper.StageError, match="every column of input .* is unresponsive"):
         cluster(name)
 
 
@@ -162,25 +212,26 @@ def test_vanilla_run_has_hidden_only(runs_dir):
 
 def test_seed_summary_of_two_runs(runs, capsys):
     for name in runs:
-        analyse(name)
+        analyse(name, stability_seeds=0, stability_quantiles=[])
         cluster(name)
     summary = mta.main(dict(ANALYSIS, summary=True, runs="everything_dmpn_seed*"))
     out = helper.summary_paths()
-    assert out.seeds.exists() and out.figure("seed_summary").exists()
+    assert out.seeds.suffix == ".json" and out.figure("seed_summary").exists()
     assert summary["runs"] == sorted(runs) and summary["clustered_runs"] == summary["runs"]
     assert summary["acc"]["trial"].shape == (2, 15)
     assert all(len(ks["columns"]) == 2 for ks in summary["k"].values())
+    assert "modulation_weighted-normalized" not in summary["k"]
     sib = summary["siblings"]
     assert len(sib["periods"]) == 3 + 5 + 5  # dmc: stim1, delay1, go1; delaydm pairs: 5 each
     assert sib["columns"] == [f"{r}-{f}" for r in ("input", "hidden", "modulation")
                               for f in mta.FORMS]
     assert (sib["n_seeds"] == 2).all() and (sib["same"] <= 2).all()
-    # recount one cell from the pickles
+    # recount one cell from the cluster files
     i = sib["periods"].index("delaydm1/delaydm2 delay1")
     j = sib["columns"].index("hidden-normalized")
     same = 0
     for name in runs:
-        ci = helper.load_pickle(helper.run_paths(name).cluster_info, "clustering")
+        ci, _ = helper.load_h5(helper.run_paths(name).cluster_info, "clustering")
         R = ci["hidden"]["normalized"]
         rows = list(R["row_names"])
         a, b = rows.index("delaydm1-delay1"), rows.index("delaydm2-delay1")
@@ -188,5 +239,5 @@ def test_seed_summary_of_two_runs(runs, capsys):
     assert sib["same"][i, j] == same
     printed = capsys.readouterr().out
     assert "per-rule accuracy over 2 runs" in printed and "dmcgo/dmcnogo delay1" in printed
-    loaded = helper.load_pickle(out.seeds, "summary")
-    np.testing.assert_array_equal(loaded["acc"]["angle"], summary["acc"]["angle"])
+    loaded = helper.load_json(out.seeds, "summary")
+    np.testing.assert_allclose(loaded["acc"]["angle"], summary["acc"]["angle"])

@@ -7,7 +7,8 @@ import helper
 import run_pipeline
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-CHEAP = ["--n_analysis=8", "--n_repeats=5", "--n_groups=20", "--n_restarts=2", "--n_random=2",
+CHEAP = ["--stability_seeds=1", "--stability_quantiles=[0.5]", "--n_groups=20", "--n_restarts=2",
+         "--n_random=2",
          "--n_random_combined=1", "--n_draws=2", "--n_test=8", "--trials_per_rule=8",
          "--figures=False"]
 

@@ -1,10 +1,12 @@
-"""Task variance (SPEC §5.1): task-periods, in-memory variance, streamed modulation variance."""
+"""Task variance (SPEC §5.2): task-periods, in-memory variance (per-step and pooled), streamed
+modulation variance, each against a plain reference."""
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import helper
 import multiple_task_analysis as mta
 from mpn_engine import plastic_forward_reference
 
@@ -66,9 +68,9 @@ def _hand_made_activity():
     return z, windows, {r: dirs for r in windows}
 
 
-def test_task_variance_known_answer():
+def test_pooled_task_variance_known_answer():
     z, windows, dirs = _hand_made_activity()
-    V = mta.task_variance_matrix(z, windows, dirs)
+    V = mta.task_variance_matrix(z, windows, dirs, mode="pooled")
     rows = mta.task_periods(windows)
     assert rows == ["delaygo-stim1", "delaygo-delay1", "delaygo-go1", "fdgo-stim1", "fdgo-go1"]
     expected0 = np.zeros(5)
@@ -78,7 +80,40 @@ def test_task_variance_known_answer():
     ramp = np.linspace(0, 1, 30)
     np.testing.assert_allclose(V[1, 2], np.var(ramp[10:20]))  # pooled over time as well
     zt = torch.as_tensor(z["delaygo"], dtype=torch.float32)
-    np.testing.assert_allclose(mta.task_variance(zt, (10, 20), dirs["delaygo"]), V[1], atol=1e-6)
+    np.testing.assert_allclose(mta.task_variance(zt, (10, 20), dirs["delaygo"], "pooled"), V[1],
+                               atol=1e-6)
+
+
+def test_per_step_task_variance_known_answer():
+    """Yang's definition: across trials at each step, then the mean over the period."""
+    z, windows, dirs = _hand_made_activity()
+    V = mta.task_variance_matrix(z, windows)  # the default mode, no directions needed
+    expected0 = np.zeros(5)
+    expected0[1] = np.var(np.cos(np.arange(16) * np.pi / 4))
+    np.testing.assert_allclose(V[:, 0], expected0, atol=1e-12)
+    np.testing.assert_allclose(V[:, 1], 0.09, atol=1e-12)  # ±0.3 across trials counts here
+    np.testing.assert_allclose(V[:, 2], 0.0, atol=1e-12)  # a shared ramp is not task variance
+
+
+def test_per_step_task_variance_equals_plain_loops():
+    z = np.random.default_rng(0).standard_normal((11, 20, 4)) * np.arange(1, 5)
+    plain = np.zeros(4)
+    for n in range(4):
+        per_step = []
+        for t in range(3, 17):
+            values = [z[i, t, n] for i in range(11)]
+            mean = sum(values) / len(values)
+            per_step.append(sum((v - mean) ** 2 for v in values) / len(values))
+        plain[n] = sum(per_step) / len(per_step)
+    np.testing.assert_allclose(mta.task_variance(z, (3, 17)), plain, rtol=1e-12)
+
+
+def test_bad_mode_and_zero_conditions_are_one_sentence():
+    z = np.zeros((4, 5, 2))
+    with pytest.raises(helper.StageError, match="unknown variance mode 'yang'"):
+        mta.task_variance(z, (0, 5), mode="yang")
+    with pytest.raises(helper.StageError, match="at least one condition"):
+        mta.task_variance(z[:0], (0, 5))
 
 
 def _record_m_history(x, W, b):
@@ -88,8 +123,9 @@ def _record_m_history(x, W, b):
     return torch.stack(history, dim=1)
 
 
-@pytest.mark.parametrize("sort_by_direction", [False, True])
-def test_streaming_modulation_variance_equals_in_memory(sort_by_direction):
+@pytest.mark.parametrize("mode,sort_by_direction",
+                         [("per_step", False), ("pooled", False), ("pooled", True)])
+def test_streaming_modulation_variance_equals_in_memory(mode, sort_by_direction):
     rng = np.random.default_rng(3)
     n_pre, n_post, B, T = 4, 3, 13, 24
     windows = {"ruleA": {"stim1": (2, 8), "delay1": (8, 15), "go1": (15, 24)},
@@ -98,7 +134,7 @@ def test_streaming_modulation_variance_equals_in_memory(sort_by_direction):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(n_post, n_pre, generator=g, dtype=torch.float64) / np.sqrt(n_pre)
     b = torch.randn(n_post, generator=g, dtype=torch.float64) * 0.1
-    acc = mta.StreamingModulationVariance(rows, n_post, n_pre)
+    acc = mta.MODULATION_STREAMS[mode](rows, n_post, n_pre)
     ref, ref_w = [], []
     for rule in windows:
         x = torch.tanh(torch.randn(B, T, n_pre, generator=g, dtype=torch.float64))
@@ -106,15 +142,14 @@ def test_streaming_modulation_variance_equals_in_memory(sort_by_direction):
         dirs = rng.integers(0, 5, size=B)  # unequal counts per direction
         flat = hist.reshape(B, T, -1).numpy()
         for epoch, win in windows[rule].items():
-            ref.append(mta.task_variance(flat, win, dirs))
-            ref_w.append(mta.task_variance(flat * W.reshape(1, 1, -1).numpy(), win, dirs))
+            ref.append(mta.task_variance(flat, win, dirs, mode))
+            ref_w.append(mta.task_variance(flat * W.reshape(1, 1, -1).numpy(), win, dirs, mode))
         order = np.argsort(dirs, kind="stable") if sort_by_direction else np.arange(B)
         acc.start_rule(rule, windows[rule], np.bincount(dirs, minlength=8))
-        for chunk in np.array_split(order, [5, 9]):  # chunks split directions
+        for chunk in np.array_split(order, [5, 9]):  # unequal chunks, split directions
             acc.start_chunk(dirs[chunk])
             plastic_forward_reference(x[chunk], W, b, 1.0, 0.9, record=acc)
         acc.end_rule()
-        assert acc.buffers == {}
     np.testing.assert_allclose(acc.variance(), np.stack(ref), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(acc.variance(weight=W), np.stack(ref_w), rtol=1e-10, atol=1e-14)
 
@@ -140,3 +175,13 @@ def test_normalize_columns_and_log_transform():
     V = np.array([[1.0, 0.0, 2.0], [3.0, 0.0, 1.0]])
     np.testing.assert_allclose(mta.normalize_columns(V), [[1 / 3, 0, 1], [1, 0, 0.5]])
     np.testing.assert_allclose(mta.log_transform(V), np.log1p(V))
+
+
+def test_per_step_stream_refuses_missing_trials():
+    acc = mta.StepModulationVariance(["r-go1"], 2, 2)
+    acc.start_rule("r", {"go1": (0, 3)}, [2, 1])
+    acc.start_chunk([0, 1])
+    for t in range(3):
+        acc(t, torch.ones(2, 2, 2) * t)
+    with pytest.raises(RuntimeError, match="expected 3"):
+        acc.end_rule()
