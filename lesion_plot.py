@@ -324,12 +324,14 @@ def figure_heatmaps(panels, rules, measure, title, path):
                 continue
             im = plot_effect_heatmap(axes[i, j], p[1], p[2], rules, p[3], p[0], vmax,
                                      rule_labels=j == 0)
-    fig.subplots_adjust(wspace=0.08, hspace=0.5)
+    fig.subplots_adjust(wspace=0.08, hspace=0.55, top=0.8 if len(panels) == 1 else 0.88)
     fig.colorbar(im, ax=axes, shrink=0.6,
                  label=f"normalized effect (control − lesion, {measure} accuracy)")
-    fig.suptitle(f"{title}\n(effect = mean of size-matched random controls − lesion; dot: "
-                 f"significant (below every control, BH q ≤ alpha over the panel); 'u': the "
-                 f"unresponsive cluster; grey: no size-matched control possible)")
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.45, -0.1 if len(panels) == 1 else -0.04,
+             "effect = mean of size-matched random controls − lesion; dot: significant (below "
+             "every control, Benjamini–Hochberg q ≤ alpha over the panel); 'u': the unresponsive "
+             "cluster; grey: no size-matched control possible", ha="center", fontsize=8)
     return helper.save_figure(fig, path)
 
 

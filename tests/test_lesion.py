@@ -487,7 +487,7 @@ def test_random_unit_groups_are_rarely_significant(planted):
 # End to end
 
 
-FAST = dict(n_test=8, test_quantiles=[0.0, 0.0], n_random=2, n_random_combined=2, n_draws=2,
+FAST = dict(n_test=8, test_quantiles=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
             zero_fractions=[0, 0.5, 1.0], silence_fractions=[0, 0.5], noise_sigmas=[0, 0.03],
             noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_k=None,
             device="cpu")
