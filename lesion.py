@@ -82,7 +82,7 @@ CONFIG = dict(
     n_random_combined=5,  # random controls per (input, hidden) cluster pair (400 pairs at k=20); significance needs 2 {>= 1}
     alpha=0.05,  # false-discovery rate of the Benjamini–Hochberg control over each heatmap {> 0, < 1}
     fixed_k=None,  # the fixed number of clusters (SPEC §6.1); None: cluster_info's fixed_k (20); nearest available k if absent
-    unit_reps=["input", "hidden"],  # unit clusterings lesioned alone (single) {each in input, hidden}
+    unit_reps=["input", "hidden"],  # unit clusterings lesioned alone (single) {each input | each hidden}
     k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k
     forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned
     combined_forms=["normalized"],  # forms whose fixed-k clusterings get all pair lesions
