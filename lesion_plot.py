@@ -378,7 +378,7 @@ def figure_failure_kinds(result, path):
     axes[0, 0].legend(fontsize=6, loc="upper left")
     fig.suptitle("How each cluster's lesion fails (trial measure; fractions of trials, mean "
                  "over rules)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / (3.2 * nrows)))
     return helper.save_figure(fig, path)
 
 
