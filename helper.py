@@ -277,8 +277,8 @@ class RunPaths:
         self.analysis = self.dir / "analysis.pkl"
         self.cluster_info = self.dir / "cluster_info.h5"
         self.cluster_info_mod = self.dir / "cluster_info_mod.h5"
-        self.lesion = self.dir / "lesion.pkl"
-        self.state_space = self.dir / "state_space.pkl"
+        self.lesion = self.dir / "lesion.h5"
+        self.state_space = self.dir / "state_space.h5"
         self.manifest = self.dir / MANIFEST
         self.lock = self.dir / LOCK
 
@@ -321,7 +321,7 @@ class SummaryPaths:
     def __init__(self, root=None):
         self.dir = runs_root(root) / "summary"
         self.figures = self.dir
-        self.state_space = self.dir / "state_space_summary.pkl"
+        self.state_space = self.dir / "state_space_summary.json"
         self.seeds = self.dir / "seed_summary.json"
 
     def figure(self, name, ext="png"):

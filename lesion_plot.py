@@ -1,13 +1,18 @@
-"""Figures of the lesion stage (SPEC §6.3), drawn from the lesion pickle only.
+"""Figures of the lesion stage (SPEC §6.4), drawn from the lesion results file only.
 
 The normalized effect of a cluster lesion on a rule is the mean accuracy of its size-matched
 random controls minus the accuracy with the cluster lesioned (positive: the cluster matters
-more than random units of the same number).
+more than random units of the same number). A dot marks a significant cell: the lesion is
+below every control and the Benjamini–Hochberg q of its one-sided test against the controls'
+spread and the test set's sampling error is ≤ alpha over its heatmap (lesion.py).
 
-Reads:  runs/<aname>/lesion.pkl (python lesion.py --run=<aname>).
+Reads:  runs/<aname>/lesion.h5 (python lesion.py --run=<aname>); refused when older than the
+        checkpoint or the cluster files it was computed from.
 Writes: runs/<aname>/figures/
     lesion_heatmaps_units.png        effect per (rule, cluster): input/hidden clusterings
     lesion_heatmaps_modulation.png   effect per (rule, cluster): zero_W / freeze_M
+    lesion_failure_kinds.png         per cluster: how its lesion fails (fixation / go / no-go)
+    lesion_readout_share.png         hidden clusters: share of ‖W_out‖² per output vs effect
     lesion_combined_matrix.png       combined-lesion effect per (input, hidden) cluster pair
     lesion_violins.png               distribution of effects per cluster family
     lesion_ranked_importance.png     clusters ranked by their mean effect over rules
@@ -27,7 +32,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 import helper
-from lesion import FORM_SHORT, PRODUCER, cluster_effects, family_name, normalized_effect
+from lesion_engine import FORM_SHORT, PRODUCER, family_name, load_result
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
@@ -37,10 +42,16 @@ CONFIG = dict(
 
 EFFECT_CMAP = "RdBu_r"  # diverging, centred on zero effect; NaN (no control possible) in grey
 MEASURE_COLORS = {"trial": "tab:blue", "angle": "tab:orange"}
+FAILURE_KINDS = ("broke_fixation", "wrong_go", "nogo_response")
+FAILURE_LABELS = {"broke_fixation": "broke fixation before the go cue",
+                  "wrong_go": "wrong or no response (go trials)",
+                  "nogo_response": "responded on a no-go trial"}
+FAILURE_COLORS = ("tab:red", "tab:blue", "tab:orange")
+OUTPUT_NAMES = ("fixation", "response sin", "response cos")
 
 
 # ----------------------------------------------------------------------------------------
-# Data helpers (pickle -> arrays)
+# Data helpers (results file -> arrays)
 
 
 def _vmax(arrays):
@@ -85,14 +96,35 @@ def mean_acc(acc, cond):
     return np.nanmean(acc[np.asarray(cond)], axis=-1)
 
 
+def stats_of(t, kind, measure):
+    """(effect, significant) of one table's lesion kind, (n_clusters, n_rules)."""
+    s = t["stats"][kind][measure]
+    return s["effect"], np.asarray(s["significant"], dtype=bool)
+
+
+def cluster_effects(result, measure):
+    """{family name: (effect (n_clusters, n_rules), table)} over single and modulation
+    lesions."""
+    out = {}
+    for group in ("single", "modulation"):
+        for t in result.get(group, {}).values():
+            for kind in t["stats"]:
+                out[family_name(t, kind)] = (stats_of(t, kind, measure)[0], t)
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # Panels: one function per kind of plot, each drawing into an ax
 
 
-def plot_effect_heatmap(ax, effect, rules, cluster_names, title, vmax, rule_labels=True):
-    """Rules x clusters heatmap of normalized effects; returns the image (for a colorbar)."""
+def plot_effect_heatmap(ax, effect, significant, rules, cluster_names, title, vmax,
+                        rule_labels=True):
+    """Rules x clusters heatmap of normalized effects, significant cells marked with a dot;
+    returns the image (for a colorbar)."""
     im = ax.imshow(effect.T, aspect="auto", cmap=_effect_cmap(), vmin=-vmax, vmax=vmax,
                    interpolation="nearest")
+    c, r = np.nonzero(significant)
+    ax.scatter(c, r, s=7, color="k", marker="o", linewidths=0)
     ax.set_yticks(range(len(rules)), rules if rule_labels else [], fontsize=6)
     step = max(1, len(cluster_names) // 25)
     ax.set_xticks(range(0, len(cluster_names), step), cluster_names[::step], fontsize=6,
@@ -226,6 +258,40 @@ def helper_colors(n):
     return [cmap(i % cmap.N) for i in range(max(n, 1))]
 
 
+def plot_failure_kinds(ax, lesion_kinds, control_error, names, title):
+    """Stacked bars per cluster: the fraction of trials (mean over rules) its lesion fails by
+    each kind; a black tick at the mean error of its random controls."""
+    x = np.arange(len(names))
+    bottom = np.zeros(len(names))
+    for kind, color in zip(FAILURE_KINDS, FAILURE_COLORS):
+        ax.bar(x, lesion_kinds[kind], bottom=bottom, color=color, width=0.8,
+               label=FAILURE_LABELS[kind])
+        bottom += lesion_kinds[kind]
+    ax.scatter(x, control_error, marker="_", s=80, color="k", zorder=3,
+               label="random controls (error)")
+    ax.set_xticks(x, names, fontsize=6, rotation=90)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("cluster label")
+    ax.set_ylabel("fraction of trials failed")
+    ax.set_title(title, fontsize=8)
+
+
+def plot_readout_share(ax, families, output, measure):
+    """Each hidden cluster's share of ‖W_out[output, :]‖² vs its mean effect over rules;
+    filled: at least one significant rule."""
+    for (name, (share, effect, significant)), color in zip(families.items(),
+                                                            helper_colors(len(families))):
+        mean = row_mean(effect)
+        hit = significant.any(axis=1)
+        ax.scatter(share[~hit, output], mean[~hit], s=22, facecolors="none", edgecolors=color)
+        ax.scatter(share[hit, output], mean[hit], s=22, color=color, label=name)
+    ax.axhline(0, color="0.5", lw=0.8, ls="--")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel(f"share of ‖W_out[{OUTPUT_NAMES[output]}]‖² in the cluster")
+    ax.set_ylabel(f"mean effect over rules ({measure} acc.)")
+    ax.set_title(f"readout of {OUTPUT_NAMES[output]}", fontsize=9)
+
+
 # ----------------------------------------------------------------------------------------
 # Figures
 
@@ -242,7 +308,7 @@ def _empty(ax, text):
 
 
 def figure_heatmaps(panels, rules, measure, title, path):
-    """panels: list of rows, each a list of (title, effect, cluster names) or None."""
+    """panels: list of rows, each a list of (title, effect, significant, cluster names)."""
     effects = [p[1] for row in panels for p in row if p is not None]
     if not effects:
         return None
@@ -256,45 +322,88 @@ def figure_heatmaps(panels, rules, measure, title, path):
             if p is None:
                 _empty(axes[i, j], "not run")
                 continue
-            im = plot_effect_heatmap(axes[i, j], p[1], rules, p[2], p[0], vmax,
+            im = plot_effect_heatmap(axes[i, j], p[1], p[2], rules, p[3], p[0], vmax,
                                      rule_labels=j == 0)
-    fig.subplots_adjust(wspace=0.08, hspace=0.45)
+    fig.subplots_adjust(wspace=0.08, hspace=0.55, top=0.8 if len(panels) == 1 else 0.88)
     fig.colorbar(im, ax=axes, shrink=0.6,
                  label=f"normalized effect (control − lesion, {measure} accuracy)")
-    fig.suptitle(f"{title}\n(effect = mean of size-matched random controls − lesion; "
-                 f"'u': the unresponsive cluster; grey: no size-matched control, the cluster holds over half the units or synapses)")
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.45, -0.1 if len(panels) == 1 else -0.04,
+             "effect = mean of size-matched random controls − lesion; dot: significant (below "
+             "every control, Benjamini–Hochberg q ≤ alpha over the panel); 'u': the unresponsive "
+             "cluster; grey: no size-matched control possible", ha="center", fontsize=8)
     return helper.save_figure(fig, path)
 
 
+def _panel(t, kind, measure, title):
+    eff, sig = stats_of(t, kind, measure)
+    return (f"{title}\n{int(sig.sum())} of {int(np.isfinite(eff).sum())} cells significant",
+            eff, sig, _cluster_names(t))
+
+
 def unit_heatmap_panels(result, measure):
-    acc = result["acc"][measure]
     rows = {}
     for t in result.get("single", {}).values():
-        eff = normalized_effect(acc, t["lesion"], t["control"])
-        panel = (f"{t['rep']}\n{t['form']}, {t['cut']} k={t['k']}", eff, _cluster_names(t))
-        rows.setdefault(t["rep"], []).append(panel)
+        rows.setdefault(t["rep"], []).append(
+            _panel(t, "lesion", measure, f"{t['rep']}, {t['form']}, {t['cut']} k={t['k']}"))
     return list(rows.values())
 
 
 def modulation_heatmap_panels(result, measure):
-    acc = result["acc"][measure]
     rows = {"zero_W": [], "freeze_M": []}
     for t in result.get("modulation", {}).values():
         for kind in rows:
-            eff = normalized_effect(acc, t[kind], t[f"{kind}_control"])
-            rows[kind].append((f"{kind}: {t['rep']}\n{t['form']}, {t['cut']} k={t['k']}", eff,
-                               _cluster_names(t)))
+            rows[kind].append(_panel(t, kind, measure,
+                                     f"{kind}: {family_name(t)}, {t['cut']}"))
     return [r for r in rows.values() if r]
 
 
-def combined_effects(result, t, measure):
-    """(combined effect (P, R), sum of single effects (P, R)) of one combined table."""
-    acc = result["acc"][measure]
-    comb = normalized_effect(acc, t["lesion"], t["control"])
-    e_in = normalized_effect(acc, t["input_lesion"], t["input_control"])
-    e_hid = normalized_effect(acc, t["hidden_lesion"], t["hidden_control"])
+def figure_failure_kinds(result, path):
+    """One panel per unit clustering: how each cluster's lesion fails, mean over rules."""
+    tables = list(result.get("single", {}).values())
+    if not tables:
+        return None
+    scores = result["scores"]
+    ncols = min(2, len(tables))
+    nrows = -(-len(tables) // ncols)
+    fig, axes = _new_figure(nrows, ncols, 5.2, 3.2)
+    for ax, t in zip(axes.ravel(), tables):
+        kinds = {k: np.nanmean(scores[k][t["lesion"]], axis=1) for k in FAILURE_KINDS}
+        control = np.where(t["control"] >= 0, np.nanmean(1 - scores["trial"], axis=1)[
+            np.maximum(t["control"], 0)], np.nan)
+        plot_failure_kinds(ax, kinds, row_mean(control), _cluster_names(t),
+                           f"{family_name(t)} ({t['cut']})")
+    for ax in axes.ravel()[len(tables):]:
+        _empty(ax, "")
+    axes[0, 0].legend(fontsize=6, loc="upper left")
+    fig.suptitle("How each cluster's lesion fails (trial measure; fractions of trials, mean "
+                 "over rules)")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / (3.2 * nrows)))
+    return helper.save_figure(fig, path)
+
+
+def figure_readout_share(result, measure, path):
+    families = {f"{family_name(t)} ({t['cut']})": (t["readout_share"], *stats_of(t, "lesion", measure))
+                for t in result.get("single", {}).values() if "readout_share" in t}
+    if not families:
+        return None
+    n_out = next(iter(families.values()))[0].shape[1]
+    fig, axes = _new_figure(1, n_out, 4.0, 3.6)
+    for o, ax in enumerate(axes[0]):
+        plot_readout_share(ax, families, o, measure)
+    axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle("Hidden clusters: share of the readout weights vs lesion effect "
+                 "(filled: significant for at least one rule)")
+    fig.tight_layout()
+    return helper.save_figure(fig, path)
+
+
+def combined_effects(t, measure):
+    """(combined effect (P, R), sum of single effects (P, R), combined significant)."""
+    comb, sig = stats_of(t, "lesion", measure)
+    e_in, e_hid = stats_of(t, "input", measure)[0], stats_of(t, "hidden", measure)[0]
     pairs = t["pairs"]
-    return comb, e_in[pairs[:, 0]] + e_hid[pairs[:, 1]]
+    return comb, e_in[pairs[:, 0]] + e_hid[pairs[:, 1]], sig
 
 
 def figure_combined_matrix(result, measure, path):
@@ -302,27 +411,29 @@ def figure_combined_matrix(result, measure, path):
     if not tables:
         return None
     fig, axes = _new_figure(1, len(tables), 5.0, 4.2)
-    mats = []
+    mats, marks = [], []
     for t in tables:
-        comb, _ = combined_effects(result, t, measure)
+        comb, _, sig = combined_effects(t, measure)
         m = np.full((len(t["input_clusters"]), len(t["hidden_clusters"])), np.nan)
         m[t["pairs"][:, 0], t["pairs"][:, 1]] = row_mean(comb)
         mats.append(m)
+        marks.append(t["pairs"][sig.any(axis=1)])
     vmax = _vmax(mats)
-    for ax, t, m in zip(axes[0], tables, mats):
+    for ax, t, m, mark in zip(axes[0], tables, mats, marks):
         im = plot_pair_matrix(ax, m, [str(c) for c in t["input_clusters"]],
                               [str(c) for c in t["hidden_clusters"]],
-                              f"combined lesions, {t['form']} k={t['k_input']}/{t['k_hidden']}",
-                              vmax)
+                              f"combined lesions, {t['form']} k={t['k_input']}/{t['k_hidden']}"
+                              f"\n(dot: significant for at least one rule)", vmax)
+        ax.scatter(mark[:, 1], mark[:, 0], s=7, color="k", linewidths=0)
     fig.colorbar(im, ax=axes, shrink=0.8, label=f"mean effect over rules ({measure} acc.)")
     return helper.save_figure(fig, path)
 
 
 def figure_violins(result, measure, path):
     families = {name: eff for name, (eff, _) in cluster_effects(result, measure).items()}
-    for name, t in result.get("combined", {}).items():
+    for t in result.get("combined", {}).values():
         families[f"combined {FORM_SHORT[t['form']]} k={t['k_input']}"] = combined_effects(
-            result, t, measure)[0]
+            t, measure)[0]
     if not families:
         return None
     fig, axes = _new_figure(1, 1, max(6.0, 0.5 * len(families)), 4.0)
@@ -338,18 +449,9 @@ def _split_families(result, measure):
 
 
 def figure_ranked(result, measure, path):
-    units, syn = _split_families(result, measure)
-    if not units and not syn:
-        return None
-    fig, axes = _new_figure(1, 2, 5.0, 3.8)
-    for ax, fams, title in ((axes[0, 0], units, "Unit clusters"),
-                            (axes[0, 1], syn, "Synapse clusters")):
-        if fams:
-            plot_ranked(ax, {k: v[0] for k, v in fams.items()}, measure,
-                        f"{title} ranked by importance")
-        else:
-            _empty(ax, f"{title}: not run")
-    return helper.save_figure(fig, path)
+    return _units_and_synapses(result, measure, path, (5.0, 3.8), lambda ax, fams, title:
+                               plot_ranked(ax, {k: v[0] for k, v in fams.items()}, measure,
+                                           f"{title} ranked by importance"))
 
 
 def figure_additivity(result, measure, path):
@@ -359,7 +461,7 @@ def figure_additivity(result, measure, path):
     fig, axes = _new_figure(1, 1, 4.8, 4.4)
     ax = axes[0, 0]
     for t, color in zip(tables, helper_colors(len(tables))):
-        comb, summed = combined_effects(result, t, measure)
+        comb, summed, _ = combined_effects(t, measure)
         plot_scatter_fit(ax, summed.ravel(), comb.ravel(), f"{t['form']} k={t['k_input']}", color)
     ax.set_xlabel("sum of single-lesion effects (input + hidden)")
     ax.set_ylabel("combined-lesion effect")
@@ -373,12 +475,10 @@ def figure_zero_vs_freeze(result, measure, path):
     tables = list(result.get("modulation", {}).values())
     if not tables:
         return None
-    acc = result["acc"][measure]
     fig, axes = _new_figure(1, 1, 4.8, 4.4)
     ax = axes[0, 0]
     for t, color in zip(tables, helper_colors(len(tables))):
-        ez = normalized_effect(acc, t["zero_W"], t["zero_W_control"])
-        ef = normalized_effect(acc, t["freeze_M"], t["freeze_M_control"])
+        ez, ef = stats_of(t, "zero_W", measure)[0], stats_of(t, "freeze_M", measure)[0]
         plot_scatter_fit(ax, ez.ravel(), ef.ravel(), family_name(t), color)
     ax.set_xlabel("zero_W effect (W = 0 on the cluster)")
     ax.set_ylabel("freeze_M effect (M = 0 on the cluster)")
@@ -419,7 +519,7 @@ def figure_pruning(result, path):
     if t is None:
         return None
     fig, axes = _new_figure(1, 1, 5.5, 3.8)
-    acc = {m: mean_acc(result["acc"][m], t["cond"]) for m in ("trial", "angle")}
+    acc = {m: mean_acc(result["scores"][m], t["cond"]) for m in ("trial", "angle")}
     base = {m: float(np.mean(result["baseline"][m])) for m in ("trial", "angle")}
     plot_pruning(axes[0, 0], t["sparsity"], acc, base)
     return helper.save_figure(fig, path)
@@ -436,14 +536,14 @@ def figure_robustness(result, path):
         return None
     fig, axes = _new_figure(1, len(batteries), 4.0, 3.6)
     for ax, (name, t) in zip(axes[0], batteries.items()):
-        per_draw = {m: mean_acc(result["acc"][m], t["cond"]) for m in ("trial", "angle")}
+        per_draw = {m: mean_acc(result["scores"][m], t["cond"]) for m in ("trial", "angle")}
         title = ROBUST_TITLES.get(name, name) + f"\n(mean ± s.e.m., {t['cond'].shape[1]} draws)"
         plot_robustness(ax, t["levels"], per_draw, t["xlabel"], title)
     return helper.save_figure(fig, path)
 
 
 def make_figures(result, paths, measure):
-    """Every figure of SPEC §6.3 that the pickle has data for; returns the written paths."""
+    """Every figure of SPEC §6.4 that the results have data for; returns the written paths."""
     rules = result["rules"]
     out = [
         figure_heatmaps(unit_heatmap_panels(result, measure), rules, measure,
@@ -452,6 +552,8 @@ def make_figures(result, paths, measure):
         figure_heatmaps(modulation_heatmap_panels(result, measure), rules, measure,
                         "Synapse-cluster lesions: zero_W and freeze_M",
                         paths.figure("lesion_heatmaps_modulation")),
+        figure_failure_kinds(result, paths.figure("lesion_failure_kinds")),
+        figure_readout_share(result, measure, paths.figure("lesion_readout_share")),
         figure_combined_matrix(result, measure, paths.figure("lesion_combined_matrix")),
         figure_violins(result, measure, paths.figure("lesion_violins")),
         figure_ranked(result, measure, paths.figure("lesion_ranked_importance")),
@@ -465,6 +567,17 @@ def make_figures(result, paths, measure):
     return [p for p in out if p is not None]
 
 
+def load_fresh(paths):
+    """The lesion results, refused when older than the checkpoint or the cluster files."""
+    producer = f"{PRODUCER} --run={paths.name}"
+    if paths.lesion.exists():
+        for source in (paths.checkpoint, paths.cluster_info, paths.cluster_info_mod):
+            if source.exists() and source.stat().st_mtime > paths.lesion.stat().st_mtime:
+                raise helper.StageError(f"{str(paths.lesion)!r} is older than {source.name}; "
+                                        f"rerun `{producer}`.")
+    return load_result(paths.lesion, producer)
+
+
 def main(cfg):
     """Figures for every run matching cfg["run"]; returns {aname: [figure paths]}."""
     if cfg["acc_measure"] not in ("trial", "angle"):
@@ -472,7 +585,7 @@ def main(cfg):
     helper.set_style()
     out = {}
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
-        result = helper.load_pickle(paths.lesion, f"{PRODUCER} --run={paths.name}")
+        result = load_fresh(paths)
         out[paths.name] = make_figures(result, paths, cfg["acc_measure"])
         print(f"[{paths.name}] {len(out[paths.name])} lesion figures in {paths.figures}")
     return out

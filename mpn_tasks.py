@@ -629,10 +629,8 @@ def score_trial(outputs, batch):
     step right (go: fixation < 0.5 and direction within ACC_TOL; no-go: fixation > 0.5 and
     response norm < 0.5). A zero response vector has no direction and fails a go trial."""
     y = _checked_outputs(outputs, batch)
-    t = np.arange(y.shape[1])[None, :]
     fixation = y[..., 0]
-    pre = (batch.mask[..., 0] > 0) & (t < batch.go_step[:, None])
-    held = np.all(~pre | (fixation > 0.5), axis=1)
+    held = _fixation_held(y, batch)
     out = _response_vectors(y, batch.io_mode)
     target = _response_vectors(batch.targets, batch.io_mode)
     norm = np.hypot(out[..., 0], out[..., 1])
@@ -642,6 +640,26 @@ def score_trial(outputs, batch):
     nogo_ok = (fixation > 0.5) & (norm < 0.5)
     step_ok = np.where(batch.is_go[:, None], go_ok, nogo_ok)
     return held & np.all(~_response_window(batch) | step_ok, axis=1)
+
+
+def _fixation_held(y, batch):
+    """(B,) bool: the fixation output stayed > 0.5 at every scored step before the go cue."""
+    t = np.arange(y.shape[1])[None, :]
+    pre = (batch.mask[..., 0] > 0) & (t < batch.go_step[:, None])
+    return np.all(~pre | (y[..., 0] > 0.5), axis=1)
+
+
+FAILURE_KINDS = ("broke_fixation", "wrong_go", "nogo_response")  # codes 1, 2, 3
+
+
+def failure_kind(outputs, batch):
+    """(B,) int per trial under the `trial` measure: 0 correct, 1 broke fixation before the
+    go cue, 2 held fixation but responded wrongly or not at all on a go trial, 3 held fixation
+    but responded (or let fixation go) on a no-go trial. Codes 1-3 partition the errors."""
+    y = _checked_outputs(outputs, batch)
+    ok = score_trial(y, batch)
+    return np.where(ok, 0, np.where(~_fixation_held(y, batch), 1,
+                                    np.where(batch.is_go, 2, 3))).astype(np.int64)
 
 
 def accuracy_by_rule(outputs, batch):

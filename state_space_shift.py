@@ -1,17 +1,20 @@
-"""State-space geometry of trained networks across rules (SPEC §7), for the hidden activity h,
-the modulation M (flattened) and the effective modulation W ⊙ M.
+"""State-space geometry of trained networks across rules (SPEC §7.1), for the hidden activity
+h, the modulation M (flattened) and the effective modulation W ⊙ M.
 
-On `aligned` trials (every trial of a rule shares its epoch boundaries; trial i has stimulus
-direction i % 8) with input noise sigma_x = 0.01:
+On each rule's complete condition set (mpn_tasks.condition_set; at most `trials_per_rule`
+trials taken at an even stride, which keeps the stimulus directions balanced) with input
+noise sigma_x = 0.01:
   1. context-end PCA: the state at the last step before stimulus onset (stim1 onset − 1; the
      go1 onset − 1 for react rules, whose stimulus appears at go1), one point per trial,
      2-component PCA, coloured by rule and by task family;
-  2. shift test: for every pair of rules and every stimulus direction, the distance between
-     their pre-stimulus states vs the angle between their one-step displacements at stimulus
-     onset (state at onset − state just before), each averaged over the cross-rule trial pairs
-     of that direction; angle = slope · distance fitted through the origin, with the Pearson r
-     and p (scipy.stats.pearsonr) of the points (p is nominal: the points share rules, so
-     they are not independent);
+  2. shift test, one point per rule pair: the distance between the two rules' pre-onset
+     states vs the angle between their one-step displacements at stimulus onset (state at
+     onset − state just before), each averaged over the cross-rule trial pairs of one stimulus
+     direction, then over directions. Pearson r of the points with its ordinary least-squares
+     line; permutation p (one-sided, r above chance) from `n_permutations` shuffles of the
+     trials' rule labels within each direction. Baselines, on the same trials: the untrained
+     network (the run's step-0 snapshot) and one shuffle of the rule labels, each with its own
+     r, line and p. A claim that plasticity carries context needs the trained r above both;
   3. subspace angles (scipy.linalg.subspace_angles) between the rules' hidden-activity
      subspaces (top `subspace_dim` PCs of each rule's h over all steps of its trials), as a
      rules x rules heatmap of the mean (or max) principal angle in degrees.
@@ -22,10 +25,12 @@ of M contains the stimulus's own Hebbian update. M is streamed through the model
 `m_reduce(t, M_{t−1})` callback and kept only at the two steps each rule needs; the full
 history never exists. Vanilla-RNN and GRU runs have no M: only h is analysed.
 
-Reads:  runs/<aname>/checkpoint.pt (its config gives the rules and io_mode).
-Writes: runs/<aname>/state_space.pkl and runs/<aname>/figures/state_space_*.png; with
-        several runs also runs/summary/state_space_summary.pkl and state_space_shift_r.png
-        (shift-test r per representation, mean ± s.d. over runs).
+Reads:  runs/<aname>/checkpoint.pt and snapshots/weights_step0000000.pt (its config gives the
+        rules and io_mode).
+Writes: runs/<aname>/state_space.h5 (arrays; run, step and config as attributes) and
+        runs/<aname>/figures/state_space_*.png; with several runs also
+        runs/summary/state_space_summary.json and state_space_shift_r.png (shift-test r per
+        representation, mean ± s.d. over runs, trained and untrained).
 
 Axis order: trials x time x units, (B, T, N); flattened synapses are post-major
 (column i_post * N_pre + j_pre).
@@ -42,10 +47,11 @@ import helper
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
-    trials_per_rule=16,  # aligned trials per rule (trial i has stimulus direction i % 8)
+    trials_per_rule=64,  # at most this many trials of each rule's condition set (even stride; memory of M at N = 300: 15 x 64 x 90,000 floats per state) {>= 8}
     epoch_quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest)
     input_noise=0.01,  # sigma_x of the analysis trials (SPEC §2.3: 0.01 for analysis)
-    trial_seed=0,  # seed of the numpy Generator drawing the analysis trials
+    trial_seed=0,  # seed of the numpy Generator drawing the input noise and the label shuffles
+    n_permutations=1000,  # rule-label shuffles behind the permutation p of the shift test {>= 1}
     subspace_dim=3,  # top PCs of a rule's hidden activity spanning its subspace
     subspace_stat="mean",  # principal angles summarised by "mean" or "max" in the heatmap
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
@@ -138,17 +144,29 @@ def rule_states(net, batch, device):
     return states, h, onset
 
 
-def collect_states(net, rules, cfg, io_mode, device):
-    """Run every rule's aligned batch; stack pre-onset states and displacements over rules.
-    Returns (states {rep: (pre (R·B, D), disp (R·B, D))}, meta, per-rule h trajectories)."""
+def make_trials(rules, cfg, io_mode):
+    """Per rule, its condition set at `epoch_quantile` with input noise, at most
+    `trials_per_rule` trials at an even stride (the set varies stimulus direction slowest,
+    so every direction keeps its share)."""
     import mpn_tasks
     rng = np.random.default_rng(cfg["trial_seed"])
-    pre, disp, trajectories = {}, {}, []
-    meta = {"rule": [], "direction": [], "onset_step": {}}
-    for r, rule in enumerate(helper.progress(rules, desc="rules", leave=False)):
-        batch = mpn_tasks.aligned_batch(rule, cfg["trials_per_rule"], rng,
-                                        quantile=cfg["epoch_quantile"],
+    batches = []
+    for rule in rules:
+        batch = mpn_tasks.condition_set(rule, rng=rng, quantile=cfg["epoch_quantile"],
                                         sigma_x=cfg["input_noise"], io_mode=io_mode)
+        n = len(batch.rule)
+        keep = min(n, cfg["trials_per_rule"])
+        batches.append(batch.take((np.arange(keep) * n) // keep))
+    return batches
+
+
+def collect_states(net, batches, device):
+    """Run every rule's trials; stack pre-onset states and displacements over rules.
+    Returns (states {rep: (pre (Σ B, D), disp (Σ B, D))}, meta, per-rule h trajectories)."""
+    import mpn_tasks
+    pre, disp, trajectories = {}, {}, []
+    meta = {"rule": [], "direction": [], "onset_step": []}
+    for r, batch in enumerate(helper.progress(batches, desc="rules", leave=False)):
         states, h, onset = rule_states(net, batch, device)
         for rep, (p, d) in states.items():
             pre.setdefault(rep, []).append(p)
@@ -157,10 +175,12 @@ def collect_states(net, rules, cfg, io_mode, device):
         trajectories.append([h[i, :length[i]] for i in range(len(h))])
         meta["rule"].append(np.full(len(h), r))
         meta["direction"].append(trial_directions(batch))
-        meta["onset_step"][rule] = onset
+        meta["onset_step"].append(onset)
     states = {rep: (np.concatenate(pre[rep]), np.concatenate(disp[rep])) for rep in pre}
     meta = dict(meta, rule=np.concatenate(meta["rule"]),
-                direction=np.concatenate(meta["direction"]))
+                direction=np.concatenate(meta["direction"]),
+                onset_step=np.array(meta["onset_step"]),
+                rule_names=[mpn_tasks.RULES[int(b.rule[0])] for b in batches])
     return states, meta, trajectories
 
 
@@ -220,40 +240,83 @@ def pairwise_angles_deg(V):
     return np.degrees(np.arccos(np.clip(U @ U.T, -1.0, 1.0)))
 
 
-def shift_points(pre, disp, rule, direction):
-    """One point per (rule pair, stimulus direction): the distance between the two rules'
-    pre-onset states and the angle between their onset displacements, each averaged over the
-    cross-rule trial pairs with that direction. Points with an undefined angle are dropped."""
-    rules = np.unique(rule)
-    rows = []
+def direction_blocks(pre, disp, direction):
+    """Per stimulus direction: the trials' indices, their pairwise pre-onset distances and
+    the pairwise angles (degrees; nan where a displacement is zero) of their displacements."""
+    blocks = []
     for d in np.unique(direction):
-        sel = direction == d
-        dist, ang, r = pairwise_distances(pre[sel]), pairwise_angles_deg(disp[sel]), rule[sel]
-        for i, a in enumerate(rules):
-            for b in rules[i + 1:]:
-                block = np.ix_(r == a, r == b)
-                if dist[block].size and np.isfinite(ang[block]).any():
-                    rows.append((a, b, d, dist[block].mean(), np.nanmean(ang[block])))
-    rows = np.array(rows, dtype=float).reshape(-1, 5)
-    return {"rule_pair": rows[:, :2].astype(int), "direction": rows[:, 2].astype(int),
-            "distance": rows[:, 3], "angle_deg": rows[:, 4]}
+        idx = np.flatnonzero(direction == d)
+        blocks.append((idx, pairwise_distances(pre[idx]), pairwise_angles_deg(disp[idx])))
+    return blocks
 
 
-def fit_through_origin(x, y):
-    """Least-squares y = slope · x (no intercept), with the Pearson r and p of (x, y)."""
-    from scipy.stats import pearsonr
+def pair_matrices(blocks, rule, n_rules):
+    """(R, R) mean distance and mean angle between the trials of every two rules, averaged
+    over the cross-rule trial pairs of each direction, then over directions. The means are
+    block sums Gᵀ X G of the trial matrices with G the one-hot rule labels."""
+    D, A, n_dirs = np.zeros((n_rules, n_rules)), np.zeros((n_rules, n_rules)), np.zeros((n_rules, n_rules))
+    for idx, dist, ang in blocks:
+        G = np.eye(n_rules)[rule[idx]]
+        ok = np.isfinite(ang)
+        pairs = np.outer(G.sum(0), G.sum(0))
+        n_ang = G.T @ ok @ G
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d_mean = (G.T @ dist @ G) / pairs
+            a_mean = (G.T @ np.where(ok, ang, 0.0) @ G) / n_ang
+        use = (pairs > 0) & (n_ang > 0)
+        D += np.where(use, d_mean, 0.0)
+        A += np.where(use, a_mean, 0.0)
+        n_dirs += use
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return D / n_dirs, A / n_dirs
+
+
+def shift_points(D, A):
+    """One point per rule pair (a < b) with a finite distance and angle."""
+    a, b = np.triu_indices(len(D), 1)
+    ok = np.isfinite(D[a, b]) & np.isfinite(A[a, b])
+    return {"rule_pair": np.stack([a[ok], b[ok]], axis=1), "distance": D[a, b][ok],
+            "angle_deg": A[a, b][ok]}
+
+
+def pearson_ols(x, y):
+    """Pearson r of the points and the least-squares line y = slope · x + intercept."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    slope = float((x * y).sum() / (x * x).sum()) if (x * x).sum() > 0 else np.nan
-    if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-        r, p = pearsonr(x, y)
-    else:
-        r, p = np.nan, np.nan
-    return {"slope": slope, "r": float(r), "p": float(p), "n": int(x.size)}
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"r": np.nan, "slope": np.nan, "intercept": np.nan, "n": int(x.size)}
+    slope, intercept = np.polyfit(x, y, 1)
+    return {"r": float(np.corrcoef(x, y)[0, 1]), "slope": float(slope),
+            "intercept": float(intercept), "n": int(x.size)}
 
 
-def shift_test(pre, disp, rule, direction):
-    points = shift_points(pre, disp, rule, direction)
-    return dict(points, **fit_through_origin(points["distance"], points["angle_deg"]))
+def shuffle_within(rule, direction, rng):
+    """Rule labels permuted among the trials of each stimulus direction."""
+    out = rule.copy()
+    for d in np.unique(direction):
+        idx = np.flatnonzero(direction == d)
+        out[idx] = rule[rng.permutation(idx)]
+    return out
+
+
+def shift_r(blocks, rule, n_rules):
+    points = shift_points(*pair_matrices(blocks, rule, n_rules))
+    return dict(points, **pearson_ols(points["distance"], points["angle_deg"]))
+
+
+def shift_test(pre, disp, rule, direction, n_permutations, rng):
+    """The shift test on the real rule labels and on one shuffle of them, each with a
+    one-sided permutation p from `n_permutations` further shuffles (within directions):
+    (1 + #{r_shuffled ≥ r}) / (1 + n_permutations). Also the shuffles' r (the null)."""
+    n_rules = int(rule.max()) + 1
+    blocks = direction_blocks(pre, disp, direction)
+    real = shift_r(blocks, rule, n_rules)
+    shuffled = shift_r(blocks, shuffle_within(rule, direction, rng), n_rules)
+    null = np.array([shift_r(blocks, shuffle_within(rule, direction, rng), n_rules)["r"]
+                     for _ in range(n_permutations)])
+    for res in (real, shuffled):
+        res["p"] = float((1 + np.sum(null >= res["r"])) / (1 + n_permutations)) \
+            if np.isfinite(res["r"]) else np.nan
+    return {"real": real, "shuffled": shuffled, "null_r": null}
 
 
 def rule_subspace(trajectories, dim):
@@ -284,9 +347,10 @@ def subspace_analysis(trajectories, dim):
     return dict(out, dim=dim, explained_variance_ratio=np.array([evr for _, evr in fits]))
 
 
-def analyze_states(states, meta, net):
+def analyze_states(states, meta, net, cfg):
     """Context PCA and shift test for every representation, W ⊙ M made one at a time."""
     context, shift = {}, {}
+    rng = np.random.default_rng([cfg["trial_seed"], 1])
     reps = [rep for rep in REPRESENTATIONS if rep in states or (rep == "WM" and "M" in states)]
     for rep in reps:
         if rep == "WM":
@@ -294,7 +358,8 @@ def analyze_states(states, meta, net):
         else:
             pre, disp = states[rep]
         context[rep] = context_pca(pre)
-        shift[rep] = shift_test(pre, disp, meta["rule"], meta["direction"])
+        shift[rep] = shift_test(pre, disp, meta["rule"], meta["direction"],
+                                cfg["n_permutations"], rng)
         del pre, disp
     return reps, context, shift
 
@@ -327,19 +392,31 @@ def plot_context_pca(ax, proj, evr, groups, names, colors, title):
     ax.set_title(title)
 
 
+SHIFT_SERIES = (("trained", "trained", "tab:red"), ("untrained", "untrained (step 0)", "tab:blue"),
+                 ("shuffled", "shuffled rule labels", "0.5"))
+
+
 def plot_shift_test(ax, shift, title):
-    """Distance between pre-onset states vs angle between onset displacements, with the fit."""
-    x, y = shift["distance"], shift["angle_deg"]
-    ax.scatter(x, y, s=8, alpha=0.4, color="0.4", linewidths=0,
-               label="rule pair x direction")
-    xs = np.linspace(0.0, x.max() if x.size else 1.0, 50)
-    ax.plot(xs, shift["slope"] * xs, color="tab:red",
-            label=f"fit through 0: slope {shift['slope']:.3g} deg/unit")
+    """Distance between pre-onset states vs angle between onset displacements, one point per
+    rule pair, for the trained network, the untrained one and shuffled rule labels, each
+    with its least-squares line, Pearson r and permutation p."""
+    for key, label, color in SHIFT_SERIES:
+        if key not in shift:
+            continue
+        s = shift[key]
+        x, y = s["distance"], s["angle_deg"]
+        ax.scatter(x, y, s=9, alpha=0.6, color=color, linewidths=0)
+        if np.isfinite(s["slope"]):
+            xs = np.linspace(x.min(), x.max(), 2)
+            ax.plot(xs, s["slope"] * xs + s["intercept"], color=color, lw=1.5,
+                    label=f"{label}: r = {s['r']:.2f}, p = {s['p']:.2g}")
+    lo, hi = np.percentile(shift["null_r"], [2.5, 97.5])
     ax.set_xlabel("distance between pre-onset states (a.u.)")
     ax.set_ylabel("angle between onset displacements (deg)")
-    ax.set_title(f"{title}\nr = {shift['r']:.2f}, p = {shift['p']:.2g}, n = {shift['n']}")
+    ax.set_title(f"{title} ({shift['trained']['n']} rule pairs)\nshuffled-label r, 95%: "
+                 f"[{lo:.2f}, {hi:.2f}]", fontsize=9)
     ax.set_ylim(0, 180)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="upper left", fontsize=6)
 
 
 def plot_subspace_angles(ax, matrix, rules, stat, dim):
@@ -352,14 +429,17 @@ def plot_subspace_angles(ax, matrix, rules, stat, dim):
 
 
 def plot_shift_summary(ax, r_by_rep):
-    """Shift-test r per representation: mean ± s.d. over runs, with each run as a dot."""
-    reps = list(r_by_rep)
-    for i, rep in enumerate(reps):
-        r = np.asarray(r_by_rep[rep], dtype=float)
-        ax.bar(i, np.nanmean(r), yerr=np.nanstd(r), capsize=4, color="tab:blue", alpha=0.5,
-               label="mean ± s.d." if i == 0 else None)
-        jitter = np.linspace(-0.15, 0.15, r.size) if r.size > 1 else np.zeros(1)
-        ax.scatter(i + jitter, r, s=12, color="k", zorder=3, label="run" if i == 0 else None)
+    """Shift-test r per representation, trained and untrained: mean ± s.d. over runs, with
+    each run as a dot."""
+    reps = list(r_by_rep["trained"])
+    for offset, (key, label, color) in zip((-0.2, 0.2), SHIFT_SERIES[:2]):
+        for i, rep in enumerate(reps):
+            r = np.asarray(r_by_rep[key].get(rep, []), dtype=float)
+            if not r.size:
+                continue
+            ax.bar(i + offset, np.nanmean(r), width=0.35, yerr=np.nanstd(r), capsize=4,
+                   color=color, alpha=0.5, label=label if i == 0 else None)
+            ax.scatter(np.full(r.size, i + offset), r, s=12, color="k", zorder=3)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.legend(loc="best", fontsize=7)
     ax.set_xticks(range(len(reps)), [REP_LABELS[rep] for rep in reps])
@@ -394,7 +474,7 @@ def figure_context_pca(result, path):
 def figure_shift_test(result, path):
     import matplotlib.pyplot as plt
     reps = result["representations"]
-    fig, axes = plt.subplots(1, len(reps), figsize=(3.8 * len(reps), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(reps), figsize=(4.2 * len(reps), 4.2), squeeze=False)
     for ax, rep in zip(axes[0], reps):
         plot_shift_test(ax, result["shift"][rep], REP_LABELS[rep])
     fig.suptitle(f"{result['run']}: shift test at stimulus onset")
@@ -414,7 +494,7 @@ def figure_subspace_angles(result, path):
 
 def figure_summary(summary, path):
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.3 * len(summary["r"]) + 1.5, 3.4))
+    fig, ax = plt.subplots(figsize=(1.3 * len(summary["r"]["trained"]) + 1.5, 3.4))
     plot_shift_summary(ax, summary["r"])
     ax.set_title(f"shift test over {len(summary['runs'])} runs (mean ± s.d.)")
     fig.tight_layout()
@@ -425,52 +505,89 @@ def figure_summary(summary, path):
 # Stage
 
 
+def load_untrained(paths, device):
+    """The run's step-0 snapshot as a network, or None (with a note) when it was not kept."""
+    import net_helpers
+    path = paths.snapshot(0)
+    if not path.exists():
+        print(f"[{paths.name}] no step-0 snapshot ({path.name}): the untrained baseline of the "
+              f"shift test is skipped")
+        return None
+    return net_helpers.model_from_checkpoint(net_helpers.load_checkpoint(path),
+                                             device=device).eval()
+
+
 def analyze_run(paths, cfg):
-    """Every analysis of one run, as the dict saved to its state_space.pkl."""
+    """Every analysis of one run, as the dict saved to its state_space.h5."""
     device = helper.get_device(cfg["device"])
     net, train_cfg, step = load_network(paths, device)
     rules = run_rules(train_cfg)
-    states, meta, trajectories = collect_states(net, rules, cfg,
-                                                train_cfg.get("io_mode", "low_dim"), device)
-    reps, context, shift = analyze_states(states, meta, net)
+    batches = make_trials(rules, cfg, train_cfg.get("io_mode", "low_dim"))
+    states, meta, trajectories = collect_states(net, batches, device)
+    reps, context, tests = analyze_states(states, meta, net, cfg)
+    shift = {rep: {"trained": t["real"], "shuffled": t["shuffled"], "null_r": t["null_r"]}
+             for rep, t in tests.items()}
+    untrained = load_untrained(paths, device)
+    if untrained is not None:
+        u_states, u_meta, _ = collect_states(untrained, batches, device)
+        for rep, t in analyze_states(u_states, u_meta, untrained, cfg)[2].items():
+            shift[rep].update(untrained=t["real"], null_r_untrained=t["null_r"])
     subspace = subspace_analysis(trajectories, cfg["subspace_dim"])
     return {
         "run": paths.name, "step": step, "rules": rules,
-        "families": {rule: family_of(rule) for rule in rules},
+        "families": [family_of(rule) for rule in rules],
         "representations": reps, "trial_rule": meta["rule"],
         "trial_direction": meta["direction"], "onset_step": meta["onset_step"],
         "context_pca": context, "shift": shift,
         "subspace": dict(subspace, stat=cfg["subspace_stat"]),
-        "config": dict(cfg, run=paths.name), "train_config": train_cfg,
+        "config": dict(cfg, run=paths.name),
     }
 
 
+def _arrays(tree):
+    """Numbers, strings and lists of a nested dict as arrays (save_h5 stores arrays)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = _arrays(value)
+        elif isinstance(value, (str, int, float, np.number)):
+            out[key] = np.array([value])
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
 def save_run(result, paths):
-    helper.save_pickle(paths.state_space, result, result["config"])
+    arrays = _arrays({k: v for k, v in result.items() if k not in ("run", "step", "config")})
+    helper.save_h5(paths.state_space, arrays,
+                   attrs={"run": result["run"], "step": result["step"]}, cfg=result["config"])
     figures = [figure_context_pca(result, paths.figure("state_space_context_pca")),
                figure_shift_test(result, paths.figure("state_space_shift_test")),
                figure_subspace_angles(result, paths.figure("state_space_subspace_angles"))]
     for rep in result["representations"]:
-        s = result["shift"][rep]
-        print(f"[{result['run']}] shift test {REP_LABELS[rep]}: slope {s['slope']:.3g} deg/unit,"
-              f" r = {s['r']:.3f}, p = {s['p']:.2g} (n = {s['n']})")
+        line = ", ".join(f"{key} r = {s['r']:.3f} (p = {s['p']:.3g})"
+                         for key, s in ((k, result["shift"][rep].get(k)) for k, _, _ in SHIFT_SERIES)
+                         if s is not None)
+        print(f"[{result['run']}] shift test {REP_LABELS[rep]}: {line}")
     return figures
 
 
 def summarize(results, cfg):
-    """Shift-test r, slope and p per representation over runs, saved under runs/summary/."""
+    """Shift-test r and p per representation over runs (trained, untrained, shuffled),
+    saved as JSON under runs/summary/."""
     reps = [rep for rep in REPRESENTATIONS if any(rep in r["shift"] for r in results)]
-    pick = {key: {rep: [r["shift"][rep][key] for r in results if rep in r["shift"]]
-                  for rep in reps} for key in ("r", "slope", "p")}
+    pick = {f"{key}_{stat}": {rep: [float(r["shift"][rep][key][stat]) for r in results
+                                    if key in r["shift"].get(rep, {})] for rep in reps}
+            for key, _, _ in SHIFT_SERIES for stat in ("r", "p")}
     summary = dict(pick, runs=[r["run"] for r in results],
-                   r_mean={rep: float(np.nanmean(v)) for rep, v in pick["r"].items()},
-                   r_std={rep: float(np.nanstd(v)) for rep, v in pick["r"].items()})
+                   r={"trained": pick["trained_r"], "untrained": pick["untrained_r"]})
     out = helper.summary_paths(cfg["runs_dir"])
-    helper.save_pickle(out.state_space, summary, cfg)
+    helper.save_json(out.state_space, summary)
     figure = figure_summary(summary, out.figure("state_space_shift_r"))
     for rep in reps:
-        print(f"shift-test r, {REP_LABELS[rep]}: {summary['r_mean'][rep]:.3f} ± "
-              f"{summary['r_std'][rep]:.3f} over {len(pick['r'][rep])} runs")
+        r = pick["trained_r"][rep]
+        print(f"shift-test r, {REP_LABELS[rep]}: {np.nanmean(r):.3f} ± {np.nanstd(r):.3f} over "
+              f"{len(r)} runs (untrained {np.nanmean(pick['untrained_r'][rep] or [np.nan]):.3f})")
     return summary, figure
 
 

@@ -1,12 +1,14 @@
-"""Batched vs one-at-a-time evaluation of the same lesion conditions (lesion.py, SPEC §6.2).
+"""The lesion suite's time, and batched vs one-at-a-time evaluation of the same conditions
+(lesion.py, lesion_engine.py, SPEC §6.3).
 
 Both paths score the same conditions on the same fixed test set (lesion.make_test_set: all
-15 rules, aligned trials) and must give the same accuracies; the script checks that and
-prints the wall time of each and the ratio:
-  batched   lesion.evaluate_conditions: for a dmpn, one base run per input-lesion set, the
-            silenced units zeroed, and only the rows a condition's W / M perturbation
+15 rules, condition sets at several duration quantiles, --n_test trials per rule) and must
+give the same accuracies; the script checks that and prints the wall time of each, the ratio,
+the time per experiment of the suite, and the s.e. of the intact network's per-rule accuracy:
+  batched   lesion_engine.evaluate_conditions: for a dmpn, one base run per input-lesion set,
+            the silenced units zeroed, and only the rows a condition's W / M perturbation
             touches run again, stacked over conditions into one virtual layer
-            (lesion.evaluate_by_rows); other networks stack K conditions per forward pass;
+            (evaluate_by_rows); other networks stack K conditions per forward pass;
   serial    one net_helpers.evaluate call per condition on the whole test set (all rules
             in one padded batch: the natural way to run one condition);
   per-rule  one evaluate call per (condition, rule) on that rule's n_test trials.
@@ -14,7 +16,7 @@ It also prints the work ceiling: plastic-layer row-steps of the serial path over
 batched path, the speed-up a machine bound by arithmetic can reach.
 
 With --run the conditions are that run's default lesion suite (lesion.build_conditions from
-its cluster pickles); the batched path runs all of them, the serial paths a random sample of
+its cluster files); the batched path runs all of them, the serial paths a random sample of
 --n_serial (each serial condition costs the same full forward pass, so the sample's mean
 time per condition, times the suite's size, is the serial suite time). Without --run: an
 untrained dmpn of --n_hidden and --n_conditions conditions mixed in the suite's proportions,
@@ -35,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import helper  # noqa: E402
 import lesion  # noqa: E402
+import lesion_engine as engine  # noqa: E402
 import mpn  # noqa: E402
 import mpn_tasks  # noqa: E402
 import net_helpers  # noqa: E402
@@ -51,24 +54,44 @@ def load_net(args):
 
 
 def suite_conditions(args, net, train_cfg):
-    """The run's default lesion suite, as lesion.py builds it."""
+    """The run's default lesion suite, as lesion.py builds it: (conditions, {experiment:
+    its condition ids})."""
     paths = helper.run_paths(args.run, args.runs_dir)
-    cfg = dict(lesion.CONFIG)
-    ci, ci_mod, variance = lesion.load_clusters(paths, cfg["experiments"])
-    table, _ = lesion.build_conditions(cfg, net, ci, ci_mod, variance, int(train_cfg["seed"]))
-    return table.conditions
+    cfg = dict(lesion.CONFIG, n_random=args.n_random)
+    ci, ci_mod, variance, fixed_k = lesion.load_clusters(paths, cfg["experiments"])
+    cfg["fixed_k"] = int(fixed_k or 20)
+    table, tables = lesion.build_conditions(cfg, net, ci, ci_mod, variance, int(train_cfg["seed"]))
+    return table.conditions, experiment_ids(tables)
+
+
+def experiment_ids(tables):
+    """{experiment: sorted condition ids it uses} (a condition shared by two counts for both)."""
+    out = {}
+    for name, group in tables.items():
+        ids = []
+        for t in (group.values() if isinstance(group, dict) and name != "prune" else [group]):
+            if t is None:
+                continue
+            for key, v in (t.items() if isinstance(t, dict) else []):
+                if isinstance(v, np.ndarray) and v.dtype.kind == "i" and (
+                        key in ("lesion", "control", "cond", "zero_W", "freeze_M")
+                        or key.endswith(("_lesion", "_control"))):
+                    ids.append(v.ravel())
+        out[name] = np.unique(np.concatenate(ids + [np.zeros(0, int)]))
+        out[name] = out[name][out[name] >= 0]
+    return out
 
 
 def work_ceiling(net, conditions):
     """Plastic-layer rows run by the serial path (every unit of every condition) over those
     of the batched path (every unit once per input-lesion set, plus each condition's touched
     rows): the speed-up at best when arithmetic bounds the time."""
-    if not lesion.rows_independent(net):
+    if not engine.rows_independent(net):
         return 1.0
-    n_hidden, n_pre = lesion.net_shapes(net)
-    in_sets = {lesion.unpack_indices(c["in_units"]).tobytes() if "in_units" in c else b""
+    n_hidden, n_pre = engine.net_shapes(net)
+    in_sets = {engine.unpack_indices(c["in_units"]).tobytes() if "in_units" in c else b""
                for c in conditions}
-    rows = len(in_sets) * n_hidden + sum(lesion.touched_rows(c, n_pre, n_hidden).size
+    rows = len(in_sets) * n_hidden + sum(engine.touched_rows(c, n_pre, n_hidden).size
                                          for c in conditions)
     return len(conditions) * n_hidden / rows
 
@@ -76,8 +99,8 @@ def work_ceiling(net, conditions):
 def mixed_conditions(net, n, rng):
     """n conditions of every kind the suite uses, in the proportions of the default suite
     (mostly unit lesions, then synapse lesions, then noise)."""
-    n_hidden, n_pre = lesion.net_shapes(net)
-    table = lesion.ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
+    n_hidden, n_pre = engine.net_shapes(net)
+    table = engine.ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
                                    "w_zero": n_hidden * n_pre, "m_freeze": n_hidden * n_pre})
     makers = [
         lambda: {"hid_units": rng.choice(n_hidden, max(1, n_hidden // 20), replace=False)},
@@ -95,19 +118,18 @@ def mixed_conditions(net, n, rng):
     return table.conditions
 
 
-def run_serial(net, tests, rules, conditions, per_rule):
-    n_hidden, n_pre = lesion.net_shapes(net)
-    whole = mpn_tasks.concat_batches(tests)
+def run_serial(net, test, rules, conditions):
+    """One net_helpers.evaluate call per condition on the whole test set (all parts, padded)."""
+    n_hidden, n_pre = engine.net_shapes(net)
+    whole = mpn_tasks.concat_batches(test["parts"])
     acc = {"angle": np.zeros((len(conditions), len(rules))),
            "trial": np.zeros((len(conditions), len(rules)))}
     for i, cond in enumerate(conditions):
-        pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
-        parts = [net_helpers.evaluate(net, b, perturbation=pert) for b in tests] \
-            if per_rule else [net_helpers.evaluate(net, whole, perturbation=pert)]
-        for res in parts:
-            for m in acc:
-                for rule, a in res["acc"][m].items():
-                    acc[m][i, rules.index(rule)] = a
+        res = net_helpers.evaluate(net, whole,
+                                   perturbation=engine.condition_perturbation(cond, n_pre, n_hidden))
+        for m in acc:
+            for rule, a in res["acc"][m].items():
+                acc[m][i, rules.index(rule)] = a
     return acc
 
 
@@ -117,56 +139,89 @@ def timed(fn, *args):
     return time.perf_counter() - start, out
 
 
-def main(argv=None):
+def batched(net, test, rules, conditions, memory_mb):
+    scores = engine.evaluate_conditions(net, test["parts"], conditions, memory_mb)
+    return lesion.merge_parts(scores, test, len(rules))
+
+
+def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="", help="run name: its default suite (else an untrained dmpn)")
     p.add_argument("--runs_dir", default=None)
     p.add_argument("--n_hidden", type=int, default=64)
     p.add_argument("--n_conditions", type=int, default=120, help="without --run")
-    p.add_argument("--n_serial", type=int, default=150, help="with --run: serial sample size")
+    p.add_argument("--n_serial", type=int, default=40, help="with --run: serial sample size")
     p.add_argument("--n_test", type=int, default=lesion.CONFIG["n_test"])
-    p.add_argument("--test_quantile", type=float, default=lesion.CONFIG["test_quantile"])
+    p.add_argument("--n_random", type=int, default=lesion.CONFIG["n_random"])
     p.add_argument("--memory_mb", type=float, default=lesion.CONFIG["memory_mb"])
     p.add_argument("--engine", default="auto")
     p.add_argument("--threads", type=int, default=lesion.CONFIG["torch_threads"],
                    help="torch threads (0: torch's default)")
-    p.add_argument("--skip_per_rule", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--per_experiment", action="store_true",
+                   help="with --run: also time each experiment's conditions on their own")
+    p.add_argument("--skip_serial", action="store_true")
+    p.add_argument("--sample", type=int, default=0,
+                   help="with --run: time the batched path on this many random conditions of "
+                        "the suite and scale to all (an upper estimate: a sample shares fewer "
+                        "base runs); 0 = the whole suite")
+    return p.parse_args(argv)
+
+
+def print_baseline(net, test, rules):
+    base = lesion.baseline_accuracy(net, test, rules)
+    print(f"intact network: trial accuracy {base['trial'].mean():.3f}, s.e. per rule "
+          f"{base['se_trial'].min():.3f}-{base['se_trial'].max():.3f} (worst "
+          f"{rules[int(np.argmax(base['se_trial']))]}); angle {base['angle'].mean():.3f}, s.e. "
+          f"per rule at most {base['se_angle'].max():.3f}")
+
+
+def main(argv=None):
+    args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     net, train_cfg = load_net(args)
     rules = lesion.run_rules(train_cfg)
-    cfg = dict(lesion.CONFIG, n_test=args.n_test, test_quantile=args.test_quantile)
-    tests = lesion.make_test_set(rules, cfg, int(train_cfg["seed"]), "low_dim")
+    cfg = dict(lesion.CONFIG, n_test=args.n_test)
+    t_test, test = timed(lesion.make_test_set, rules, cfg, int(train_cfg["seed"]), "low_dim",
+                         float(train_cfg.get("sigma_x", 0.0)))
+    groups = {}
     if args.run:
-        conditions = suite_conditions(args, net, train_cfg)
+        t_build, (conditions, groups) = timed(suite_conditions, args, net, train_cfg)
         sample = np.sort(np.random.default_rng(0).choice(
             len(conditions), min(args.n_serial, len(conditions)), replace=False))
     else:
-        conditions = mixed_conditions(net, args.n_conditions, np.random.default_rng(0))
+        t_build, conditions = timed(mixed_conditions, net, args.n_conditions,
+                                    np.random.default_rng(0))
         sample = np.arange(len(conditions))
-    n_hidden, n_pre = lesion.net_shapes(net)
-    steps = [b.inputs.shape[1] for b in tests]
+    n_hidden, n_pre = engine.net_shapes(net)
+    steps = [b.inputs.shape[1] for b in test["parts"]]
     print(f"{net.net_type} N={n_hidden} (N_pre={n_pre}), engine {args.engine}, "
           f"{torch.get_num_threads()} threads; {len(conditions)} conditions x {len(rules)} rules "
-          f"x {args.n_test} trials; T = {min(steps)}..{max(steps)} steps (mean {np.mean(steps):.0f})")
+          f"x {args.n_test} trials in {len(steps)} parts; T = {min(steps)}..{max(steps)} steps "
+          f"(mean {np.mean(steps):.0f}); test set {t_test:.1f} s, conditions built in {t_build:.1f} s")
     with torch.no_grad():
-        t_batch, acc_b = timed(lesion.evaluate_conditions, net, tests, conditions, args.memory_mb)
-        subset = [conditions[i] for i in sample]
-        paths = [("serial (whole test set per call)", False)]
-        if not args.skip_per_rule:
-            paths.append(("serial (one rule per call)", True))
-        rows = [("batched", t_batch)]
-        for name, per_rule in paths:
-            t, acc_s = timed(run_serial, net, tests, rules, subset, per_rule)
+        print_baseline(net, test, rules)
+        if args.run and args.sample:
+            keep = np.sort(np.random.default_rng(1).choice(len(conditions), args.sample,
+                                                           replace=False))
+            t, _ = timed(batched, net, test, rules, [conditions[i] for i in keep], args.memory_mb)
+            print(f"batched on {args.sample} random conditions: {t:.1f} s -> the suite "
+                  f"(scaled to {len(conditions)}): {t * len(conditions) / args.sample:.0f} s")
+            return
+        t_batch, acc_b = timed(batched, net, test, rules, conditions, args.memory_mb)
+        rows = [("batched (the suite)", t_batch)]
+        if not args.skip_serial:
+            t, acc_s = timed(run_serial, net, test, rules, [conditions[i] for i in sample])
             for m in ("angle", "trial"):
-                np.testing.assert_allclose(acc_b[m][sample], acc_s[m], atol=1e-6)
-            rows.append((name, t * len(conditions) / len(sample)))
-    print(f"accuracies identical across paths ({len(sample)} conditions compared)")
-    if len(sample) < len(conditions):
-        print(f"serial times: {len(sample)} random conditions timed, scaled to all {len(conditions)}")
+                np.testing.assert_allclose(acc_b[m][sample], acc_s[m], atol=1e-5)
+            rows.append(("serial (whole test set per call)", t * len(conditions) / len(sample)))
+            print(f"accuracies identical across paths ({len(sample)} conditions compared; serial "
+                  f"time scaled to all {len(conditions)})")
+        for name, ids in groups.items() if args.per_experiment else ():
+            t, _ = timed(batched, net, test, rules, [conditions[i] for i in ids], args.memory_mb)
+            rows.append((f"  {name} alone ({len(ids)} conditions)", t))
     for name, t in rows:
-        print(f"  {name:34s} {t:8.1f} s  {1e3 * t / len(conditions):8.1f} ms/condition  "
+        print(f"  {name:36s} {t:8.1f} s  {1e3 * t / len(conditions):8.1f} ms/condition  "
               f"x{t / t_batch:5.2f} vs batched")
     print(f"work ceiling (serial / batched plastic-layer rows): x{work_ceiling(net, conditions):.2f}")
 

@@ -1,6 +1,7 @@
-"""The lesion stage (lesion.py) and its figures (lesion_plot.py): batched conditions against
-one-at-a-time evaluation, random controls, limiting cases of every perturbation, and both
-scripts end to end on a tiny trained and clustered run."""
+"""The lesion stage (lesion.py, lesion_engine.py) and its figures (lesion_plot.py): batched
+conditions against one-at-a-time evaluation, failure kinds, random controls, limiting cases of
+every perturbation, the significance rule on planted and on structureless networks, and both
+scripts end to end on a tiny trained run with cluster files written here."""
 import copy
 import os
 import shutil
@@ -12,6 +13,7 @@ import torch
 
 import helper
 import lesion
+import lesion_engine
 import lesion_plot
 import mpn
 import mpn_tasks
@@ -31,12 +33,13 @@ def net():
 
 @pytest.fixture(scope="module")
 def tests():
-    cfg = dict(lesion.CONFIG, n_test=N_TEST, test_quantile=0.0)
-    return lesion.make_test_set(RULES, cfg, run_seed=5, io_mode="low_dim")
+    """One short aligned batch per rule (the engine takes any list of batches)."""
+    rng = np.random.default_rng(5)
+    return [mpn_tasks.aligned_batch(rule, N_TEST, rng, quantile=0.0) for rule in RULES]
 
 
 def table_for(n_hidden=N_HIDDEN, n_pre=N_HIDDEN):
-    return lesion.ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
+    return lesion_engine.ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
                                   "w_zero": n_hidden * n_pre, "m_freeze": n_hidden * n_pre})
 
 
@@ -56,13 +59,17 @@ def mixed_conditions(rng):
 
 
 def serial_accuracy(net, tests, cond):
-    """One condition on its own: a shared (not stacked) perturbation, the plain evaluate."""
-    pert = lesion.condition_perturbation(cond, N_HIDDEN, N_HIDDEN)
-    out = {"angle": [], "trial": []}
+    """One condition on its own: a shared (not stacked) perturbation, the plain evaluate,
+    and the failure kinds counted from its outputs."""
+    pert = lesion_engine.condition_perturbation(cond, N_HIDDEN, N_HIDDEN)
+    out = {name: [] for name in lesion_engine.SCORES}
     for rule, batch in zip(RULES, tests):
         res = net_helpers.evaluate(net, batch, perturbation=pert)
-        for m in out:
+        for m in ("angle", "trial"):
             out[m].append(res["acc"][m][rule])
+        kind = mpn_tasks.failure_kind(res["outputs"], batch)
+        for code, name in enumerate(mpn_tasks.FAILURE_KINDS, start=1):
+            out[name].append(np.mean(kind == code))
     return out
 
 
@@ -73,17 +80,19 @@ def serial_accuracy(net, tests, cond):
 def test_batched_equals_one_at_a_time_and_weights_untouched(net, tests):
     table, ids = mixed_conditions(np.random.default_rng(0))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    big = lesion.evaluate_conditions(net, tests, table.conditions, memory_mb=64)
-    small = lesion.evaluate_conditions(net, tests, table.conditions, memory_mb=0.05)
+    big = lesion_engine.evaluate_conditions(net, tests, table.conditions, memory_mb=64)
+    small = lesion_engine.evaluate_conditions(net, tests, table.conditions, memory_mb=0.05)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     for m in ("angle", "trial"):
         np.testing.assert_array_equal(big[m], small[m])
     for i, cond in enumerate(table.conditions):
         ser = serial_accuracy(net, tests, cond)
-        for m in ("angle", "trial"):
+        for m in lesion_engine.SCORES:
             np.testing.assert_allclose(big[m][i], ser[m], atol=1e-6, err_msg=f"{m} {cond}")
     assert np.ptp(big["angle"]) > 0  # the conditions really differ
+    failures = sum(big[k] for k in mpn_tasks.FAILURE_KINDS)
+    np.testing.assert_allclose(failures, 1 - big["trial"], atol=1e-6)  # a partition
 
 
 def test_stacked_outputs_equal_single_condition_outputs(net, tests):
@@ -91,7 +100,7 @@ def test_stacked_outputs_equal_single_condition_outputs(net, tests):
     conds = [table.conditions[i] for i in ids]
     batch = net_helpers.batch_to_torch(tests[1])
     x = batch["inputs"]
-    perts = [lesion.condition_perturbation(c, N_HIDDEN, N_HIDDEN) for c in conds]
+    perts = [lesion_engine.condition_perturbation(c, N_HIDDEN, N_HIDDEN) for c in conds]
     stacked = net_helpers.Perturbation.stack(perts, x.shape[0])
     with torch.no_grad():
         y_all = net(x.repeat(len(conds), 1, 1), perturbation=stacked)["y"]
@@ -101,23 +110,30 @@ def test_stacked_outputs_equal_single_condition_outputs(net, tests):
                                        rtol=1e-5, atol=1e-6)
 
 
-def test_no_lesion_equals_the_unperturbed_network(net, tests):
+def test_no_lesion_equals_the_unperturbed_network(net):
+    """Condition 0 on a test set of several parts per rule, merged, equals one plain
+    evaluate of each rule's trials."""
+    cfg = dict(lesion.CONFIG, n_test=24, test_quantiles=[0.0, 0.5])
+    test = lesion.make_test_set(RULES, cfg, run_seed=5, io_mode="low_dim", sigma_x=0.05)
     table = table_for()
-    acc = lesion.evaluate_conditions(net, tests, table.conditions, memory_mb=64)
-    base = lesion.baseline_accuracy(net, tests, RULES)
+    parts = lesion_engine.evaluate_conditions(net, test["parts"], table.conditions, memory_mb=64)
+    acc = lesion.merge_parts(parts, test, len(RULES))
+    base = lesion.baseline_accuracy(net, test, RULES)
     for m in ("angle", "trial"):
-        np.testing.assert_array_equal(acc[m][0], base[m].astype(np.float32))
+        np.testing.assert_allclose(acc[m][0], base[m], atol=1e-6)
+    np.testing.assert_allclose(base["se_trial"],
+                               np.sqrt(base["trial"] * (1 - base["trial"]) / 24))
 
 
 def test_every_hidden_unit_lesioned_fails_every_go_trial(net, tests):
     table = table_for()
     cid = table.add({"hid_units": np.arange(N_HIDDEN)})
-    acc = lesion.evaluate_conditions(net, tests, table.conditions, memory_mb=64)
+    acc = lesion_engine.evaluate_conditions(net, tests, table.conditions, memory_mb=64)
     go_rules = [r for r, rule in enumerate(RULES) if rule in mpn_tasks.RULESETS["go"]]
     assert go_rules
     assert np.all(acc["trial"][cid, go_rules] == 0)
     y = net(net_helpers.batch_to_torch(tests[0])["inputs"], perturbation=
-            lesion.condition_perturbation(table.conditions[cid], N_HIDDEN, N_HIDDEN))["y"]
+            lesion_engine.condition_perturbation(table.conditions[cid], N_HIDDEN, N_HIDDEN))["y"]
     assert torch.count_nonzero(y) == 0  # silent network: no output at all
 
 
@@ -127,7 +143,7 @@ def test_every_hidden_unit_lesioned_fails_every_go_trial(net, tests):
 
 def conditions_for(net, rng):
     """Conditions of every kind for a network of any shape, several sharing an input set."""
-    n_hidden, n_pre = lesion.net_shapes(net)
+    n_hidden, n_pre = lesion_engine.net_shapes(net)
     n_syn = n_hidden * n_pre
     t = table_for(n_hidden, n_pre)
     shared_in = rng.choice(n_pre, 2, replace=False)
@@ -159,40 +175,40 @@ def test_shared_rows_give_every_condition_its_own_forward_pass(tests, options):
         gen = torch.Generator().manual_seed(0)
         for p in (net.mp.eta, net.mp.lam):
             p.copy_(p * (0.9 + 0.1 * torch.rand(p.shape, generator=gen)))
-    assert lesion.rows_independent(net)
-    n_hidden, n_pre = lesion.net_shapes(net)
+    assert lesion_engine.rows_independent(net)
+    n_hidden, n_pre = lesion_engine.net_shapes(net)
     conditions = conditions_for(net, np.random.default_rng(2))
     inputs = net_helpers.batch_to_torch(tests[1])["inputs"]
     n = inputs.shape[0]
     with torch.no_grad():
         for cond in conditions:
-            (x, h), = lesion._base_runs(net, [inputs], [cond], n)
-            (y,) = lesion._chunk_outputs(net, [x[0]], [h[0]], [cond],
-                                         [lesion.touched_rows(cond, n_pre, n_hidden)])
-            pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
+            (x, h), = lesion_engine._base_runs(net, [inputs], [cond])
+            (y,) = lesion_engine._chunk_outputs(net, [x[0]], [h[0]], [cond],
+                                         [lesion_engine.touched_rows(cond, n_pre, n_hidden)])
+            pert = lesion_engine.condition_perturbation(cond, n_pre, n_hidden)
             torch.testing.assert_close(y[0], net(inputs, perturbation=pert)["y"],
                                        rtol=1e-5, atol=1e-6, msg=str(cond.keys()))
         # and all of them in one chunk, sharing the intact network's base run
         plain = [c for c in conditions if "in_units" not in c]
-        (x, h), = lesion._base_runs(net, [inputs], [{}], n)
-        (ys,) = lesion._chunk_outputs(net, [x[0]], [h[0]], plain,
-                                      [lesion.touched_rows(c, n_pre, n_hidden) for c in plain])
+        (x, h), = lesion_engine._base_runs(net, [inputs], [{}])
+        (ys,) = lesion_engine._chunk_outputs(net, [x[0]], [h[0]], plain,
+                                      [lesion_engine.touched_rows(c, n_pre, n_hidden) for c in plain])
         for cond, y in zip(plain, ys):
-            pert = lesion.condition_perturbation(cond, n_pre, n_hidden)
+            pert = lesion_engine.condition_perturbation(cond, n_pre, n_hidden)
             torch.testing.assert_close(y, net(inputs, perturbation=pert)["y"],
                                        rtol=1e-5, atol=1e-6)
 
 
 def test_touched_rows_are_the_rows_a_condition_changes():
     n_hidden, n_pre = 5, 3
-    assert lesion.touched_rows({}, n_pre, n_hidden).size == 0
-    cond = {"w_zero": lesion.pack_indices([0, 1, 7], n_hidden * n_pre),
-            "m_freeze": lesion.pack_indices([14], n_hidden * n_pre)}
-    np.testing.assert_array_equal(lesion.touched_rows(cond, n_pre, n_hidden), [0, 2, 4])
-    cond["hid_units"] = lesion.pack_indices([2, 3], n_hidden)
-    np.testing.assert_array_equal(lesion.touched_rows(cond, n_pre, n_hidden), [0, 4])
+    assert lesion_engine.touched_rows({}, n_pre, n_hidden).size == 0
+    cond = {"w_zero": lesion_engine.pack_indices([0, 1, 7], n_hidden * n_pre),
+            "m_freeze": lesion_engine.pack_indices([14], n_hidden * n_pre)}
+    np.testing.assert_array_equal(lesion_engine.touched_rows(cond, n_pre, n_hidden), [0, 2, 4])
+    cond["hid_units"] = lesion_engine.pack_indices([2, 3], n_hidden)
+    np.testing.assert_array_equal(lesion_engine.touched_rows(cond, n_pre, n_hidden), [0, 4])
     noisy = {"w_noise": {"seed": [1], "sigma": 0.1}}
-    np.testing.assert_array_equal(lesion.touched_rows(noisy, n_pre, n_hidden), np.arange(5))
+    np.testing.assert_array_equal(lesion_engine.touched_rows(noisy, n_pre, n_hidden), np.arange(5))
 
 
 @pytest.mark.parametrize("options", [{"recurrent": True}, {"m_update": "hebb_pre"}])
@@ -200,9 +216,9 @@ def test_coupled_units_run_stacked_and_still_equal_one_at_a_time(tests, options)
     """With W_rec (units coupled) or hebb_pre (the update constant depends on N_post) rows
     cannot be shared: conditions are stacked instead, with the same results."""
     net = mpn.build_model("dmpn", n_hidden=N_HIDDEN, seed=3, **options).eval()
-    assert not lesion.rows_independent(net)
+    assert not lesion_engine.rows_independent(net)
     conditions = conditions_for(net, np.random.default_rng(3))
-    acc = lesion.evaluate_conditions(net, tests, conditions, memory_mb=64)
+    acc = lesion_engine.evaluate_conditions(net, tests, conditions, memory_mb=64)
     for i, cond in enumerate(conditions):
         ser = serial_accuracy(net, tests, cond)
         for m in ("angle", "trial"):
@@ -221,10 +237,10 @@ def assert_same_outputs(net, batch, pert):
 
 def test_pruning_at_zero_and_noise_at_zero_change_nothing(net, tests):
     table = table_for()
-    W = lesion.plastic_weight(net)
+    W = lesion_engine.plastic_weight(net)
     prune = lesion.prune_experiment(table, W, dict(lesion.CONFIG, prune_sparsity=[0, 0.5]))
     assert prune["cond"][0] == 0 and table.conditions[0] == {}
-    zeroed = lesion.unpack_indices(table.conditions[prune["cond"][1]]["w_zero"])
+    zeroed = lesion_engine.unpack_indices(table.conditions[prune["cond"][1]]["w_zero"])
     assert zeroed.size == W.size // 2
     assert np.abs(W).ravel()[zeroed].max() <= np.abs(W).ravel()[np.setdiff1d(
         np.arange(W.size), zeroed)].min()  # the smallest |W| go first
@@ -244,7 +260,7 @@ def test_pruning_at_zero_and_noise_at_zero_change_nothing(net, tests):
 def test_freeze_m_everywhere_equals_eta_zero(net, tests):
     table = table_for()
     cid = table.add({"m_freeze": np.arange(N_HIDDEN * N_HIDDEN)})
-    frozen = lesion.condition_perturbation(table.conditions[cid], N_HIDDEN, N_HIDDEN)
+    frozen = lesion_engine.condition_perturbation(table.conditions[cid], N_HIDDEN, N_HIDDEN)
     no_plasticity = copy.deepcopy(net)
     with torch.no_grad():
         no_plasticity.mp.eta.zero_()
@@ -256,9 +272,9 @@ def test_freeze_m_everywhere_equals_eta_zero(net, tests):
 
 
 def test_noise_is_regenerated_from_its_seed():
-    a = lesion.noise_matrix([1, 2, 3], 0.1, (4, 5))
-    np.testing.assert_array_equal(a, lesion.noise_matrix([1, 2, 3], 0.1, (4, 5)))
-    assert not np.array_equal(a, lesion.noise_matrix([1, 2, 4], 0.1, (4, 5)))
+    a = lesion_engine.noise_matrix([1, 2, 3], 0.1, (4, 5))
+    np.testing.assert_array_equal(a, lesion_engine.noise_matrix([1, 2, 3], 0.1, (4, 5)))
+    assert not np.array_equal(a, lesion_engine.noise_matrix([1, 2, 4], 0.1, (4, 5)))
     assert a.std() > 0
 
 
@@ -268,9 +284,9 @@ def test_noise_is_regenerated_from_its_seed():
 
 def test_index_sets_round_trip_in_both_encodings():
     for idx, n in (([3, 1, 2], 1000), (np.arange(0, 900, 2), 1000), ([], 10)):
-        packed = lesion.pack_indices(idx, n)
-        np.testing.assert_array_equal(lesion.unpack_indices(packed), np.unique(idx))
-    assert isinstance(lesion.pack_indices(np.arange(900), 1000), dict)  # dense -> bit mask
+        packed = lesion_engine.pack_indices(idx, n)
+        np.testing.assert_array_equal(lesion_engine.unpack_indices(packed), np.unique(idx))
+    assert isinstance(lesion_engine.pack_indices(np.arange(900), 1000), dict)  # dense -> bit mask
 
 
 def test_identical_conditions_are_stored_once():
@@ -281,29 +297,41 @@ def test_identical_conditions_are_stored_once():
     assert t.add({"in_units": [1, 3]}) != a
 
 
-def synthetic_R(n_cols, rng, ks=(5, 6), n_rows=49, n_unresp=0):
-    """A cluster_info entry in the CONTRACTS.md format (labels at every k, matrix, ...)."""
+def synthetic_R(n_cols, rng, ks=(5, 6), n_rows=49, n_unresp=0, selected_k=None,
+                variance_hash="h"):
+    """One clustering in the cluster_info.h5 contract: labels at every k (keyed by k as a
+    string), the selected k (0 = no structure above chance), matrix, row names, ..."""
     by_k = {}
     unresp = np.zeros(n_cols, bool)
     unresp[:n_unresp] = True
     for k in ks:
         labels = rng.permutation(np.arange(n_cols - n_unresp) % k)
-        by_k[k] = np.concatenate([np.full(n_unresp, k), labels]).astype(np.int32)
-    return {"col_labels": by_k[ks[0]], "col_labels_by_k": by_k, "k": ks[0],
-            "k_argmax": ks[0], "unresponsive": unresp, "matrix": rng.random((n_rows, n_cols)),
-            "row_names": [f"period{i}" for i in range(n_rows)]}
+        by_k[str(k)] = np.concatenate([np.full(n_unresp, k), labels]).astype(np.int32)
+    k_sel = ks[0] if selected_k is None else selected_k
+    return {"col_labels": by_k[str(ks[0])], "col_labels_by_k": by_k, "k": np.int64(k_sel),
+            "k_argmax": np.int64(ks[0]), "above_null": np.bool_(k_sel > 0),
+            "unresponsive": unresp, "matrix": rng.random((n_rows, n_cols)),
+            "row_names": np.array([f"period{i}" for i in range(n_rows)]),
+            "variance_hash": np.array(variance_hash)}
 
 
-def synthetic_cluster_info(n_hidden, n_pre, seed=0):
+def synthetic_cluster_info(n_hidden, n_pre, seed=0, variance_hash="h"):
     rng = np.random.default_rng(seed)
-    ci = {rep: {"normalized": synthetic_R(n, rng), "unnormalized": synthetic_R(n, rng, n_unresp=2)}
+    R = lambda n, **kw: synthetic_R(n, rng, variance_hash=variance_hash, **kw)  # noqa: E731
+    ci = {rep: {"normalized": R(n), "unnormalized": R(n, n_unresp=2)}
           for rep, n in (("input", n_pre), ("hidden", n_hidden))}
-    ci["fixed_k"] = 6
+    ci["hidden"]["unnormalized"]["k"] = np.int64(0)  # no structure: 'selected' is skipped
     n_syn = n_hidden * n_pre
-    ci_mod = {rep: {"normalized": synthetic_R(n_syn, rng),
-                    "unnormalized": synthetic_R(n_syn, rng, n_unresp=n_syn // 10)}
-              for rep in ("modulation", "modulation_weighted")}
+    ci_mod = {"modulation": {"normalized": R(n_syn), "unnormalized": R(n_syn, n_unresp=n_syn // 10)},
+              "modulation_weighted": {"unnormalized": R(n_syn)}}
     return ci, ci_mod
+
+
+def write_cluster_files(paths, n_hidden, n_pre, seed=0, variance_hash="h"):
+    """cluster_info.h5 and cluster_info_mod.h5 as clustering.py writes them."""
+    ci, ci_mod = synthetic_cluster_info(n_hidden, n_pre, seed, variance_hash)
+    helper.save_h5(paths.cluster_info, ci, attrs={"fixed_k": 6})
+    helper.save_h5(paths.cluster_info_mod, ci_mod, attrs={"fixed_k": 6})
 
 
 def test_random_controls_are_outside_the_cluster_and_size_matched():
@@ -322,13 +350,13 @@ def test_random_controls_are_outside_the_cluster_and_size_matched():
                 members = tab["labels"] == tab["clusters"][c]
                 cond = t.conditions[cid]
                 f = field or {"zero_W": "w_zero", "freeze_M": "m_freeze"}[kind]
-                np.testing.assert_array_equal(lesion.unpack_indices(cond[f]),
+                np.testing.assert_array_equal(lesion_engine.unpack_indices(cond[f]),
                                               np.flatnonzero(members))
                 for ctrl in tab[ckind][c]:
                     if ctrl < 0:  # no size-matched control exists (cluster > half the units)
                         assert members.sum() > (~members).sum()
                         continue
-                    drawn = lesion.unpack_indices(t.conditions[ctrl][f])
+                    drawn = lesion_engine.unpack_indices(t.conditions[ctrl][f])
                     assert drawn.size == members.sum()
                     assert not members[drawn].any()
                     checked += 1
@@ -342,38 +370,142 @@ def test_random_controls_are_outside_the_cluster_and_size_matched():
     assert lesion.control_draws(2, 12, np.arange(7), 3) is None
 
 
-def test_normalized_effect_is_control_mean_minus_lesion():
-    acc = np.array([[1.0, 1.0], [0.2, 0.5], [0.8, 0.9], [0.6, 0.7]])
-    eff = lesion.normalized_effect(acc, [1, 1], [[2, 3], [-1, -1]])
-    np.testing.assert_allclose(eff[0], [0.5, 0.3])
-    assert np.all(np.isnan(eff[1]))
+def test_effect_and_p_follow_the_plain_formula():
+    from scipy.stats import t as student_t
+    acc = np.array([[1.0, 1.0], [0.2, 0.5], [0.8, 0.9], [0.6, 0.7], [0.7, 0.8]])
+    s = lesion.significance(acc, [1, 1], [[2, 3, 4], [-1, -1, -1]], np.array([10, 10]), 0.05)
+    np.testing.assert_allclose(s["effect"][0], [0.5, 0.3])
+    assert np.all(np.isnan(s["effect"][1])) and not s["significant"][1].any()
+    ctrl = acc[[2, 3, 4], 0]
+    pt = (0.2 * 10 + 1) / 12
+    se = np.sqrt(ctrl.var(ddof=1) * (1 + 1 / 3) + pt * (1 - pt) / 10)
+    assert s["p"][0, 0] == pytest.approx(student_t.sf(0.5 / se, df=2))
+
+
+def test_benjamini_hochberg_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    p = rng.random((6, 5)) ** 3
+    p[0, 0] = np.nan
+    q = lesion.benjamini_hochberg(p)
+    flat = p[np.isfinite(p)]
+    m = flat.size
+    expected = [min(1.0, min(np.sort(flat)[j] * m / (j + 1) for j in range(i, m)))
+                for i in range(m)]  # q of the i-th smallest p
+    np.testing.assert_allclose(np.sort(q[np.isfinite(q)]), expected)
+    assert np.isnan(q[0, 0])
+
+
+# ----------------------------------------------------------------------------------------
+# The significance rule on planted structure and on none
+
+
+PLANTED_RULES = ["fdgo", "fdanti", "reactgo", "reactanti", "delaygo"]  # delaygo: never solved
+N_PLANTED = 32
+
+
+def planted_network():
+    """A hand-built dmpn (no plasticity) whose units 4g..4g+3 alone carry the response of
+    PLANTED_RULES[g] (g < 4), units 16-23 share the fixation output (any four of them keep
+    it), units 24-31 do nothing. Each response unit is a gated copy of a stimulus component:
+    tanh(±a·s + B·(rule input − 1)), ≈ −1 whatever s when the rule is off; a +/− pair cancels
+    then and reads out 2·tanh(a·s) when it is on."""
+    net = mpn.build_model("dmpn", n_hidden=N_PLANTED, seed=0).eval()
+    t1, a, B = np.tanh(1.0), 2.0, 4.0
+    W_in, W, b = np.zeros((N_PLANTED, 21)), np.zeros((N_PLANTED, N_PLANTED)), np.zeros(N_PLANTED)
+    W_in[np.arange(21), np.arange(21)] = 1.0  # x_j = tanh(u_j) for the 21 inputs
+    W_out = np.zeros((3, N_PLANTED))
+    for g, rule in enumerate(PLANTED_RULES[:4]):
+        sign = -1.0 if rule.endswith("anti") else 1.0
+        for c, (ch1, ch2) in enumerate(((2, 4), (3, 5))):  # sin: rings 1 and 2; cos likewise
+            for pm in (1.0, -1.0):
+                i = 4 * g + 2 * c + (pm < 0)
+                W[i, [ch1, ch2]] = pm * a
+                W[i, 6 + mpn_tasks.RULES.index(rule)] = B / t1
+                b[i] = -B
+                W_out[1 + c, i] = sign * pm
+    W[16:24, 1] = -2.5 / t1  # fixation units: tanh(1) before the go cue, tanh(-1.5) after
+    b[16:24] = 1.0
+    W_out[0, 16:24] = 1.6 / 8
+    W[24:] = np.random.default_rng(0).normal(0, 0.3, (8, N_PLANTED))
+    with torch.no_grad():
+        for param, value in ((net.W_in, W_in), (net.mp.W, W), (net.mp.b, b), (net.W_out, W_out)):
+            param.copy_(torch.as_tensor(value, dtype=param.dtype))
+        net.mp.eta.zero_()
+    return net
+
+
+@pytest.fixture(scope="module")
+def planted():
+    net = planted_network()
+    cfg = dict(lesion.CONFIG, n_test=32, test_quantiles=[0.25, 0.75])
+    test = lesion.make_test_set(PLANTED_RULES, cfg, run_seed=1, io_mode="low_dim", sigma_x=0.0)
+    return net, test
+
+
+def lesion_groups(net, test, groups, run_seed, n_random=20, rules=PLANTED_RULES, n_test=32):
+    """Scores and significance (trial measure) of lesioning each unit group alone."""
+    table = table_for(N_PLANTED, N_PLANTED)
+    lesion_ids, control_ids = lesion._lesion_and_controls(table, "hid_units", groups, N_PLANTED,
+                                                          n_random, run_seed)
+    parts = lesion_engine.evaluate_conditions(net, test["parts"], table.conditions, memory_mb=64)
+    scores = lesion.merge_parts(parts, test, len(rules))
+    n_trials = np.full(len(rules), float(n_test))
+    return scores, lesion_ids, lesion.significance(scores["trial"], lesion_ids, control_ids,
+                                                   n_trials, alpha=0.05)
+
+
+def test_planted_group_is_significant_for_its_rule_only(planted):
+    net, test = planted
+    scores, ids, stats = lesion_groups(net, test, [np.arange(4 * g, 4 * g + 4) for g in range(8)],
+                                       run_seed=3)
+    np.testing.assert_array_equal(scores["trial"][0], [1, 1, 1, 1, 0])  # the intact network
+    expected = np.zeros((8, len(PLANTED_RULES)), bool)
+    expected[np.arange(4), np.arange(4)] = True
+    np.testing.assert_array_equal(stats["significant"], expected)
+    # its lesion removes the response: every failure is a missing go response
+    assert scores["wrong_go"][ids[0], 0] == 1.0 and scores["broke_fixation"][ids[0], 0] == 0
+    # the whole fixation population lesioned breaks fixation in every trial
+    fix_scores, (fix,), _ = lesion_groups(net, test, [np.arange(16, 24)], run_seed=3)
+    np.testing.assert_array_equal(fix_scores["broke_fixation"][fix], 1.0)
+
+
+def test_random_unit_groups_are_rarely_significant(planted):
+    """Random 'clusters' (a random partition into 8 groups of 4) against their own controls:
+    significant in at most 5% of cells over 20 seeds (the four solved rules, 16 trials each)."""
+    net, _ = planted
+    rules = PLANTED_RULES[:4]
+    cfg = dict(lesion.CONFIG, n_test=16, test_quantiles=[0.25, 0.75])
+    test = lesion.make_test_set(rules, cfg, run_seed=2, io_mode="low_dim", sigma_x=0.0)
+    called, cells = 0, 0
+    for seed in range(20):
+        order = np.random.default_rng(seed).permutation(N_PLANTED)
+        _, _, stats = lesion_groups(net, test, np.split(order, 8), run_seed=seed, rules=rules,
+                                    n_test=16)
+        called += int(stats["significant"].sum())
+        cells += int(np.isfinite(stats["p"]).sum())
+    assert cells == 20 * 8 * 4
+    assert called / cells <= 0.05, (called, cells)
 
 
 # ----------------------------------------------------------------------------------------
 # End to end
 
 
-FAST = dict(n_test=8, test_quantile=0.0, n_random=2, n_random_combined=1, n_draws=2,
+FAST = dict(n_test=8, test_quantiles=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
             zero_fractions=[0, 0.5, 1.0], silence_fractions=[0, 0.5], noise_sigmas=[0, 0.03],
-            noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_k=6,
+            noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_k=None,
             device="cpu")
 
 
 @pytest.fixture(scope="module")
 def trained_root(tmp_path_factory):
-    """A run trained with configs/tiny.py, analysed and clustered by the real stages (with
-    few trials and repeats)."""
-    import clustering
-    import multiple_task_analysis
+    """A run trained with configs/tiny.py, with cluster files written here."""
     root = tmp_path_factory.mktemp("lesion_runs")
     cfg = helper.load_config(multiple_task.CONFIG, [str(REPO / "configs" / "tiny.py")],
                              echo=False)
     paths = multiple_task.main(dict(cfg, runs_dir=str(root)))["paths"]
-    common = dict(run=paths.name, runs_dir=str(root), figures=False)
-    multiple_task_analysis.main(dict(multiple_task_analysis.CONFIG, n_analysis=8,
-                                     device="cpu", **common))
-    clustering.main(dict(clustering.CONFIG, n_repeats=5, n_restarts=2, n_groups=30, fixed_k=6,
-                         **common))
+    n_hidden = cfg["n_hidden"]
+    write_cluster_files(paths, n_hidden, n_hidden)
     return root, paths.name
 
 
@@ -387,44 +519,57 @@ def test_both_scripts_end_to_end(trained_root, runs_dir):
     paths = copy_run(trained_root, runs_dir)
     cfg = dict(lesion.CONFIG, run=paths.name, **FAST)
     result = lesion.main(cfg)[paths.name]
-    assert paths.lesion.exists()
-    saved = helper.load_pickle(paths.lesion, "lesion", expect_hash=helper.config_hash(cfg))
+    saved = lesion_engine.load_result(paths.lesion, "lesion", expect_hash=helper.config_hash(cfg))
     C, R = len(saved["conditions"]), len(saved["rules"])
-    assert R == 15 and saved["acc"]["trial"].shape == (C, R)
-    assert np.all(np.isfinite(saved["acc"]["angle"]))
+    assert R == 15 and saved["scores"]["trial"].shape == (C, R)
+    key = lesion_engine._key
+    assert [key(c) for c in saved["conditions"]] == [key(c) for c in result["conditions"]]
+    for name in lesion_engine.SCORES:
+        np.testing.assert_array_equal(saved["scores"][name], result["scores"][name])
     for m in ("angle", "trial"):
-        np.testing.assert_allclose(saved["acc"][m][0], saved["baseline"][m], atol=1e-6)
+        np.testing.assert_allclose(saved["scores"][m][0], saved["baseline"][m], atol=1e-6)
     assert set(saved["single"]) == {f"{r}-{f}-{c}" for r in ("input", "hidden")
                                     for f in ("normalized", "unnormalized")
-                                    for c in ("fixed", "selected")}
-    assert len(saved["modulation"]) == 3 and len(saved["combined"]) == 1  # no W⊙M normalized
+                                    for c in ("fixed", "selected")} - {"hidden-unnormalized-selected"}
+    assert set(saved["modulation"]) == {"modulation-normalized-fixed",
+                                        "modulation-unnormalized-fixed",
+                                        "modulation_weighted-unnormalized-fixed"}
     comb = saved["combined"]["normalized-fixed"]
     assert comb["lesion"].size == comb["input_clusters"].size * comb["hidden_clusters"].size
-    assert comb["k_input"] == 6 and comb["k_hidden"] == 6
+    assert comb["k_input"] == 6 and comb["k_hidden"] == 6  # the cluster files' fixed k
+    hidden = saved["single"]["hidden-normalized-fixed"]
+    np.testing.assert_allclose(hidden["readout_share"].sum(axis=0), 1.0, atol=1e-6)
+    stats = hidden["stats"]["lesion"]["trial"]
+    assert stats["significant"].shape == (hidden["clusters"].size, R)
     assert set(saved["robust"]) == {"w_zero", "hid_silence", "w_noise", "w_noise_rel"}
     assert saved["robust"]["w_zero"]["cond"].shape == (3, 2)
-    assert result["run"] == paths.name
     figures = lesion_plot.main(dict(lesion_plot.CONFIG, run=paths.name))[paths.name]
-    names = {p.stem for p in figures}
-    assert names == {"lesion_heatmaps_units", "lesion_heatmaps_modulation",
-                     "lesion_combined_matrix", "lesion_violins", "lesion_ranked_importance",
-                     "lesion_additivity", "lesion_zeroW_vs_freezeM", "lesion_size_vs_effect",
-                     "lesion_tuning_vs_effect", "lesion_pruning", "lesion_robustness"}
+    assert {p.stem for p in figures} == {
+        "lesion_heatmaps_units", "lesion_heatmaps_modulation", "lesion_combined_matrix",
+        "lesion_violins", "lesion_ranked_importance", "lesion_additivity",
+        "lesion_zeroW_vs_freezeM", "lesion_size_vs_effect", "lesion_tuning_vs_effect",
+        "lesion_pruning", "lesion_robustness", "lesion_failure_kinds", "lesion_readout_share"}
     assert all(p.exists() and p.stat().st_size > 10_000 for p in figures)
 
 
-def test_missing_or_stale_clusters_name_the_clustering_command(trained_root, runs_dir):
+def test_missing_or_stale_inputs_name_the_command_that_remakes_them(trained_root, runs_dir):
     paths = copy_run(trained_root, runs_dir)
     cfg = dict(lesion.CONFIG, run=paths.name, **FAST)
-    ci, attrs = helper.load_h5(paths.cluster_info, "clustering")
-    helper.save_h5(paths.cluster_info, ci, dict(attrs, variance_hash="other"))
+    helper.save_h5(paths.variance, {"x": np.zeros(3)}, cfg={"analysis": 1})
     with pytest.raises(helper.StageError, match=f"another task_variance.h5; rerun `python "
                        f"clustering.py --run={paths.name}"):
         lesion.main(cfg)
+    write_cluster_files(paths, 16, 16, variance_hash=helper.config_hash({"analysis": 1}))
+    lesion.main(dict(cfg, experiments=["single"]))
+    # a lesion file older than its clustering (or its checkpoint) is refused by the plots
+    later = paths.lesion.stat().st_mtime + 10
+    os.utime(paths.cluster_info, (later, later))
+    with pytest.raises(helper.StageError, match=f"older than.*cluster_info.h5.*lesion.py "
+                       f"--run={paths.name}"):
+        lesion_plot.main(dict(lesion_plot.CONFIG, run=paths.name))
     # a checkpoint newer than its clustering (set explicitly: touch() right after a write can
     # give equal mtimes on file systems with coarse timestamps)
-    later = paths.cluster_info.stat().st_mtime + 10
-    os.utime(paths.checkpoint, (later, later))
+    os.utime(paths.checkpoint, (later + 10, later + 10))
     with pytest.raises(helper.StageError, match=f"older than the checkpoint.*clustering.py "
                        f"--run={paths.name}"):
         lesion.main(cfg)

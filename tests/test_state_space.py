@@ -37,22 +37,68 @@ def constructed_states(slope_deg, n_rules=5, trials_per_dir=2, seed=0):
 
 def test_shift_test_recovers_a_known_slope_exactly():
     pre, disp, rule, direction = constructed_states(slope_deg=40.0)
-    out = sss.shift_test(pre, disp, rule, direction)
-    assert out["n"] == 10 * sss.N_DIRS  # 5 rules -> 10 pairs, x 8 directions
-    assert out["slope"] == pytest.approx(40.0, rel=1e-6)
-    assert out["r"] == pytest.approx(1.0, abs=1e-9) and out["p"] < 1e-10
-    np.testing.assert_allclose(out["angle_deg"], 40.0 * out["distance"], rtol=1e-6, atol=1e-6)
+    out = sss.shift_test(pre, disp, rule, direction, 99, np.random.default_rng(0))
+    real = out["real"]
+    assert real["n"] == 10 and real["rule_pair"].shape == (10, 2)  # one point per rule pair
+    assert real["slope"] == pytest.approx(40.0, rel=1e-6)
+    assert real["intercept"] == pytest.approx(0.0, abs=1e-6)
+    assert real["r"] == pytest.approx(1.0, abs=1e-9)
+    np.testing.assert_allclose(real["angle_deg"], 40.0 * real["distance"], rtol=1e-6, atol=1e-6)
+    # angle = slope x distance holds for every pair of trials here, so it holds for any
+    # grouping of them: the shuffles reach r = 1 too, and the permutation p is not small
+    assert out["null_r"].shape == (99,)
+    np.testing.assert_allclose(out["null_r"], 1.0, atol=1e-9)
+    assert 0 < real["p"] <= 1
 
 
-def test_regression_through_origin_with_noise():
+def test_pair_matrices_equal_a_plain_double_loop():
+    rng = np.random.default_rng(3)
+    rule = np.repeat(np.arange(4), 12)
+    direction = np.tile(np.arange(12) % 3, 4)
+    pre, disp = rng.normal(size=(48, 5)), rng.normal(size=(48, 5))
+    disp[5] = 0.0  # a zero displacement has no angle
+    D, A = sss.pair_matrices(sss.direction_blocks(pre, disp, direction), rule, 4)
+    for a in range(4):
+        for b in range(4):
+            per_dir_d, per_dir_a = [], []
+            for d in range(3):
+                dd, aa = [], []
+                for i in np.flatnonzero((rule == a) & (direction == d)):
+                    for j in np.flatnonzero((rule == b) & (direction == d)):
+                        dd.append(np.linalg.norm(pre[i] - pre[j]))
+                        if np.linalg.norm(disp[i]) > 0 and np.linalg.norm(disp[j]) > 0:
+                            cos = disp[i] @ disp[j] / np.linalg.norm(disp[i]) / np.linalg.norm(disp[j])
+                            aa.append(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+                per_dir_d.append(np.mean(dd))
+                per_dir_a.append(np.mean(aa))
+            assert D[a, b] == pytest.approx(np.mean(per_dir_d), abs=1e-5)
+            assert A[a, b] == pytest.approx(np.mean(per_dir_a), abs=1e-4)
+
+
+def test_pearson_and_least_squares_line_match_scipy():
+    from scipy.stats import linregress
     rng = np.random.default_rng(1)
-    x = rng.uniform(0.1, 3.0, 400)
-    y = 25.0 * x + rng.normal(0.0, 2.0, x.size)
-    fit = sss.fit_through_origin(x, y)
-    assert fit["slope"] == pytest.approx(25.0, rel=0.02)
-    assert fit["r"] > 0.95 and fit["p"] < 1e-50 and fit["n"] == 400
-    # no intercept: a pure offset is not absorbed
-    assert sss.fit_through_origin(x, np.full_like(x, 5.0))["slope"] > 0
+    x = rng.uniform(0.1, 3.0, 40)
+    y = 25.0 * x + 10 + rng.normal(0.0, 5.0, x.size)
+    fit, ref = sss.pearson_ols(x, y), linregress(x, y)
+    assert fit["slope"] == pytest.approx(ref.slope) and fit["r"] == pytest.approx(ref.rvalue)
+    assert fit["intercept"] == pytest.approx(ref.intercept) and fit["n"] == 40
+
+
+def test_permutation_p_is_uniform_under_shuffled_labels():
+    """States of a tiny untrained dmpn; 200 draws of shuffled rule labels, each tested with
+    its own permutation p: the p values are uniform (KS)."""
+    from scipy.stats import kstest
+    import mpn
+    net = mpn.build_model("dmpn", n_hidden=6, seed=3).eval()
+    cfg = dict(sss.CONFIG, trials_per_rule=16)
+    batches = sss.make_trials(["fdgo", "reactgo", "delaygo", "dmsgo", "dmcgo"], cfg, "low_dim")
+    states, meta, _ = sss.collect_states(net, batches, "cpu")
+    pre, disp = states["M"]
+    rng = np.random.default_rng(0)
+    ps = [sss.shift_test(pre, disp, sss.shuffle_within(meta["rule"], meta["direction"], rng),
+                         meta["direction"], 49, rng)["real"]["p"] for _ in range(200)]
+    assert kstest(ps, "uniform").pvalue > 0.01
 
 
 def test_pairwise_helpers_match_plain_formulas():
@@ -128,7 +174,7 @@ def tiny_train_cfg(root, **overrides):
 
 def stage_cfg(root, run, **overrides):
     return dict(sss.CONFIG, run=run, runs_dir=str(root), trials_per_rule=8, device="cpu",
-                **overrides)
+                n_permutations=20, **overrides)
 
 
 def test_streamed_m_matches_the_recorded_history():
@@ -185,29 +231,31 @@ def test_stage_on_tiny_trained_runs(runs_dir):
         for name in ("state_space_context_pca", "state_space_shift_test",
                      "state_space_subspace_angles"):
             assert paths.figure(name).stat().st_size > 10_000
-        res = helper.load_pickle(paths.state_space, sss.PRODUCER,
-                                 expect_hash=helper.config_hash(result["config"]))
+        res, _ = helper.load_h5(paths.state_space, sss.PRODUCER,
+                                expect_hash=helper.config_hash(result["config"]))
         n_rules = len(res["rules"])
-        assert n_rules == 15 and res["representations"] == ["hidden", "M", "WM"]
+        assert n_rules == 15 and list(res["representations"]) == ["hidden", "M", "WM"]
+        series = ("trained", "shuffled") + (("untrained",) if result["step"] > 0 else ())
         for rep in res["representations"]:
             assert res["context_pca"][rep]["proj"].shape == (8 * n_rules, 2)
-            shift = res["shift"][rep]
-            # dmc rules use 6 of the 8 directions: their 27 pairs lack 2 directions each
-            assert shift["n"] == len(shift["distance"]) == 105 * 8 - 27 * 2
-            assert np.isfinite(shift["slope"]) and -1 <= shift["r"] <= 1 and 0 <= shift["p"] <= 1
-            assert np.all((shift["angle_deg"] >= 0) & (shift["angle_deg"] <= 180))
-        angles = res["subspace"][f"{res['subspace']['stat']}_deg"]
+            for key in series:
+                shift = res["shift"][rep][key]
+                assert shift["n"][0] == len(shift["distance"]) == 105  # one point per pair
+                assert np.isfinite(shift["slope"][0]) and -1 <= shift["r"][0] <= 1
+                assert 0 < shift["p"][0] <= 1
+                assert np.all((shift["angle_deg"] >= 0) & (shift["angle_deg"] <= 180))
+            assert ("untrained" in res["shift"][rep]) == (result["step"] > 0)
+        angles = res["subspace"][f"{res['subspace']['stat'][0]}_deg"]
         assert angles.shape == (n_rules, n_rules) and np.allclose(np.diag(angles), 0, atol=1e-4)
         assert np.all((angles >= 0) & (angles <= 90 + 1e-6))
 
     summary = out["summary"]
     assert summary["runs"] == sorted(names)
     assert (helper.summary_dir(runs_dir) / "state_space_shift_r.png").stat().st_size > 10_000
-    assert (helper.summary_dir(runs_dir) / "state_space_summary.pkl").exists()
+    saved = helper.load_json(helper.summary_dir(runs_dir) / "state_space_summary.json")
     for rep in ("hidden", "M", "WM"):
-        assert summary["r"][rep] == [r["shift"][rep]["r"] for r in out["results"]]
-        assert summary["r_mean"][rep] == pytest.approx(np.mean(summary["r"][rep]))
-        assert summary["r_std"][rep] == pytest.approx(np.std(summary["r"][rep]))
+        assert saved["trained_r"][rep] == [r["shift"][rep]["trained"]["r"] for r in out["results"]]
+        assert len(saved["untrained_r"][rep]) == 1  # only the trained run kept a step-0 snapshot
 
 
 def test_stage_on_a_vanilla_checkpoint_analyses_hidden_only(runs_dir):
@@ -217,5 +265,5 @@ def test_stage_on_a_vanilla_checkpoint_analyses_hidden_only(runs_dir):
     res = out["results"][0]
     assert out["summary"] is None and len(out["figures"]) == 3  # one run: no summary
     assert res["representations"] == ["hidden"] and res["rules"] == RULES_GO
-    assert res["shift"]["hidden"]["n"] == 15 * sss.N_DIRS  # 6 rules -> 15 pairs
+    assert res["shift"]["hidden"]["trained"]["n"] == 15  # 6 rules -> 15 pairs
     assert paths.state_space.exists() and paths.figure("state_space_context_pca").exists()

@@ -1,0 +1,572 @@
+"""Batched evaluation of lesion conditions (SPEC §6.3), shared by lesion.py, lesion_plot.py
+and benchmarks/bench_lesion.py: a condition is data (index sets of lesioned input units,
+hidden units, zeroed W synapses and frozen M synapses, and a seeded weight noise), stored
+compactly and deduplicated in a ConditionTable; evaluate_conditions scores every condition on
+a fixed test set, per rule, under both accuracy measures and by failure kind, sharing work
+between conditions.
+
+How work is shared. In a dmpn without recurrence each hidden unit runs independently of the
+others given x, so one base run per input-lesion set serves every condition with that set,
+silenced units cost nothing, and only the rows a condition's W / M perturbation touches run
+again, stacked over many conditions into one virtual layer (evaluate_by_rows). Other networks
+stack K conditions x n trial copies per forward pass (evaluate_stacked). Both are tested
+equal to evaluating each condition on its own.
+
+Axis order: trials x time x units, (B, T, N); W is (N_post, N_pre) and synapse indices are
+flattened post-major (i_post * N_pre + j_pre).
+"""
+import numpy as np
+import torch
+
+import helper
+
+PRODUCER = "python lesion.py"  # the command that writes lesion.h5
+FIELDS = ("in_units", "hid_units", "w_zero", "m_freeze")  # index-set fields of a condition
+REP_SHORT = {"input": "input", "hidden": "hidden", "modulation": "M",
+             "modulation_weighted": "W⊙M"}
+FORM_SHORT = {"normalized": "norm", "unnormalized": "unnorm"}
+
+
+def family_name(t, kind="lesion"):
+    """Short label of one clustering (and lesion kind), e.g. 'hidden norm k=20 zero_W'."""
+    name = f"{REP_SHORT.get(t['rep'], t['rep'])} {FORM_SHORT.get(t['form'], t['form'])} k={t['k']}"
+    return f"{name} {'' if kind == 'lesion' else kind}".strip()
+
+
+# ----------------------------------------------------------------------------------------
+# Conditions: index sets stored compactly, identical conditions stored once
+
+
+def pack_indices(idx, n_total):
+    """Sorted unique indices as the smaller of an int array and a packed bit mask."""
+    idx = np.unique(np.asarray(idx, dtype=np.int64))
+    dtype = np.uint16 if n_total <= 2**16 else np.uint32
+    if idx.size * np.dtype(dtype).itemsize <= n_total / 8:
+        return idx.astype(dtype)
+    mask = np.zeros(n_total, dtype=bool)
+    mask[idx] = True
+    return {"bits": np.packbits(mask), "n": int(n_total)}
+
+
+def unpack_indices(packed):
+    """Inverse of pack_indices: the sorted int64 indices."""
+    if isinstance(packed, dict):
+        return np.flatnonzero(np.unpackbits(packed["bits"], count=packed["n"]))
+    return np.asarray(packed, dtype=np.int64)
+
+
+def _key(cond):
+    parts = []
+    for name in FIELDS:
+        v = cond.get(name)
+        parts.append(None if v is None else (v["bits"].tobytes() if isinstance(v, dict)
+                                             else v.tobytes()))
+    noise = cond.get("w_noise")
+    parts.append(None if noise is None else (tuple(noise["seed"]), noise["sigma"]))
+    return tuple(parts)
+
+
+class ConditionTable:
+    """Unique conditions in order of first use; `add` returns a condition's id."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes  # total count per field, to pack index sets
+        self.conditions, self._ids = [], {}
+        self.add({})  # id 0: the intact network
+
+    def add(self, spec):
+        """spec: {field: indices} for FIELDS, plus optional w_noise {"seed", "sigma"}."""
+        cond = {}
+        for name in FIELDS:
+            if spec.get(name) is not None and len(spec[name]):
+                cond[name] = pack_indices(spec[name], self.sizes[name])
+        noise = spec.get("w_noise")
+        if noise is not None and noise["sigma"] > 0:
+            cond["w_noise"] = {"seed": [int(s) for s in noise["seed"]],
+                               "sigma": float(noise["sigma"])}
+        key = _key(cond)
+        if key not in self._ids:
+            self._ids[key] = len(self.conditions)
+            self.conditions.append(cond)
+        return self._ids[key]
+
+
+def noise_matrix(seed, sigma, shape):
+    """The Gaussian weight noise of a condition, regenerated from its seed."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * sigma).astype(np.float32)
+
+
+def condition_perturbation(cond, n_pre, n_hidden):
+    """The net_helpers.Perturbation of one stored condition (shared across trials)."""
+    import net_helpers
+    kw = {}
+    shape = (n_hidden, n_pre)
+    if "in_units" in cond:
+        kw["in_mask"] = _mask(cond["in_units"], n_pre, 0.0)
+    if "hid_units" in cond:
+        kw["hid_mask"] = _mask(cond["hid_units"], n_hidden, 0.0)
+    if "w_zero" in cond:
+        kw["w_mask"] = _mask(cond["w_zero"], n_hidden * n_pre, 0.0).reshape(shape)
+    if "m_freeze" in cond:
+        kw["m_freeze"] = _mask(cond["m_freeze"], n_hidden * n_pre, 1.0).reshape(shape)
+    if "w_noise" in cond:
+        kw["w_noise"] = torch.from_numpy(noise_matrix(cond["w_noise"]["seed"],
+                                                      cond["w_noise"]["sigma"], shape))
+    return net_helpers.Perturbation(**kw)
+
+
+def _mask(packed, n_total, value):
+    """A float mask that is `value` at the stored indices and 1 - value elsewhere."""
+    mask = torch.full((n_total,), 1.0 - value)
+    mask[torch.from_numpy(unpack_indices(packed))] = value
+    return mask
+
+
+# ----------------------------------------------------------------------------------------
+# Running conditions batched
+
+
+def _signature(cond):
+    return tuple(name in cond for name in (*FIELDS, "w_noise"))
+
+
+def trials_per_pass(cond, n_pre, n_hidden, T, memory_mb):
+    """Trial copies one forward pass may hold: per trial the engine keeps a few N x N_pre
+    tensors (M, W_eff, the update), plus one per synapse-level perturbation field, plus the
+    recorded hidden activity (T x N)."""
+    n_syn_fields = sum(name in cond for name in ("w_zero", "m_freeze", "w_noise"))
+    per_trial = 4 * ((4 + 2 * n_syn_fields) * n_hidden * n_pre + 3 * T * n_hidden)
+    return max(1, int(memory_mb * 2**20 // per_trial))
+
+
+SCORES = ("angle", "trial", "broke_fixation", "wrong_go", "nogo_response")  # per condition and rule
+
+
+def new_scores(C, R):
+    """{score: (C, R) NaN array} for every name in SCORES."""
+    return {name: np.full((C, R), np.nan, np.float32) for name in SCORES}
+
+
+def score_conditions(outputs, batch, K):
+    """Per condition (K conditions x n trial copies): {score: (K,)} with the angle and trial
+    accuracy, pooled over the condition's trials exactly as mpn_tasks.accuracy_by_rule pools
+    a rule's trials, and the fraction of trials failing by each mpn_tasks.failure_kind (the
+    three fractions sum to 1 - trial accuracy)."""
+    import mpn_tasks
+    y = np.asarray(outputs, dtype=np.float64)
+    n_correct, n_scored = mpn_tasks.score_angle(y, batch)
+    n_correct = np.asarray(n_correct, dtype=float).reshape(K, -1).sum(1)
+    n_scored = np.asarray(n_scored, dtype=float).reshape(K, -1).sum(1)
+    kind = mpn_tasks.failure_kind(y, batch).reshape(K, -1)
+    out = {"angle": n_correct / np.maximum(n_scored, 1), "trial": (kind == 0).mean(1)}
+    for code, name in enumerate(mpn_tasks.FAILURE_KINDS, start=1):
+        out[name] = (kind == code).mean(1)
+    return out
+
+
+def _store(scores, ids, r, values):
+    for name, v in values.items():
+        scores[name][ids, r] = v
+
+
+def kernel_takes_per_trial_w(net):
+    """Whether the fastest engine runs a per-trial W at full speed. The compiled CPU kernel
+    (mpn_cpp) takes only a W shared by the batch and otherwise falls back to the slower
+    "fast" engine; stacking conditions that change W would then cost more than it saves."""
+    p = next(net.parameters())
+    if p.is_cuda or not hasattr(net, "mp"):
+        return True
+    try:
+        import mpn_cpp
+    except ImportError:
+        return True
+    n_hidden, n_pre = net_shapes(net)
+    x, W = p.new_zeros(2, 1, n_pre), p.new_zeros(2, n_hidden, n_pre)
+    return (mpn_cpp.kernel() is None
+            or mpn_cpp.unsupported(x, W, net.mp.b, net.mp.eta, net.mp.lam) is None)
+
+
+def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
+    """{score: (n_conditions, n_rules)} for every name in SCORES (both accuracy measures and
+    the failure kinds), every condition equal to its own forward pass. tests: one batch per
+    rule (rules may differ in trial count). A dmpn whose hidden units run independently of
+    each other (rows_independent) shares work between conditions (evaluate_by_rows); other
+    networks stack conditions K at a time (evaluate_stacked)."""
+    acc = new_scores(len(conditions), len(tests))
+    if memory_mb is None:
+        memory_mb = 2048 if net.W_out.is_cuda else 32
+    bar = helper.progress(total=len(conditions), desc=desc, unit="cond")
+    if rows_independent(net):
+        evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar)
+    else:
+        evaluate_stacked(net, tests, conditions, memory_mb, acc, bar)
+    bar.close()
+    return acc
+
+
+def evaluate_stacked(net, tests, conditions, memory_mb, acc, bar):
+    """Conditions with the same perturbation fields are stacked K at a time
+    (Perturbation.stack) against the test batch of each rule repeated K times, so one forward
+    pass runs K x n_test trials. Conditions that change W run one at a time over all rules at
+    once (W then stays shared by the batch) when the engine's kernel cannot take a per-trial
+    W (kernel_takes_per_trial_w)."""
+    n_hidden, n_pre = net_shapes(net)
+    C = len(conditions)
+    alone = not kernel_takes_per_trial_w(net)
+    order = sorted(range(C), key=lambda i: _signature(conditions[i]))
+    T_max = max(b.inputs.shape[1] for b in tests)
+    n_test = max(b.inputs.shape[0] for b in tests)
+    start = 0
+    while start < C:
+        cond = conditions[order[start]]
+        if alone and ("w_zero" in cond or "w_noise" in cond):
+            ids = [order[start]]
+            _run_over_rules(net, tests, cond, acc, ids[0])
+        else:
+            K = max(1, trials_per_pass(cond, n_pre, n_hidden, T_max, memory_mb) // n_test)
+            ids = [i for i in order[start:start + K]
+                   if _signature(conditions[i]) == _signature(cond)]
+            _run_stacked(net, tests, [conditions[i] for i in ids], acc, ids)
+        bar.update(len(ids))
+        start += len(ids)
+
+
+def _run_stacked(net, tests, conds, acc, ids):
+    """K conditions x n copies of each rule's n test trials, one forward pass per rule."""
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    perts = [condition_perturbation(c, n_pre, n_hidden) for c in conds]
+    for r, batch in enumerate(tests):
+        n = batch.inputs.shape[0]
+        tiled = batch.take(np.tile(np.arange(n), len(conds)))
+        res = net_helpers.evaluate(net, tiled,
+                                   perturbation=net_helpers.Perturbation.stack(perts, n))
+        _store(acc, ids, r, score_conditions(res["outputs"], tiled, len(conds)))
+
+
+def _run_over_rules(net, tests, cond, acc, cid):
+    """One condition, its perturbation shared by the whole test set (all rules, padded)."""
+    import mpn_tasks
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    batch = mpn_tasks.concat_batches(tests)
+    res = net_helpers.evaluate(net, batch, perturbation=condition_perturbation(cond, n_pre,
+                                                                               n_hidden))
+    y = np.asarray(res["outputs"], dtype=np.float64)
+    start = 0
+    for r, batch_r in enumerate(tests):
+        n, T = batch_r.inputs.shape[:2]
+        _store(acc, [cid], r, score_conditions(y[start:start + n, :T], batch_r, 1))
+        start += n
+
+
+# ----------------------------------------------------------------------------------------
+# Sharing work between conditions: a dmpn's hidden units are independent given x
+#
+# Without recurrence, x_t = tanh(W_in u_t) does not depend on h, and hidden unit i reads only
+# its own row of W, b, η, λ and M: h_t[i] = tanh(Σ_j W_ij (1 + M_ij) x_t[j] + b_i) and
+# M_t[i, :] = clip(λ M[i, :] + η h_t[i] x_tᵀ). So a condition changes only
+#   - every unit, when it lesions input units (x changes): one "base" run per input set;
+#   - the units it silences: their h is 0, nothing to compute;
+#   - the rows its w_zero / m_freeze / w_noise touch: only those rows are run again.
+# Every other unit keeps its trajectory from the base run of the condition's input set. The
+# rows that must run again, over all conditions of a chunk, form one "virtual" plastic layer
+# of stacked rows that shares x and W across trials, so the compiled kernel runs it as one
+# call. The readout sums the kept units of the base run and the rerun rows: the outputs equal
+# the condition's own forward pass up to float rounding (tested).
+
+
+def rows_independent(net):
+    """Whether each hidden unit runs independently of the others given the plastic layer's
+    input: a dmpn without W_rec, with the Hebbian update η h_i x_j (under hebb_pre the update
+    constant 1/√N_post depends on how many rows run together)."""
+    return (hasattr(net, "mp") and getattr(net.mp, "W_rec", None) is None
+            and net.mp.m_update == "hebb_assoc")
+
+
+def touched_rows(cond, n_pre, n_hidden):
+    """Sorted hidden units whose own row a condition changes (W, noise or frozen M), minus
+    the units it silences."""
+    if "w_noise" in cond:
+        rows = np.arange(n_hidden)
+    else:
+        rows = np.unique(np.concatenate(
+            [unpack_indices(cond[f]) // n_pre for f in ("w_zero", "m_freeze") if f in cond]
+            + [np.zeros(0, np.int64)]))
+    if "hid_units" in cond:
+        rows = np.setdiff1d(rows, unpack_indices(cond["hid_units"]))
+    return rows
+
+
+def _row_coef(value, rows):
+    """η or λ for a stack of rows: a per-row (post_vector, matrix) coefficient is indexed."""
+    return value[rows] if value.dim() == 2 and value.shape[0] > 1 else value
+
+
+def virtual_layer(net, conds, rows_of):
+    """(W, b, eta, lam, m_freeze) of the stacked touched rows (tensors) of several
+    conditions: the rows of condition k follow those of condition k - 1, each with its own W
+    mask and noise."""
+    import mpn
+    n_hidden, n_pre = net_shapes(net)
+    mp = net.mp
+    Ws, freeze, index = [], [], []
+    for cond, rows_t in zip(conds, rows_of):
+        pert = condition_perturbation(cond, n_pre, n_hidden).to(mp.W.device, mp.W.dtype)
+        Ws.append(mpn.perturbed_weight(mp.W.detach(), pert)[rows_t])
+        freeze.append(None if pert.m_freeze is None else pert.m_freeze[rows_t])
+        index.append(rows_t)
+    index = torch.cat(index)
+    m_freeze = None
+    if any(f is not None for f in freeze):
+        m_freeze = torch.cat([torch.zeros_like(W_k) if f is None else f
+                              for f, W_k in zip(freeze, Ws)])
+    return (torch.cat(Ws), mp.b.detach()[index], _row_coef(mp.eta.detach(), index),
+            _row_coef(mp.lam.detach(), index), m_freeze)
+
+
+def _hidden_keep(conds, n_hidden, device, dtype):
+    """(K, N) masks: 0 on the units each condition silences."""
+    keep = torch.ones(len(conds), n_hidden, device=device, dtype=dtype)
+    for k, cond in enumerate(conds):
+        if "hid_units" in cond:
+            keep[k, torch.from_numpy(unpack_indices(cond["hid_units"])).to(device)] = 0.0
+    return keep
+
+
+@torch.no_grad()
+def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
+    """Conditions grouped by their input-unit set: one base forward pass per set (several
+    sets stacked per pass, their recorded x and h kept for every rule), then per chunk of the
+    group's conditions one virtual-layer pass over the touched rows, and the outputs."""
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    p0 = net.W_out
+    n_test = max(b.inputs.shape[0] for b in tests)
+    groups = {}
+    for i, cond in enumerate(conditions):
+        key = unpack_indices(cond["in_units"]).tobytes() if "in_units" in cond else b""
+        groups.setdefault(key, []).append(i)
+    groups = list(groups.values())
+    sum_T = sum(b.inputs.shape[1] for b in tests)
+    T_max = max(b.inputs.shape[1] for b in tests)
+    per_group = 4 * n_test * sum_T * (n_hidden + n_pre)  # bytes of one set's kept x and h
+    G = max(1, min(int(memory_mb * 2**20 // (2 * per_group)),
+                   trials_per_pass({}, n_pre, n_hidden, T_max, memory_mb) // n_test))
+    torch_tests = [net_helpers.batch_to_torch(b, p0.device, p0.dtype)["inputs"] for b in tests]
+    rows = [touched_rows(c, n_pre, n_hidden) for c in conditions]
+    scorer = TiledScorer(tests)
+    for start in range(0, len(groups), G):
+        chunk = groups[start:start + G]
+        bases = _base_runs(net, torch_tests, [conditions[ids[0]] for ids in chunk])
+        for g, ids in enumerate(chunk):
+            xs, hs = [x[g] for x, _ in bases], [h[g] for _, h in bases]
+            for part in _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
+                ys = _chunk_outputs(net, xs, hs, [conditions[i] for i in part],
+                                    [rows[i] for i in part])
+                for r, y in enumerate(ys):
+                    _store(acc, part, r, scorer(r, y))
+                bar.update(len(part))
+
+
+class TiledScorer:
+    """Scores outputs (K, n_test, T, n_out) of K conditions on rule r's test batch, up to
+    `size` conditions at a time against a test batch tiled once per rule (not once per K)."""
+
+    def __init__(self, tests, size=32):
+        self.tests, self.size, self.tiled = tests, size, {}
+
+    def __call__(self, r, y):
+        K, n = y.shape[:2]
+        y = y.reshape(K * n, *y.shape[2:]).float().cpu().numpy()
+        if r not in self.tiled:
+            self.tiled[r] = self.tests[r].take(np.tile(np.arange(n), self.size))
+        out = {name: np.empty(K) for name in SCORES}
+        for s in range(0, K, self.size):
+            k = min(self.size, K - s)
+            batch = self.tiled[r] if k == self.size else self.tiled[r].take(np.arange(k * n))
+            for name, v in score_conditions(y[s * n:(s + k) * n], batch, k).items():
+                out[name][s:s + k] = v
+        return out
+
+
+def _base_runs(net, torch_tests, firsts):
+    """Per rule, the recorded x and h (n_sets, n, T, N) of the network with only each set's
+    input lesion (the first condition of each group carries the group's in_units)."""
+    import net_helpers
+    n_hidden, n_pre = net_shapes(net)
+    perts = [condition_perturbation({"in_units": c["in_units"]} if "in_units" in c else {},
+                                    n_pre, n_hidden) for c in firsts]
+    out = []
+    for inputs in torch_tests:
+        n = inputs.shape[0]
+        stacked = net_helpers.Perturbation.stack(perts, n)
+        stacked = stacked if stacked.items() else None
+        res = net(inputs.repeat(len(firsts), 1, 1), perturbation=stacked, record=("x",))
+        shape = (len(firsts), n, inputs.shape[1])
+        out.append((res["x"].reshape(*shape, -1), res["h"].reshape(*shape, -1)))
+    return out
+
+
+def _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
+    """Consecutive runs of a group's condition ids whose outputs and touched rows (rows[i])
+    fit the memory budget together."""
+    per_cond = 12 * n_test * T_max * 3  # outputs of one condition (float32, then float64)
+    per_row = 4 * n_test * (4 * n_pre + T_max)  # M, W_eff and update, and h, of one row
+    budget = memory_mb * 2**20
+    part, used = [], 0
+    for i in ids:
+        cost = per_cond + per_row * rows[i].size
+        if part and used + cost > budget:
+            yield part
+            part, used = [], 0
+        part.append(i)
+        used += cost
+    if part:
+        yield part
+
+
+def _chunk_outputs(net, xs, hs, conds, rows_np):
+    """Per rule, outputs (K, n_test, T, 3) of K conditions sharing one input set, from its
+    base x and h and one virtual-layer pass over the rows the conditions touch (rows_np,
+    from touched_rows): y = h_base @ (W_out with silenced and touched units' columns
+    zeroed)ᵀ + h_touched @ W_out[:, touched]ᵀ, never a (K, n_test, T, N) activity tensor."""
+    mp = net.mp
+    n_hidden = net.W_out.shape[1]
+    rows_of = [torch.from_numpy(r).to(hs[0].device) for r in rows_np]
+    layer = virtual_layer(net, conds, rows_of) if sum(r.numel() for r in rows_of) else None
+    keep = _hidden_keep(conds, n_hidden, hs[0].device, hs[0].dtype)
+    for k, rows in enumerate(rows_of):
+        keep[k, rows] = 0.0
+    starts = np.cumsum([0] + [r.numel() for r in rows_of])
+    W_out_T = net.W_out.detach().T
+    K, n_out = len(conds), W_out_T.shape[1]
+    W_keep = (keep[:, :, None] * W_out_T).permute(1, 0, 2).reshape(n_hidden, K * n_out)
+    ys = []
+    for x, h_base in zip(xs, hs):
+        n, T = h_base.shape[:2]
+        # one (n T, N) x (N, K n_out) product; a broadcast matmul would copy h_base K times
+        y = (h_base.reshape(n * T, n_hidden) @ W_keep).reshape(n * T, K, n_out).transpose(0, 1)
+        if layer is not None:
+            W, b, eta, lam, m_freeze = layer
+            h_rows, _ = mpn_engine_forward(mp, x, W, b, eta, lam, m_freeze)
+            h_rows = h_rows.reshape(n * T, -1)
+            for k, rows in enumerate(rows_of):
+                if rows.numel():
+                    y[k] += h_rows[:, starts[k]:starts[k + 1]] @ W_out_T[rows]
+        ys.append(y.reshape(K, n, T, n_out))
+    return ys
+
+
+def mpn_engine_forward(mp, x, W, b, eta, lam, m_freeze):
+    """The plastic layer's own engine and options on a virtual layer."""
+    import mpn
+    import mpn_engine
+    return mpn_engine.plastic_forward(
+        x, W, b, eta, lam, mp_type=mp.mp_type, m_update=mp.m_update, m_bounds=mp.m_bounds,
+        m_freeze=m_freeze, engine=mpn.resolve_engine(mp.engine))
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def net_shapes(net):
+    """(N_hidden, N_pre) of the weight matrix that synapse perturbations act on."""
+    if hasattr(net, "mp"):
+        return tuple(net.mp.W.shape)
+    n = net.W_out.shape[1]
+    return n, n
+
+
+def plastic_weight(net):
+    """The (N_hidden, N_pre) weights pruned and perturbed, as numpy."""
+    if hasattr(net, "mp"):
+        return net.mp.W.detach().cpu().numpy().copy()
+    n = net.W_out.shape[1]
+    return net.W_rec.detach().cpu().numpy()[-n:].copy()  # vanilla: W_rec; GRU: candidate block
+
+
+
+# ----------------------------------------------------------------------------------------
+# The results file (lesion.h5): arrays as datasets, everything else as JSON attributes
+
+
+def conditions_to_arrays(conditions, sizes):
+    """The conditions as arrays: per index-set field the ids of the conditions that have it
+    and their packed bit masks (n, ⌈n_total / 8⌉); the noise seeds (padded with -1) and σ."""
+    out = {}
+    for name in FIELDS:
+        ids = [i for i, c in enumerate(conditions) if name in c]
+        masks = np.zeros((len(ids), (sizes[name] + 7) // 8), np.uint8)
+        for row, i in enumerate(ids):
+            bits = np.zeros(sizes[name], bool)
+            bits[unpack_indices(conditions[i][name])] = True
+            masks[row] = np.packbits(bits)
+        out[name] = {"ids": np.array(ids, np.int64), "bits": masks}
+    noisy = [i for i, c in enumerate(conditions) if "w_noise" in c]
+    width = max([len(conditions[i]["w_noise"]["seed"]) for i in noisy] + [1])
+    seeds = np.full((len(noisy), width), -1, np.int64)
+    for row, i in enumerate(noisy):
+        seed = conditions[i]["w_noise"]["seed"]
+        seeds[row, :len(seed)] = seed
+    out["w_noise"] = {"ids": np.array(noisy, np.int64), "seed": seeds,
+                      "sigma": np.array([conditions[i]["w_noise"]["sigma"] for i in noisy])}
+    out["n"] = np.array([len(conditions)])
+    return out
+
+
+def conditions_from_arrays(arrays, sizes):
+    """Inverse of conditions_to_arrays: the list of condition dicts."""
+    conditions = [{} for _ in range(int(np.asarray(arrays["n"]).ravel()[0]))]
+    for name in FIELDS:
+        for i, bits in zip(arrays[name]["ids"], arrays[name]["bits"]):
+            idx = np.flatnonzero(np.unpackbits(bits, count=sizes[name]))
+            conditions[int(i)][name] = pack_indices(idx, sizes[name])
+    noise = arrays["w_noise"]
+    for i, seed, sigma in zip(noise["ids"], noise["seed"], noise["sigma"]):
+        conditions[int(i)]["w_noise"] = {"seed": [int(s) for s in seed if s >= 0],
+                                         "sigma": float(sigma)}
+    return conditions
+
+
+def _split(tree):
+    """(arrays, meta): numpy arrays of a nested dict, and the rest (JSON values)."""
+    arrays, meta = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            arrays[key], meta[key] = _split(value)
+        elif isinstance(value, np.ndarray):
+            arrays[key] = value
+        else:
+            meta[key] = value
+    return arrays, meta
+
+
+def _merge(arrays, meta):
+    out = dict(arrays)
+    for key, value in meta.items():
+        out[key] = _merge(arrays.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def _sizes(result):
+    n_hidden, n_pre = result["shapes"]["n_hidden"], result["shapes"]["n_pre"]
+    return {"in_units": n_pre, "hid_units": n_hidden, "w_zero": n_hidden * n_pre,
+            "m_freeze": n_hidden * n_pre}
+
+
+def save_result(path, result, cfg):
+    """Write a lesion result dict as HDF5 (helper.save_h5), stamped with cfg's hash."""
+    tree = dict(result, conditions=conditions_to_arrays(result["conditions"], _sizes(result)))
+    arrays, meta = _split(tree)
+    helper.save_h5(path, arrays, attrs={"meta": meta}, cfg=cfg)
+
+
+def load_result(path, producer, expect_hash=None):
+    """The dict save_result wrote."""
+    arrays, attrs = helper.load_h5(path, producer, expect_hash)
+    result = _merge(arrays, attrs["meta"])
+    result["conditions"] = conditions_from_arrays(result["conditions"], _sizes(result))
+    return result
