@@ -260,8 +260,9 @@ def cluster_run(paths, cfg):
                 R["over_membership"] = over_membership_entry(R, ci)
     root = dict(run=paths.name, fixed_k=cfg["fixed_k"], variance_hash=variance_hash)
     provenance = dict({k: cfg[k] for k in CLUSTER_KEYS}, variance_hash=variance_hash)
-    helper.save_h5(paths.cluster_info, ci, root, cfg=provenance)
-    helper.save_h5(paths.cluster_info_mod, ci_mod, root, cfg=provenance)
+    helper.save_h5(paths.cluster_info, ci, root, cfg=provenance, inputs=[paths.variance])
+    helper.save_h5(paths.cluster_info_mod, ci_mod, root, cfg=provenance,
+                   inputs=[paths.variance])
     print(f"[{paths.name}] clustered in {time.time() - t0:.0f} s -> "
           f"{paths.cluster_info}, {paths.cluster_info_mod}")
     if cfg["figures"]:
@@ -489,8 +490,11 @@ def main(cfg):
     if cfg["n_null"] < 20 or not 0 < cfg["null_level"] < 1:
         raise helper.StageError(f"n_null must be >= 20 (SPEC §5.3) and null_level in (0, 1); got "
                                 f"{cfg['n_null']} and {cfg['null_level']}.")
-    return {paths.name: cluster_run(paths, cfg)
-            for paths in helper.find_runs(cfg["run"], cfg["runs_dir"])}
+    out = {}
+    for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
+        with helper.run_lock(paths.dir):
+            out[paths.name] = cluster_run(paths, cfg)
+    return out
 
 
 if __name__ == "__main__":

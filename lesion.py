@@ -60,7 +60,6 @@ Example:
     python lesion.py --run=everything_dmpn_seed749_L21e4_h300_b128
     python lesion.py --run=everything_dmpn_seed749_L21e4_h300_b128 --experiments="['single','prune']"
 """
-import json
 import time
 import zlib
 
@@ -360,9 +359,8 @@ def check_clusters_fresh(paths, path, info, producer):
     hashes = {_text(R["variance_hash"]) for forms in info.values() if isinstance(forms, dict)
               for R in forms.values() if isinstance(R, dict) and "variance_hash" in R}
     if hashes and paths.variance.exists():
-        import h5py
-        with h5py.File(paths.variance, "r") as f:
-            current = json.loads(f.attrs["config_hash"]) if "config_hash" in f.attrs else None
+        _, vattrs = helper.load_h5(paths.variance, f"python multiple_task_analysis.py --run={paths.name}")
+        current = vattrs.get("config_hash")
         if hashes != {current}:
             raise helper.StageError(f"{str(path)!r} was computed from another "
                                     f"{paths.variance.name}; rerun `{producer}`.")
@@ -665,7 +663,9 @@ def lesion_run(paths, cfg):
                   config=dict(cfg), fixed_k=cfg_k["fixed_k"])
     add_statistics(result, cfg["alpha"])
     result["seconds"] = time.time() - t0
-    save_result(paths.lesion, result, cfg)
+    save_result(paths.lesion, result, cfg,
+                inputs=[p for p in (paths.checkpoint, paths.cluster_info, paths.cluster_info_mod)
+                        if p.exists()])
     return result
 
 
@@ -676,7 +676,8 @@ def main(cfg):
     out = {}
     try:
         for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
-            out[paths.name] = result = lesion_run(paths, cfg)
+            with helper.run_lock(paths.dir):
+                out[paths.name] = result = lesion_run(paths, cfg)
             print(f"[{paths.name}] {len(result['conditions'])} conditions in "
                   f"{result['seconds']:.0f} s -> {paths.lesion}")
             print_summary(result)

@@ -557,11 +557,11 @@ def _sizes(result):
             "m_freeze": n_hidden * n_pre}
 
 
-def save_result(path, result, cfg):
+def save_result(path, result, cfg, inputs=None):
     """Write a lesion result dict as HDF5 (helper.save_h5), stamped with cfg's hash."""
     tree = dict(result, conditions=conditions_to_arrays(result["conditions"], _sizes(result)))
     arrays, meta = _split(tree)
-    helper.save_h5(path, arrays, attrs={"meta": meta}, cfg=cfg)
+    helper.save_h5(path, arrays, attrs={"meta": meta}, cfg=cfg, inputs=inputs)
 
 
 def load_result(path, producer, expect_hash=None):

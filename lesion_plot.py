@@ -585,8 +585,9 @@ def main(cfg):
     helper.set_style()
     out = {}
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
-        result = load_fresh(paths)
-        out[paths.name] = make_figures(result, paths, cfg["acc_measure"])
+        with helper.run_lock(paths.dir):
+            result = load_fresh(paths)
+            out[paths.name] = make_figures(result, paths, cfg["acc_measure"])
         print(f"[{paths.name}] {len(out[paths.name])} lesion figures in {paths.figures}")
     return out
 

@@ -517,7 +517,8 @@ def save_variance(paths, raw, rows, pca, trials, perturbed, attrs, provenance_cf
                             "explained": p["explained"],
                             "directions": np.unique(trials[rule]["dirs"])}
                      for rule, p in pca.items()}
-    helper.save_h5(paths.variance, arrays, attrs, cfg=provenance_cfg)
+    helper.save_h5(paths.variance, arrays, attrs, cfg=provenance_cfg,
+                   inputs=[paths.checkpoint])
 
 
 def analyze_run(paths, cfg):
@@ -725,8 +726,11 @@ def main(cfg):
     if cfg["torch_threads"]:
         torch.set_num_threads(cfg["torch_threads"])
     try:
-        return {paths.name: analyze_run(paths, cfg)
-                for paths in helper.find_runs(cfg["run"], cfg["runs_dir"])}
+        out = {}
+        for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
+            with helper.run_lock(paths.dir):
+                out[paths.name] = analyze_run(paths, cfg)
+        return out
     finally:
         torch.set_num_threads(threads)
 

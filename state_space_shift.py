@@ -560,7 +560,8 @@ def _arrays(tree):
 def save_run(result, paths):
     arrays = _arrays({k: v for k, v in result.items() if k not in ("run", "step", "config")})
     helper.save_h5(paths.state_space, arrays,
-                   attrs={"run": result["run"], "step": result["step"]}, cfg=result["config"])
+                   attrs={"run": result["run"], "step": result["step"]}, cfg=result["config"],
+                   inputs=[paths.checkpoint])
     figures = [figure_context_pca(result, paths.figure("state_space_context_pca")),
                figure_shift_test(result, paths.figure("state_space_shift_test")),
                figure_subspace_angles(result, paths.figure("state_space_subspace_angles"))]
@@ -599,8 +600,9 @@ def main(cfg):
     runs = helper.find_runs(cfg["run"], cfg["runs_dir"])
     results, figures = [], []
     for paths in runs:
-        result = analyze_run(paths, cfg)
-        figures += save_run(result, paths)
+        with helper.run_lock(paths.dir):
+            result = analyze_run(paths, cfg)
+            figures += save_run(result, paths)
         results.append(result)
     summary = None
     if len(results) > 1:
