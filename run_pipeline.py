@@ -117,6 +117,7 @@ def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
     paths = helper.run_paths(aname, runs_dir)
     state_file = paths.dir / "pipeline.json"
     state = helper.load_json(state_file) if state_file.exists() else {}
+    note = None
     for name, module, inputs, outputs in STAGES:
         if name not in wanted:
             continue
@@ -126,12 +127,19 @@ def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
             continue
         print(f"[{aname}] {name}: running {module}.py")
         start = time.time()
-        importlib.import_module(module).main(cfg)
+        result = importlib.import_module(module).main(cfg)
+        if name == "train" and result["stop_reason"] == "max_minutes":
+            note = (f"[{aname}] train: max_minutes stopped it at step {result['step']} of "
+                    f"{cfg['max_steps']}; the later stages run on the network trained so far. "
+                    f"To finish training, rerun with a larger --max_minutes (it resumes).")
+            print(note)
         state[name] = dict(config_hash=helper.config_hash(cfg), seconds=round(time.time() - start, 1),
                            finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         helper.save_json(state_file, state)
         print(f"[{aname}] {name}: done in {state[name]['seconds']:.0f} s")
     print_figures(paths)
+    if note:
+        print(note)
     return paths
 
 
