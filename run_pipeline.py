@@ -107,6 +107,8 @@ def is_up_to_date(paths, state, name, cfg, inputs, outputs):
 
 def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
     import importlib
+
+    import torch
     wanted = pipeline_cfg["stages"].split(",")
     unknown = set(wanted) - {name for name, *_ in STAGES}
     if unknown:
@@ -127,7 +129,11 @@ def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
             continue
         print(f"[{aname}] {name}: running {module}.py")
         start = time.time()
-        result = importlib.import_module(module).main(cfg)
+        threads = torch.get_num_threads()
+        try:
+            result = importlib.import_module(module).main(cfg)
+        finally:  # a stage's own thread count (training's num_threads) stays with that stage
+            torch.set_num_threads(threads)
         if name == "train" and result["stop_reason"] == "max_minutes":
             note = (f"[{aname}] train: max_minutes stopped it at step {result['step']} of "
                     f"{cfg['max_steps']}; the later stages run on the network trained so far. "

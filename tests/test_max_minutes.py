@@ -2,6 +2,8 @@
 pipeline goes on with the later stages on the network it has."""
 from pathlib import Path
 
+import torch
+
 import helper
 import multiple_task
 import run_pipeline
@@ -24,9 +26,11 @@ def test_max_minutes_stop_says_how_to_continue_and_resumes(runs_dir, capsys):
 
 
 def test_pipeline_runs_later_stages_after_a_max_minutes_stop(runs_dir, capsys):
+    threads = torch.get_num_threads()
     paths = run_pipeline.main([TINY, CAP, "--figures=False", "--n_analysis=8",
-                               "--stages=train,analyze"])
+                               "--stages=train,analyze", f"--num_threads={threads + 1}"])
     assert paths.variance.exists()
+    assert torch.get_num_threads() == threads  # training's num_threads stayed with training
     lines = capsys.readouterr().out.strip().splitlines()
     assert "analyze: done" in "\n".join(lines)
     assert "max_minutes stopped it at step" in lines[-1] and "later stages" in lines[-1]
