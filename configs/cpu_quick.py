@@ -1,16 +1,24 @@
 # The preset to run first on a laptop or workstation CPU: all 15 rules, a small dmpn
 # (N = 64, batch 32) trained with a higher learning rate that the plateau scheduler anneals.
-# About 17 minutes on 2 idle cores with the compiled engine (engine="auto"; the whole
-# pipeline about 20); the 19-minute cap bounds it on a busy machine. For a quick look
-# (8 minutes for the whole pipeline) add --max_steps=15000.
 #   python multiple_task.py configs/cpu_quick.py
 #   python run_pipeline.py configs/cpu_quick.py      # the whole pipeline
-# Measured on 2 idle cores: ~22 ms per step, evaluations (15 x 128 trials) included. The
-# run of this recipe reached mean accuracy angle / trial 0.75 / 0.87 at 5,000 steps,
-# 0.86 / 0.95 at 15,000, 0.89 / 0.97 at 30,000 and 0.91 / 0.975 at 45,000 (1,005 s), every
-# rule's trial accuracy >= 0.87 at the end. The reference-compatible `angle` measure is the
-# slow one to rise: on no-go steps both response outputs must stay under 0.05, and dmsgo
-# and the context delay-dm rules stay near 0.72-0.8 under it.
+# For a quick look (8 minutes for the whole pipeline before the kernel's threads) add
+# --max_steps=15000.
+# Accuracy per step is deterministic on a given CPU type, whatever its load and core count
+# (the kernel's result does not depend on its threads, and num_threads = 1 fixes torch's):
+# the run of this recipe reached mean accuracy angle / trial 0.75 / 0.87 at 5,000 steps,
+# 0.86 / 0.95 at 15,000, 0.89 / 0.97 at 30,000 and 0.91 / 0.975 at 45,000, every rule's trial
+# accuracy >= 0.87 at the end; the angle measure first holds >= 0.90 from ~38,000 steps.
+# The reference-compatible `angle` measure is the slow one to rise: on no-go steps both
+# response outputs must stay under 0.05, and dmsgo and the context delay-dm rules stay near
+# 0.72-0.8 under it.
+# Speed: ~22 ms per step on 2 idle cores (17 minutes for 45,000 steps) when the compiled
+# kernel still ran on one thread and torch on two. With the kernel's own two threads and
+# num_threads = 1, training ran 6.8x faster than that on a machine loaded with other jobs
+# (load average 9-12, 400-step runs back to back: 13.6 vs 2.0 steps/s); the idle speed is
+# not re-measured yet (expected ~1.4-1.6x from the second kernel thread: the forward is
+# split over trials, the backward's recompute runs beside its reverse pass). The 19-minute
+# cap bounds the run on a slow or busy machine.
 ruleset = "everything"
 net = "dmpn"
 n_hidden = 64  # per step 0.4-0.6x the cost of N = 128, and learns as fast per step
@@ -26,3 +34,4 @@ acc_measure = "angle"  # sample the rules that are weakest under the stricter me
 target_acc = None
 ckpt_every = 1000
 device = "cpu"
+num_threads = 1  # torch's own ops: at N = 64 a second OpenMP thread gains nothing and, spinning between ops, collapses the speed on a busy machine; the compiled kernel runs its own threads (mpn_cpp.threads) {>= 0}
