@@ -47,18 +47,18 @@ part() {
 }
 
 # (a) the CUDA tests
-part a_tests 150 $PY -m pytest -q -m cuda tests/test_cuda.py
+part a_tests 120 $PY -m pytest -q -m cuda tests/test_cuda.py
 ROWS+=("a  cuda tests|$LAST_STATUS|$LAST_SECONDS|$(grep -E '(passed|failed|error)' "$OUT/a_tests.log" | tail -1)")
 
 # (b) engines and models at the paper size
 part b_engine 90 $PY benchmarks/bench_engine.py --device=$DEV --sizes=300,128,100 --quick --ref_steps=10
 ROWS+=("b  bench_engine fwd+bwd|$LAST_STATUS|$LAST_SECONDS|$(grep -E '^ *300 +128 +100 +grad' "$OUT/b_engine.log" | tr -s ' ' | cut -c1-80)")
 ROWS+=("b  bench_engine no-grad| | |$(grep -E '^ *300 +128 +100 +nograd' "$OUT/b_engine.log" | tr -s ' ' | cut -c1-80)")
-part b_models 60 $PY benchmarks/bench_models.py --device=$DEV --quick
+part b_models 45 $PY benchmarks/bench_models.py --device=$DEV --quick
 ROWS+=("b  bench_models (T=20)|$LAST_STATUS|$LAST_SECONDS|$(grep -E "^$DEV +dmpn +300" "$OUT/b_models.log" | tr -s ' ' | cut -c1-80)")
 
 # (c) the paper preset for ~90 s of training
-part c_paper 150 $PY multiple_task.py configs/paper.py --device=$DEV --max_minutes=1.5 \
+part c_paper 140 $PY multiple_task.py configs/paper.py --device=$DEV --max_minutes=1.5 \
     --figures=False --runs_dir="$OUT/runs" --run_tag=gpucheck
 RATE=$($PY - "$OUT/runs" <<'EOF'
 import json, sys, pathlib
@@ -75,7 +75,7 @@ EOF
 ROWS+=("c  paper preset training|$LAST_STATUS|$LAST_SECONDS|$RATE")
 
 # (d) a tiny run through the lesion stage on CUDA
-part d_lesion 90 env MPN_RUNS_DIR="$OUT/tiny" $PY run_pipeline.py configs/tiny.py --device=$DEV \
+part d_lesion 80 env MPN_RUNS_DIR="$OUT/tiny" $PY run_pipeline.py configs/tiny.py --device=$DEV \
     --stages=train,analyze,cluster,lesion --n_analysis=8 --n_repeats=5 --n_groups=20 \
     --n_restarts=2 --n_random=2 --n_random_combined=1 --n_draws=2 --n_test=8 --figures=False
 LES=$($PY - "$OUT/tiny" <<'EOF'
