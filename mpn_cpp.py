@@ -6,13 +6,14 @@ then h_i, then the same row of M is updated while it is still in L1), and every 
 one fused pass over (M_{t-1}, dL/dM, W, the dW accumulator). Each trial's M stays in the
 core's L2 for the whole sequence.
 
-Threads (`threads()`, the kernel's own std::threads, joined, never spinning): the forward hands
-trials out one at a time to the threads; the backward reverses trials one after another (the
-dW accumulator is one running sum in trial order) while a second thread recomputes the next
-trial's forward. Results are bit-identical for any thread count, so a run does not depend on
-the machine. (Until version 5 the kernel called at::parallel_for, but the extension is built
-without -fopenmp, so that ran every trial on one thread; torch's own threads then only served
-the small ops around the kernel, and their OpenMP spin-waits made a loaded machine 4-7x slower.)
+Threads (`threads()`: one unless MPN_KERNEL_THREADS says more; the kernel's own std::threads,
+joined, never spinning): the forward hands trials out one at a time to the threads; the
+backward reverses trials one after another (the dW accumulator is one running sum in trial
+order) while a second thread recomputes the next trial's forward. Results are bit-identical
+for any thread count, so a run does not depend on it. (Until version 5 the kernel called
+at::parallel_for, but the extension is built without -fopenmp, so that always ran every trial
+on one thread; torch's own threads then only served the small ops around the kernel, and
+their OpenMP spin-waits made a loaded machine 5-7x slower: see configs/cpu_quick.py.)
 
 Backward per trial: a first forward pass keeps M only at segment starts (every `seg` steps);
 then, segment by segment from the last, the segment is recomputed from its checkpoint storing
@@ -683,18 +684,15 @@ def _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
 
 
 def threads():
-    """The kernel's own threads: $MPN_KERNEL_THREADS, else $OMP_NUM_THREADS (run_pipeline
-    --jobs sets it per seed), else the CPUs this process may run on. They are independent of
-    torch's intra-op threads (`num_threads` in the stage configs), which the kernel never
-    uses."""
-    for var in ("MPN_KERNEL_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """The kernel's own threads: $MPN_KERNEL_THREADS, else 1. One by default: the threads join
+    once per trial in the backward, and on a busy machine each join waits for the OS to run
+    the other thread (measured with the CPU preset at load average ~4: 38 steps/s on one
+    kernel thread, 19 on two). On an idle machine with large B·N², MPN_KERNEL_THREADS=2 lets
+    the backward recompute the next trial beside the reverse pass (expected ~1.4-1.6x,
+    unmeasured). They are independent of torch's intra-op threads (`num_threads`), which the
+    kernel never uses."""
+    value = os.environ.get("MPN_KERNEL_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def _segment(T, n_post, n_pre, itemsize):

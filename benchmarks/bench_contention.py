@@ -85,6 +85,10 @@ def rate(evals):
 
 
 def measure(k, steps, extra, env, repo=ROOT):
+    """One run with k competitors; `extra` items of the form NAME=VALUE (no leading --) are
+    environment variables of the training process, e.g. MPN_KERNEL_THREADS=1."""
+    env = dict(env, **dict(e.split("=", 1) for e in extra if not e.startswith("--")))
+    extra = [e for e in extra if e.startswith("--")]
     procs = start_competitors(k)
     try:
         time.sleep(1.0 if k else 0.0)  # let the competitors get going
@@ -104,7 +108,8 @@ def main():
     ap.add_argument("--steps", type=int, default=2000, help="training steps per condition")
     ap.add_argument("--competitors", default="0,1,2", help="comma-separated competitor counts")
     ap.add_argument("--extra", action="append", default=None,
-                    help="training overrides of one variant, e.g. --extra='--num_threads=2'; "
+                    help="training overrides of one variant, e.g. --extra='--num_threads=2', "
+                         "and environment variables, e.g. --extra='MPN_KERNEL_THREADS=1'; "
                          "repeat to compare variants back to back in every condition")
     ap.add_argument("--baseline_repo", default=None,
                     help="another checkout (e.g. `git worktree add /tmp/main main`) whose "

@@ -12,13 +12,12 @@
 # The reference-compatible `angle` measure is the slow one to rise: on no-go steps both
 # response outputs must stay under 0.05, and dmsgo and the context delay-dm rules stay near
 # 0.72-0.8 under it.
-# Speed: ~22 ms per step on 2 idle cores (17 minutes for 45,000 steps) when the compiled
-# kernel still ran on one thread and torch on two. With the kernel's own two threads and
-# num_threads = 1, training ran 6.8x faster than that on a machine loaded with other jobs
-# (load average 9-12, 400-step runs back to back: 13.6 vs 2.0 steps/s); the idle speed is
-# not re-measured yet (expected ~1.4-1.6x from the second kernel thread: the forward is
-# split over trials, the backward's recompute runs beside its reverse pass). The 19-minute
-# cap bounds the run on a slow or busy machine.
+# Speed: ~22 ms per step on 2 idle cores (17 minutes for 45,000 steps) with torch on two
+# threads. With num_threads = 1 (the kernel was always on one thread), measured back to back
+# on a machine shared with other jobs: 56 vs 8.8 steps/s at load average ~4, i.e. 18 ms per
+# step, evaluations included: the ~38,000 steps to hold angle >= 0.90 in ~11 minutes and all
+# 45,000 in ~13.5, on a machine that was not idle (the idle speed is not re-measured yet).
+# The 19-minute cap bounds the run on a slow or busy machine.
 ruleset = "everything"
 net = "dmpn"
 n_hidden = 64  # per step 0.4-0.6x the cost of N = 128, and learns as fast per step
@@ -34,4 +33,4 @@ acc_measure = "angle"  # sample the rules that are weakest under the stricter me
 target_acc = None
 ckpt_every = 1000
 device = "cpu"
-num_threads = 1  # torch's own ops: at N = 64 a second OpenMP thread gains nothing and, spinning between ops, collapses the speed on a busy machine; the compiled kernel runs its own threads (mpn_cpp.threads) {>= 0}
+num_threads = 1  # torch's own ops: at N = 64 a second OpenMP thread gains nothing and, spinning between ops, collapses the speed on a busy machine; the compiled kernel runs on one thread of its own (mpn_cpp.threads) {>= 0}
