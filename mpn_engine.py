@@ -100,8 +100,8 @@ def plastic_forward_reference(x, W, b, eta, lam, *, mp_type="mult", m_update="he
 # batch is one chunk (bmm instead of per-trial mv). Launches on CUDA: ~7 per forward step
 # (W⊙M, bmm, add, tanh, λM, addcmul, clamp) and ~18 per reverse step, ~3,200 per training
 # step at T = 100. At the paper size each moves 46-92 MB (15-30 µs on an H100/H200), longer
-# than its launch, so the step is bandwidth-bound (~190 GB, expected 45-60 ms, unmeasured);
-# at N = 64 it is launch-bound (~20 ms, no faster than the CPU). Fusing each step's
+# than its launch, so the step is bandwidth-bound (~190 GB; expected 45-60 ms, measured 70 ms
+# forward+backward on an H200); at N = 64 it is launch-bound (~20 ms expected, unmeasured). Fusing each step's
 # elementwise chain (torch.compile or Triton) is the next gain; CUDA graphs only help small
 # networks. Numbers and reasoning: benchmarks/GPU_NOTES.md; tests/test_cuda.py checks this
 # engine on CUDA against the reference loop.

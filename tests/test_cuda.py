@@ -1,7 +1,8 @@
 """The CUDA paths: every engine on the GPU against the reference loop on the CPU (float64 to
-1e-9, float32 to 1e-5), a whole dmpn forward+backward on the GPU against the CPU, lesion
+1e-9, float32 to 3e-5), a whole dmpn forward+backward on the GPU against the CPU, lesion
 conditions batched against one at a time on the GPU, and checkpoints that move between
 devices. Marked `cuda` and skipped without a GPU; `benchmarks/gpu_check.sh` runs them.
+float32 on the device: 3e-5 (cuBLAS's summation order; 1.07e-5 measured on an H200).
 
 MPN_TEST_DEVICE=cpu runs the same tests with "cpu" in place of "cuda" (a dry run of the test
 logic on a machine without a GPU; it proves nothing about CUDA).
@@ -53,7 +54,9 @@ CASES = ["kernel_all", "everything", "recurrent", "per_trial_W", "freeze_fractio
 @pytest.mark.parametrize("engine", mpn_engine.ENGINES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("mp_type", ["mult", "add"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+# float32: cuBLAS sums in another order than the CPU; on an H200 one of these cases reached
+# 1.07e-5 relative (measured), so the float32 bound on the device is 3e-5
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 3e-5)])
 def test_every_engine_on_device_equals_the_reference_on_cpu(engine, case, mp_type, dtype, tol):
     # float32 at η scale 2, as in test_engine: at 3 the trajectories are chaotic enough that
     # rounding alone moves two summation orders ~1e-5 apart
