@@ -3,9 +3,17 @@
 Same equations, conventions and backward structure as mpn_engine's "fast" engine, but every
 time step of one trial is ONE fused pass over M (row by row: the row's dot product gives a_i,
 then h_i, then the same row of M is updated while it is still in L1), and every reverse step is
-one fused pass over (M_{t-1}, dL/dM, W, the dW accumulator). Trials run in parallel over
-torch's intra-op threads (at::parallel_for); each trial's M stays in the core's L2 for the
-whole sequence.
+one fused pass over (M_{t-1}, dL/dM, W, the dW accumulator). Each trial's M stays in the
+core's L2 for the whole sequence.
+
+Threads (`threads()`: one unless MPN_KERNEL_THREADS says more; the kernel's own std::threads,
+joined, never spinning): the forward hands trials out one at a time to the threads; the
+backward reverses trials one after another (the dW accumulator is one running sum in trial
+order) while a second thread recomputes the next trial's forward. Results are bit-identical
+for any thread count, so a run does not depend on it. (Until version 5 the kernel called
+at::parallel_for, but the extension is built without -fopenmp, so that always ran every trial
+on one thread; torch's own threads then only served the small ops around the kernel, and
+their OpenMP spin-waits made a loaded machine 5-7x slower: see configs/cpu_quick.py.)
 
 Backward per trial: a first forward pass keeps M only at segment starts (every `seg` steps);
 then, segment by segment from the last, the segment is recomputed from its checkpoint storing
@@ -29,9 +37,9 @@ a C++ compiler and ninja; the first build takes 25-60 s on 2 shared cores, ~25 s
 cached in torch's extensions directory; if the build fails, or MPN_CPP=0 is set, `kernel()`
 returns None once and for all and a single warning is logged.
 
-Measured (benchmarks/bench_engine.py, 2 shared cores, paper size N = 300, B = 128, T = 100,
-float32): forward+backward 2.1-2.8 s, 26-27x the reference loop (fast: 9-10x); no-grad
-forward 0.5-0.8 s, 34-35x (fast: 21x); peak RSS ~520 MB.
+Measured with version 4, i.e. on one thread (benchmarks/bench_engine.py, 2 shared cores, paper
+size N = 300, B = 128, T = 100, float32): forward+backward 2.1-2.8 s, 26-27x the reference loop
+(fast: 9-10x); no-grad forward 0.5-0.8 s, 34-35x (fast: 21x); peak RSS ~520 MB.
 """
 import logging
 import math
@@ -49,9 +57,11 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -201,12 +211,25 @@ inline void pass1(int64_t Np, S* __restrict Gr, const S* __restrict Mr, const S*
   dlam_out = dlam;
 }
 
+// Threads of the kernel's own (std::thread, joined; nothing spins while it waits). Trials are
+// handed out one at a time from a shared counter, so a thread that the OS deschedules on a
+// busy machine holds back one trial, not a fixed half of the batch. Every trial's forward is
+// independent of the others, so the result does not depend on which thread ran it.
+template <typename F>
+void on_threads(int64_t nthr, const F& work) {
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < nthr; ++i) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
 template <typename S, bool MULT, bool KEEP>
-void forward_impl(const Prm<S>& p, S* hout, S* Mout) {
+void forward_impl(const Prm<S>& p, S* hout, S* Mout, int64_t nthr) {
   const int64_t NN = p.No * p.Np;
-  at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+  std::atomic<int64_t> next(0);
+  on_threads(std::min(nthr, p.B), [&]() {
     std::vector<S> g(p.T * p.No), xe(p.Np), rec(p.No);
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = next++; b < p.B; b = next++) {
       S* M = Mout + b * NN;
       std::fill(M, M + NN, S(0));
       S* h = hout + b * p.T * p.No;
@@ -222,165 +245,219 @@ struct BwdOut {
   int64_t seg;
 };
 
+// One trial's recomputed forward: M at segment starts (ckpt), the segment's M_{t-1} history
+// (Mp[t - t0] points into ckpt, hist or scratch), and g = tanh(a) of every step.
+template <typename S>
+struct Hist {
+  std::vector<S> ckpt, hist, scratch, g, xe, rec;
+  std::vector<S*> Mp;
+  Hist(int64_t nseg, int64_t K, int64_t NN, int64_t T, int64_t No, int64_t Np)
+      : ckpt(nseg * NN), hist((K - 1) * NN + 1), scratch(NN), g(T * No), xe(Np), rec(No),
+        Mp(K + 1) {}
+};
+
+// The reverse pass of one trial. dL/dM (G) and the carried W_recᵀ δ live here across
+// segments; the dW accumulator is one buffer that every trial adds into in trial order, so
+// the sum is the same however the recompute work is spread over threads.
 template <typename S, bool MULT, bool KEEP>
-void backward_impl(const Prm<S>& p, const BwdOut& o) {
-  const int64_t No = p.No, Np = p.Np, T = p.T, NN = No * Np, K = o.seg;
-  const int64_t nseg = (T + K - 1) / K;
-  const S* gh = static_cast<const S*>(o.gh);
-  const S* gM = static_cast<const S*>(o.gM);
-  S* delta_all = static_cast<S*>(o.delta);
-  S* dx_all = static_cast<S*>(o.dx);
-  S* acc_all = static_cast<S*>(o.acc);
-  S* hs_all = static_cast<S*>(o.hs);
-  S* eta_r_all = static_cast<S*>(o.eta_r);
-  S* eta_c_all = static_cast<S*>(o.eta_c);
-  S* lam_r_all = static_cast<S*>(o.lam_r);
-  S* lam_c_all = static_cast<S*>(o.lam_c);
-  at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
-    const int tid = at::get_thread_num();
-    S* acc = o.need_acc ? acc_all + tid * NN : nullptr;
-    std::vector<S> ckpt(nseg * NN), hist((K - 1) * NN + 1), scratch(NN), G(NN);
-    std::vector<S> g(T * No), xe(Np), rec(No), post(No), carry(No, S(0)), dh(No);
-    std::vector<S> u(Np), dxm(Np), lamc(Np);
-    std::vector<S*> Mp(K + 1);
-    for (int64_t b = b0; b < b1; ++b) {
-      S* h = hs_all + b * T * No;
-      S* delta = delta_all + b * T * No;
-      S* eta_r = eta_r_all + b * No;
-      S* eta_c = eta_c_all + b * Np;
-      S* lam_r = lam_r_all + b * No;
-      S* lam_c = lam_c_all + b * Np;
-      const S* keep = KEEP ? p.keep + b * p.keep_bs : nullptr;
-      const S* mask = p.mask ? p.mask + b * No : nullptr;
-      // checkpoint pass: ckpt[s] = M entering segment s (M_{s K - 1})
-      std::fill(ckpt.begin(), ckpt.begin() + NN, S(0));
-      for (int64_t s = 0; s + 1 < nseg; ++s) {
-        S* Mc = ckpt.data() + (s + 1) * NN;
-        std::memcpy(Mc, ckpt.data() + s * NN, NN * sizeof(S));
-        for (int64_t t = s * K; t < (s + 1) * K; ++t)
-          fwd_step<S, MULT, KEEP>(p, b, t, Mc, Mc, h, g.data(), xe.data(), rec.data());
+struct Reverse {
+  const Prm<S>& p;
+  const BwdOut& o;
+  const int64_t No, Np, T, NN, K, nseg;
+  std::vector<S> G, post, carry, dh, u, dxm, lamc, xe;
+  S* acc;
+  Reverse(const Prm<S>& p_, const BwdOut& o_)
+      : p(p_), o(o_), No(p_.No), Np(p_.Np), T(p_.T), NN(p_.No * p_.Np), K(o_.seg),
+        nseg((p_.T + o_.seg - 1) / o_.seg), G(NN), post(No), carry(No), dh(No), u(Np),
+        dxm(Np), lamc(Np), xe(Np),
+        acc(o_.need_acc ? static_cast<S*>(o_.acc) : nullptr) {}
+
+  S* hs(int64_t b) const { return static_cast<S*>(o.hs) + b * T * No; }
+
+  // checkpoint pass: H.ckpt[s] = M entering segment s (M_{s K - 1})
+  void checkpoints(int64_t b, Hist<S>& H) const {
+    std::fill(H.ckpt.begin(), H.ckpt.begin() + NN, S(0));
+    for (int64_t s = 0; s + 1 < nseg; ++s) {
+      S* Mc = H.ckpt.data() + (s + 1) * NN;
+      std::memcpy(Mc, H.ckpt.data() + s * NN, NN * sizeof(S));
+      for (int64_t t = s * K; t < (s + 1) * K; ++t)
+        fwd_step<S, MULT, KEEP>(p, b, t, Mc, Mc, hs(b), H.g.data(), H.xe.data(), H.rec.data());
+    }
+  }
+
+  // recompute segment s from its checkpoint: H.Mp[t - t0] = M_{t-1}
+  void recompute(int64_t b, int64_t s, Hist<S>& H) const {
+    const int64_t t0 = s * K, t1 = std::min(T, t0 + K);
+    if (nseg == 1) std::fill(H.ckpt.begin(), H.ckpt.begin() + NN, S(0));
+    H.Mp[0] = H.ckpt.data() + s * NN;
+    for (int64_t t = t0; t < t1; ++t) {
+      S* dst = (t + 1 < t1) ? H.hist.data() + (t - t0) * NN : H.scratch.data();
+      H.Mp[t - t0 + 1] = dst;
+      fwd_step<S, MULT, KEEP>(p, b, t, H.Mp[t - t0], dst, hs(b), H.g.data(), H.xe.data(),
+                              H.rec.data());
+    }
+  }
+
+  void start(int64_t b) {
+    const S* gM = static_cast<const S*>(o.gM);
+    if (gM) std::memcpy(G.data(), gM + b * NN, NN * sizeof(S));
+    else std::fill(G.begin(), G.end(), S(0));
+    std::fill(carry.begin(), carry.end(), S(0));
+    std::fill(static_cast<S*>(o.eta_r) + b * No, static_cast<S*>(o.eta_r) + (b + 1) * No, S(0));
+    std::fill(static_cast<S*>(o.eta_c) + b * Np, static_cast<S*>(o.eta_c) + (b + 1) * Np, S(0));
+    std::fill(static_cast<S*>(o.lam_r) + b * No, static_cast<S*>(o.lam_r) + (b + 1) * No, S(0));
+    std::fill(static_cast<S*>(o.lam_c) + b * Np, static_cast<S*>(o.lam_c) + (b + 1) * Np, S(0));
+  }
+
+  // walk back through segment s of trial b (recomputed into H)
+  void segment(int64_t b, int64_t s, const Hist<S>& H) {
+    const int64_t t0 = s * K, t1 = std::min(T, t0 + K);
+    const S* gh = static_cast<const S*>(o.gh);
+    const S* h = hs(b);
+    const S* g = H.g.data();
+    S* delta = static_cast<S*>(o.delta) + b * T * No;
+    S* eta_r = static_cast<S*>(o.eta_r) + b * No;
+    S* eta_c = static_cast<S*>(o.eta_c) + b * Np;
+    S* lam_r = static_cast<S*>(o.lam_r) + b * No;
+    S* lam_c = static_cast<S*>(o.lam_c) + b * Np;
+    const S* keep = KEEP ? p.keep + b * p.keep_bs : nullptr;
+    const S* mask = p.mask ? p.mask + b * No : nullptr;
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const S* Mprev = H.Mp[t - t0];
+      const S* xt = p.x + (b * T + t) * Np;
+      for (int64_t j = 0; j < Np; ++j) xe[j] = p.ec[j] * xt[j];
+      for (int64_t i = 0; i < No; ++i) {
+        post[i] = p.assoc ? h[t * No + i] : p.pc;
+        dh[i] = (gh ? gh[(b * T + t) * No + i] : S(0)) + carry[i];
       }
-      if (gM) std::memcpy(G.data(), gM + b * NN, NN * sizeof(S));
-      else std::fill(G.begin(), G.end(), S(0));
-      std::fill(carry.begin(), carry.end(), S(0));
-      std::fill(eta_r, eta_r + No, S(0));
-      std::fill(eta_c, eta_c + Np, S(0));
-      std::fill(lam_r, lam_r + No, S(0));
-      std::fill(lam_c, lam_c + Np, S(0));
-      for (int64_t s = nseg - 1; s >= 0; --s) {
-        const int64_t t0 = s * K, t1 = std::min(T, t0 + K);
-        // recompute the segment: Mp[t - t0] = M_{t-1}
-        Mp[0] = ckpt.data() + s * NN;
-        for (int64_t t = t0; t < t1; ++t) {
-          S* dst = (t + 1 < t1) ? hist.data() + (t - t0) * NN : scratch.data();
-          Mp[t - t0 + 1] = dst;
-          fwd_step<S, MULT, KEEP>(p, b, t, Mp[t - t0], dst, h, g.data(), xe.data(), rec.data());
+      std::fill(u.begin(), u.end(), S(0));
+      if (o.need_x) std::fill(dxm.begin(), dxm.end(), S(0));
+      if (o.need_lamc) std::fill(lamc.begin(), lamc.end(), S(0));
+      S* dl = delta + t * No;
+      const S lo = p.lo, hi = p.hi;
+      const S* lc = p.lc;
+      S* uu = u.data();
+      S* dxv = dxm.data();
+      S* lcv = lamc.data();
+      const bool strict = p.strict;
+      for (int64_t i = 0; i < No; ++i) {
+        S* Gr = G.data() + i * Np;
+        const S* Mr = Mprev + i * Np;
+        const S* Wr = p.W + i * Np;
+        const S pe = p.er[i] * post[i];
+        const S li = p.lr[i];
+        S v = 0, dlam = 0;
+        // pass 1: G̃ (in place), G̃ x, G̃ ⊙ M_{t-1}, G̃ᵀ (η post)
+        const S* kr = KEEP ? keep + i * Np : nullptr;
+        S* xv = xe.data();
+        if (strict && o.need_lam)
+          pass1<S, KEEP, true, true>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+        else if (strict)
+          pass1<S, KEEP, true, false>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+        else if (o.need_lam)
+          pass1<S, KEEP, false, true>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+        else
+          pass1<S, KEEP, false, false>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
+        if (o.need_lamc) {
+          for (int64_t j = 0; j < Np; ++j) lcv[j] += Gr[j] * Mr[j];
         }
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-          const S* Mprev = Mp[t - t0];
-          const S* xt = p.x + (b * T + t) * Np;
-          for (int64_t j = 0; j < Np; ++j) xe[j] = p.ec[j] * xt[j];
-          for (int64_t i = 0; i < No; ++i) {
-            post[i] = p.assoc ? h[t * No + i] : p.pc;
-            dh[i] = (gh ? gh[(b * T + t) * No + i] : S(0)) + carry[i];
+        eta_r[i] += post[i] * v;
+        lam_r[i] += dlam;
+        const S gi = g[t * No + i];
+        S d = (dh[i] + (p.assoc ? p.er[i] * v : S(0))) * (S(1) - gi * gi);
+        if (mask) d *= mask[i];
+        dl[i] = d;
+        // pass 2: dW += δ xᵀ ⊙ (1 + M_{t-1}), dx += (W ⊙ (1 + M_{t-1}))ᵀ δ, and
+        // G <- λ G̃ + W ⊙ δ xᵀ (the latter only for t > 0: there is no M_{-1} to feed)
+        S* ar = acc ? acc + i * Np : nullptr;
+        if (MULT && ar && o.need_x && t > 0) {  // training: one fused loop
+#pragma omp simd
+          for (int64_t j = 0; j < Np; ++j) {
+            const S e = d * xt[j], w = Wr[j], om = S(1) + Mr[j];
+            ar[j] += e * om;
+            dxv[j] += w * om * d;
+            Gr[j] = li * lc[j] * Gr[j] + e * w;
           }
-          std::fill(u.begin(), u.end(), S(0));
-          if (o.need_x) std::fill(dxm.begin(), dxm.end(), S(0));
-          if (o.need_lamc) std::fill(lamc.begin(), lamc.end(), S(0));
-          S* dl = delta + t * No;
-          const S lo = p.lo, hi = p.hi;
-          const S* lc = p.lc;
-          S* uu = u.data();
-          S* dxv = dxm.data();
-          S* lcv = lamc.data();
-          const bool strict = p.strict;
-          for (int64_t i = 0; i < No; ++i) {
-            S* Gr = G.data() + i * Np;
-            const S* Mr = Mprev + i * Np;
-            const S* Wr = p.W + i * Np;
-            const S pe = p.er[i] * post[i];
-            const S li = p.lr[i];
-            S v = 0, dlam = 0;
-            // pass 1: G̃ (in place), G̃ x, G̃ ⊙ M_{t-1}, G̃ᵀ (η post)
-            const S* kr = KEEP ? keep + i * Np : nullptr;
-            S* xv = xe.data();
-            if (strict && o.need_lam)
-              pass1<S, KEEP, true, true>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
-            else if (strict)
-              pass1<S, KEEP, true, false>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
-            else if (o.need_lam)
-              pass1<S, KEEP, false, true>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
-            else
-              pass1<S, KEEP, false, false>(Np, Gr, Mr, lc, xv, kr, li, pe, lo, hi, uu, v, dlam);
-            if (o.need_lamc) {
-              for (int64_t j = 0; j < Np; ++j) lcv[j] += Gr[j] * Mr[j];
-            }
-            eta_r[i] += post[i] * v;
-            lam_r[i] += dlam;
-            const S gi = g[t * No + i];
-            S d = (dh[i] + (p.assoc ? p.er[i] * v : S(0))) * (S(1) - gi * gi);
-            if (mask) d *= mask[i];
-            dl[i] = d;
-            // pass 2: dW += δ xᵀ ⊙ (1 + M_{t-1}), dx += (W ⊙ (1 + M_{t-1}))ᵀ δ, and
-            // G <- λ G̃ + W ⊙ δ xᵀ (the latter only for t > 0: there is no M_{-1} to feed)
-            S* ar = acc ? acc + i * Np : nullptr;
-            if (MULT && ar && o.need_x && t > 0) {  // training: one fused loop
+        } else if (MULT) {
+          if (ar) {
 #pragma omp simd
-              for (int64_t j = 0; j < Np; ++j) {
-                const S e = d * xt[j], w = Wr[j], om = S(1) + Mr[j];
-                ar[j] += e * om;
-                dxv[j] += w * om * d;
-                Gr[j] = li * lc[j] * Gr[j] + e * w;
-              }
-            } else if (MULT) {
-              if (ar) {
-#pragma omp simd
-                for (int64_t j = 0; j < Np; ++j) ar[j] += (d * xt[j]) * (S(1) + Mr[j]);
-              }
-              if (o.need_x) {
-#pragma omp simd
-                for (int64_t j = 0; j < Np; ++j) dxv[j] += Wr[j] * (S(1) + Mr[j]) * d;
-              }
-              if (t > 0) {
-#pragma omp simd
-                for (int64_t j = 0; j < Np; ++j)
-                  Gr[j] = li * lc[j] * Gr[j] + (d * xt[j]) * Wr[j];
-              }
-            } else {
-              if (ar) {
-#pragma omp simd
-                for (int64_t j = 0; j < Np; ++j) ar[j] += d * xt[j];
-              }
-              if (o.need_x) {
-#pragma omp simd
-                for (int64_t j = 0; j < Np; ++j) dxv[j] += (Wr[j] + Mr[j]) * d;
-              }
-              if (t > 0) {
-#pragma omp simd
-                for (int64_t j = 0; j < Np; ++j) Gr[j] = li * lc[j] * Gr[j] + d * xt[j];
-              }
-            }
+            for (int64_t j = 0; j < Np; ++j) ar[j] += (d * xt[j]) * (S(1) + Mr[j]);
           }
           if (o.need_x) {
-            S* dxt = dx_all + (b * T + t) * Np;
-            for (int64_t j = 0; j < Np; ++j) dxt[j] = dxv[j] + p.ec[j] * uu[j];
-          }
-          for (int64_t j = 0; j < Np; ++j) eta_c[j] += xt[j] * uu[j];
-          if (o.need_lamc)
-            for (int64_t j = 0; j < Np; ++j) lam_c[j] += lcv[j];
-          if (p.Wrec) {  // carry = W_recᵀ δ_t, for step t - 1
-            std::fill(carry.begin(), carry.end(), S(0));
-            for (int64_t i = 0; i < No; ++i) {
-              const S d = dl[i];
-              const S* wr = p.Wrec + i * No;
 #pragma omp simd
-              for (int64_t k = 0; k < No; ++k) carry[k] += wr[k] * d;
-            }
+            for (int64_t j = 0; j < Np; ++j) dxv[j] += Wr[j] * (S(1) + Mr[j]) * d;
           }
+          if (t > 0) {
+#pragma omp simd
+            for (int64_t j = 0; j < Np; ++j)
+              Gr[j] = li * lc[j] * Gr[j] + (d * xt[j]) * Wr[j];
+          }
+        } else {
+          if (ar) {
+#pragma omp simd
+            for (int64_t j = 0; j < Np; ++j) ar[j] += d * xt[j];
+          }
+          if (o.need_x) {
+#pragma omp simd
+            for (int64_t j = 0; j < Np; ++j) dxv[j] += (Wr[j] + Mr[j]) * d;
+          }
+          if (t > 0) {
+#pragma omp simd
+            for (int64_t j = 0; j < Np; ++j) Gr[j] = li * lc[j] * Gr[j] + d * xt[j];
+          }
+        }
+      }
+      if (o.need_x) {
+        S* dxt = static_cast<S*>(o.dx) + (b * T + t) * Np;
+        for (int64_t j = 0; j < Np; ++j) dxt[j] = dxv[j] + p.ec[j] * uu[j];
+      }
+      for (int64_t j = 0; j < Np; ++j) eta_c[j] += xt[j] * uu[j];
+      if (o.need_lamc)
+        for (int64_t j = 0; j < Np; ++j) lam_c[j] += lcv[j];
+      if (p.Wrec) {  // carry = W_recᵀ δ_t, for step t - 1
+        std::fill(carry.begin(), carry.end(), S(0));
+        for (int64_t i = 0; i < No; ++i) {
+          const S d = dl[i];
+          const S* wr = p.Wrec + i * No;
+#pragma omp simd
+          for (int64_t k = 0; k < No; ++k) carry[k] += wr[k] * d;
         }
       }
     }
-  });
+  }
+};
+
+// Trials are reversed one after another in trial order (the dW accumulator is one running
+// sum, so its rounding is the same whatever the thread count). When a trial's whole history
+// fits in one segment and a second thread is allowed, that thread recomputes trial b + 1's
+// forward while trial b is reversed (two history buffers, one join per trial): the recompute
+// is a third of the backward's work, and the result is bit-identical to one thread.
+template <typename S, bool MULT, bool KEEP>
+void backward_impl(const Prm<S>& p, const BwdOut& o, int64_t nthr) {
+  Reverse<S, MULT, KEEP> R(p, o);
+  const int64_t nseg = R.nseg, B = p.B;
+  Hist<S> H0(nseg, R.K, R.NN, p.T, p.No, p.Np);
+  if (nseg == 1 && nthr > 1 && B > 1) {
+    Hist<S> H1(1, R.K, R.NN, p.T, p.No, p.Np);
+    Hist<S>* H[2] = {&H0, &H1};
+    R.recompute(0, 0, H0);
+    for (int64_t b = 0; b < B; ++b) {
+      std::thread next;
+      if (b + 1 < B) next = std::thread([&, b]() { R.recompute(b + 1, 0, *H[(b + 1) % 2]); });
+      R.start(b);
+      R.segment(b, 0, *H[b % 2]);
+      if (next.joinable()) next.join();
+    }
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    R.checkpoints(b, H0);
+    R.start(b);
+    for (int64_t s = nseg - 1; s >= 0; --s) {
+      R.recompute(b, s, H0);
+      R.segment(b, s, H0);
+    }
+  }
 }
 
 template <typename S>
@@ -410,7 +487,8 @@ std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias,
                                     c10::optional<at::Tensor> Wrec,
                                     c10::optional<at::Tensor> mask,
                                     c10::optional<at::Tensor> keep, int64_t keep_bs, bool mult,
-                                    bool assoc, bool strict, double lo, double hi) {
+                                    bool assoc, bool strict, double lo, double hi,
+                                    int64_t threads) {
   auto h = at::empty({x.size(0), x.size(1), W.size(0)}, x.options());
   auto M = at::empty({x.size(0), W.size(0), W.size(1)}, x.options());
   const bool k = keep.has_value();
@@ -419,15 +497,15 @@ std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias,
                                 strict, lo, hi);
     scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* Mp = M.data_ptr<scalar_t>();
-    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp);
-    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp);
-    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp);
-    else forward_impl<scalar_t, false, false>(p, hp, Mp);
+    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp, threads);
+    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp, threads);
+    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp, threads);
+    else forward_impl<scalar_t, false, false>(p, hp, Mp, threads);
   });
   return {h, M};
 }
 
-// Returns delta (B,T,No), dx (B,T,Np), dW per thread (threads,No,Np), hs (B,T,No),
+// Returns delta (B,T,No), dx (B,T,Np), dW (1,No,Np), hs (B,T,No),
 // eta_r (B,No), eta_c (B,Np), lam_r (B,No), lam_c (B,Np).
 std::vector<at::Tensor> mpn_backward(at::Tensor x, at::Tensor W, at::Tensor bias, at::Tensor er,
                                      at::Tensor ec, at::Tensor lr, at::Tensor lc,
@@ -437,13 +515,12 @@ std::vector<at::Tensor> mpn_backward(at::Tensor x, at::Tensor W, at::Tensor bias
                                      bool assoc, bool strict, double lo, double hi,
                                      c10::optional<at::Tensor> gh, c10::optional<at::Tensor> gM,
                                      bool need_x, bool need_acc, bool need_lam, bool need_lamc,
-                                     int64_t seg) {
+                                     int64_t seg, int64_t threads) {
   const int64_t B = x.size(0), T = x.size(1), Np = x.size(2), No = W.size(0);
   auto o = x.options();
   auto delta = at::empty({B, T, No}, o);
   auto dx = need_x ? at::empty({B, T, Np}, o) : at::empty({0}, o);
-  const int64_t nthr = at::get_num_threads();
-  auto acc = need_acc ? at::zeros({nthr, No, Np}, o) : at::empty({0}, o);
+  auto acc = need_acc ? at::zeros({1, No, Np}, o) : at::empty({0}, o);
   auto hs = at::empty({B, T, No}, o);
   auto eta_r = at::empty({B, No}, o), eta_c = at::empty({B, Np}, o);
   auto lam_r = at::empty({B, No}, o), lam_c = at::empty({B, Np}, o);
@@ -464,10 +541,10 @@ std::vector<at::Tensor> mpn_backward(at::Tensor x, at::Tensor W, at::Tensor bias
     out.need_x = need_x; out.need_acc = need_acc; out.need_lamc = need_lamc;
     out.need_lam = need_lam;
     out.seg = seg;
-    if (mult && k) backward_impl<scalar_t, true, true>(p, out);
-    else if (mult) backward_impl<scalar_t, true, false>(p, out);
-    else if (k) backward_impl<scalar_t, false, true>(p, out);
-    else backward_impl<scalar_t, false, false>(p, out);
+    if (mult && k) backward_impl<scalar_t, true, true>(p, out, threads);
+    else if (mult) backward_impl<scalar_t, true, false>(p, out, threads);
+    else if (k) backward_impl<scalar_t, false, true>(p, out, threads);
+    else backward_impl<scalar_t, false, false>(p, out, threads);
   });
   return {delta, dx, acc, hs, eta_r, eta_c, lam_r, lam_c};
 }
@@ -478,7 +555,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the GIL is released while a kerne
 }
 """
 
-_VERSION = 4  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
+_VERSION = 5  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
 
 
 def _name():
@@ -606,6 +683,18 @@ def _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
     return args, eta_kind, lam_kind
 
 
+def threads():
+    """The kernel's own threads: $MPN_KERNEL_THREADS, else 1. One by default: the threads join
+    once per trial in the backward, and on a busy machine each join waits for the OS to run
+    the other thread (measured with the CPU preset at load average ~4: 38 steps/s on one
+    kernel thread, 19 on two). On an idle machine with large B·N², MPN_KERNEL_THREADS=2 lets
+    the backward recompute the next trial beside the reverse pass (expected ~1.4-1.6x,
+    unmeasured). They are independent of torch's intra-op threads (`num_threads`), which the
+    kernel never uses."""
+    value = os.environ.get("MPN_KERNEL_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def _segment(T, n_post, n_pre, itemsize):
     return int(max(1, min(T, SEG_BYTES // (n_post * n_pre * itemsize))))
 
@@ -614,7 +703,7 @@ class _KernelSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
         args, _, _ = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg)
-        h, M = kernel().mpn_forward(*args)
+        h, M = kernel().mpn_forward(*args, threads())
         ctx.save_for_backward(x, W, b, eta, lam, W_rec, hid_mask, keep)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -634,7 +723,8 @@ class _KernelSequence(torch.autograd.Function):
             d, dxp, acc, hs, eta_r, eta_c, lam_r, lam_c = kernel().mpn_backward(
                 *args, None if gh is None else gh.contiguous(),
                 None if gM is None else gM.contiguous(), n_in[0], n_in[1], n_in[4],
-                n_in[4] and lam_kind == "pre", _segment(T, n_post, n_pre, x.element_size()))
+                n_in[4] and lam_kind == "pre", _segment(T, n_post, n_pre, x.element_size()),
+                threads())
             dx = dxp if n_in[0] else None
             dW = acc.sum(0) if n_in[1] else None
             db = d.sum((0, 1)) if n_in[2] else None
@@ -660,4 +750,4 @@ def plastic_forward_cpp(x, W, b, eta, lam, keep, cfg, *, W_rec=None, hid_mask=No
         return _KernelSequence.apply(*args, cfg)
     with torch.no_grad():
         a, _, _ = _prepare(*args, cfg)
-        return tuple(kernel().mpn_forward(*a))
+        return tuple(kernel().mpn_forward(*a, threads()))

@@ -586,6 +586,11 @@ def train(cfg, meta, paths):
         make_figures(paths, state["log"], meta["rules"], example_trials(net, valid))
     print(f"stopped at step {state['step']} ({state['stop_reason']}); mean accuracy angle "
           f"{last['mean_angle']:.3f}, trial {last['mean_trial']:.3f}; run folder {paths.dir}")
+    if state["stop_reason"] == "max_minutes":  # say how to finish (max_minutes is resumable)
+        more = math.ceil(1.1 * state["elapsed_s"] / 60 * cfg["max_steps"] / max(state["step"], 1))
+        print(f"max_minutes={cfg['max_minutes']:g} stopped training before max_steps="
+              f"{cfg['max_steps']}; to continue from step {state['step']}, rerun the same "
+              f"command with --max_minutes={more} (total minutes, counted over resumes).")
     return {"paths": paths, "step": state["step"], "stop_reason": state["stop_reason"],
             "final": last, "log": state["log"]}
 

@@ -108,6 +108,8 @@ def is_up_to_date(paths, state, name, cfg, inputs, outputs):
 
 def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
     import importlib
+
+    import torch
     wanted = pipeline_cfg["stages"].split(",")
     unknown = set(wanted) - {name for name, *_ in STAGES}
     if unknown:
@@ -121,6 +123,7 @@ def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
     state = helper.load_json(state_file) if state_file.exists() else {}
     cfgs = {name: stage_config(name, defaults_by_stage[name], per_stage[name], aname, runs_dir)
             for name, *_ in STAGES if name in wanted}
+    note = None
     for name, module, inputs, outputs in STAGES:
         if name not in wanted:
             continue
@@ -130,12 +133,23 @@ def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):
             continue
         print(f"[{aname}] {name}: running {module}.py")
         start = time.time()
-        importlib.import_module(module).main(cfg)
+        threads = torch.get_num_threads()
+        try:
+            result = importlib.import_module(module).main(cfg)
+        finally:  # a stage's own thread count (training's num_threads) stays with that stage
+            torch.set_num_threads(threads)
+        if name == "train" and result["stop_reason"] == "max_minutes":
+            note = (f"[{aname}] train: max_minutes stopped it at step {result['step']} of "
+                    f"{cfg['max_steps']}; the later stages run on the network trained so far. "
+                    f"To finish training, rerun with a larger --max_minutes (it resumes).")
+            print(note)
         state[name] = dict(config_hash=helper.config_hash(cfg), seconds=round(time.time() - start, 1),
                            finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         helper.save_json(state_file, state)
         print(f"[{aname}] {name}: done in {state[name]['seconds']:.0f} s")
     print_figures(paths)
+    if note:
+        print(note)
     return paths
 
 

@@ -1,16 +1,22 @@
 # The preset to run first on a laptop or workstation CPU: all 15 rules, a small dmpn
 # (N = 64, batch 32) trained with a higher learning rate that the plateau scheduler anneals.
-# About 17 minutes on 2 idle cores with the compiled engine (engine="auto"; the whole
-# pipeline about 20); the 19-minute cap bounds it on a busy machine. For a quick look
-# (8 minutes for the whole pipeline) add --max_steps=15000.
 #   python multiple_task.py configs/cpu_quick.py
 #   python run_pipeline.py configs/cpu_quick.py      # the whole pipeline
-# Measured on 2 idle cores: ~22 ms per step, evaluations (15 x 128 trials) included. The
-# run of this recipe reached mean accuracy angle / trial 0.75 / 0.87 at 5,000 steps,
-# 0.86 / 0.95 at 15,000, 0.89 / 0.97 at 30,000 and 0.91 / 0.975 at 45,000 (1,005 s), every
-# rule's trial accuracy >= 0.87 at the end. The reference-compatible `angle` measure is the
-# slow one to rise: on no-go steps both response outputs must stay under 0.05, and dmsgo
-# and the context delay-dm rules stay near 0.72-0.8 under it.
+# For a quick look add --max_steps=15000 (the whole pipeline took 8 minutes at 22 ms per step).
+# Accuracy per step is deterministic on a given CPU type, whatever its load and core count
+# (the kernel's result does not depend on its threads, and num_threads = 1 fixes torch's):
+# the run of this recipe reached mean accuracy angle / trial 0.75 / 0.87 at 5,000 steps,
+# 0.86 / 0.95 at 15,000, 0.89 / 0.97 at 30,000 and 0.91 / 0.975 at 45,000, every rule's trial
+# accuracy >= 0.87 at the end; the angle measure first holds >= 0.90 from ~38,000 steps.
+# The reference-compatible `angle` measure is the slow one to rise: on no-go steps both
+# response outputs must stay under 0.05, and dmsgo and the context delay-dm rules stay near
+# 0.72-0.8 under it.
+# Speed: ~22 ms per step on 2 idle cores (17 minutes for 45,000 steps) with torch on two
+# threads. With num_threads = 1 (the kernel was always on one thread), measured back to back
+# on a machine shared with other jobs: 56 vs 8.8 steps/s at load average ~4, i.e. 18 ms per
+# step, evaluations included: the ~38,000 steps to hold angle >= 0.90 in ~11 minutes and all
+# 45,000 in ~13.5, on a machine that was not idle (the idle speed is not re-measured yet).
+# The 19-minute cap bounds the run on a slow or busy machine.
 ruleset = "everything"
 net = "dmpn"
 n_hidden = 64  # per step 0.4-0.6x the cost of N = 128, and learns as fast per step
@@ -26,3 +32,4 @@ acc_measure = "angle"  # sample the rules that are weakest under the stricter me
 target_acc = None
 ckpt_every = 1000
 device = "cpu"
+num_threads = 1  # torch's own ops: at N = 64 a second OpenMP thread gains nothing and, spinning between ops, collapses the speed on a busy machine; the compiled kernel runs on one thread of its own (mpn_cpp.threads) {>= 0}

@@ -266,6 +266,26 @@ def test_kernel_used_and_segments(case, dtype, tol, seg_bytes, kernel_only, monk
         assert_close(run("auto", args, masks, **opts), want, tol)
 
 
+@pytest.mark.parametrize("seg_bytes", [3 * N_PRE * N_POST * 4, 1 << 30])
+def test_kernel_result_does_not_depend_on_its_threads(seg_bytes, kernel_only, monkeypatch):
+    """Trials handed to 1, 2 or 3 kernel threads (forward), and the backward's recompute of the
+    next trial on a second thread (whole history in one segment) or none (several segments):
+    bit-identical outputs and gradients, so a run's result never depends on the machine's
+    core count or load."""
+    monkeypatch.setattr(mpn_cpp, "SEG_BYTES", seg_bytes)
+    args, masks = make_inputs(**OPTION_CASES["kernel_all"], B=5, T=9, dtype=torch.float32)
+    results = []
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("MPN_KERNEL_THREADS", n)
+        assert mpn_cpp.threads() == int(n)
+        results.append(run("cpp", args, masks))
+        with torch.no_grad():
+            results[-1] += list(mpn_engine.plastic_forward(**args, **masks, engine="cpp"))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert_close(results[0][:len(results[0]) - 2], run("reference", args, masks), 1e-5)
+
+
 def test_kernel_no_grad_and_default_training_config(kernel_only):
     """Paper defaults (mult, hebb_assoc, scalar trainable η, fixed λ = 0.99, clip ±1) at a
     size where the trials spread over the threads."""
