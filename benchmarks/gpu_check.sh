@@ -12,6 +12,7 @@
 #
 #   bash benchmarks/gpu_check.sh              # logs and runs in a temporary folder
 #   GPU_CHECK_OUT=gpu_check bash benchmarks/gpu_check.sh   # keep them in ./gpu_check
+#   GPU_CHECK_TRAIN_MIN=0.5 bash benchmarks/gpu_check.sh   # shorter part (c) when GPU time is short
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh       # dry run of this script on the CPU
 #                                    (tests the script and its table, not CUDA; parts time out)
 set -u
@@ -23,6 +24,14 @@ export MPN_TEST_DEVICE=$DEV
 if [ "$DEV" = cuda ] && ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check: no GPU (torch.cuda.is_available() is False); nothing to check."
     exit 0
+fi
+
+MISSING=$($PY -c "
+import importlib.util as u
+print(' '.join(m for m in ('h5py', 'hdf5plugin', 'scipy', 'sklearn', 'matplotlib', 'tqdm') if u.find_spec(m) is None))")
+if [ -n "$MISSING" ]; then  # part (d) needs them all (a GPU box once lacked hdf5plugin)
+    echo "gpu_check: this Python lacks $MISSING; run 'pip install -r requirements.txt' first."
+    exit 1
 fi
 
 OUT=${GPU_CHECK_OUT:-$(mktemp -d -t gpu_check.XXXX)}
@@ -58,7 +67,8 @@ part b_models 45 $PY benchmarks/bench_models.py --device=$DEV --quick
 ROWS+=("b  bench_models (T=20)|$LAST_STATUS|$LAST_SECONDS|$(grep -E "^$DEV +dmpn +300" "$OUT/b_models.log" | tr -s ' ' | cut -c1-80)")
 
 # (c) the paper preset for ~90 s of training
-part c_paper 140 $PY multiple_task.py configs/paper.py --device=$DEV --max_minutes=1.5 \
+TRAIN_MIN=${GPU_CHECK_TRAIN_MIN:-1.5}  # minutes of paper-preset training in part (c)
+part c_paper 140 $PY multiple_task.py configs/paper.py --device=$DEV --max_minutes=$TRAIN_MIN \
     --figures=False --runs_dir="$OUT/runs" --run_tag=gpucheck
 RATE=$($PY - "$OUT/runs" <<'EOF'
 import json, sys, pathlib
@@ -76,8 +86,9 @@ ROWS+=("c  paper preset training|$LAST_STATUS|$LAST_SECONDS|$RATE")
 
 # (d) a tiny run through the lesion stage on CUDA
 part d_lesion 80 env MPN_RUNS_DIR="$OUT/tiny" $PY run_pipeline.py configs/tiny.py --device=$DEV \
-    --stages=train,analyze,cluster,lesion --n_analysis=8 --n_repeats=5 --n_groups=20 \
-    --n_restarts=2 --n_random=2 --n_random_combined=1 --n_draws=2 --n_test=8 --figures=False
+    --stages=train,analyze,cluster,lesion --stability_seeds=1 --stability_quantiles=[0.5] \
+    --n_groups=20 --n_restarts=2 --n_random=2 --n_random_combined=1 --n_draws=2 --n_test=8 \
+    --figures=False
 LES=$($PY - "$OUT/tiny" <<'EOF'
 import json, sys, pathlib
 p = list(pathlib.Path(sys.argv[1]).glob("*/pipeline.json"))

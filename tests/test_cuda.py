@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import lesion
+import lesion_engine
 import mpn
 import mpn_engine
+import mpn_tasks
 import multiple_task
 import helper
 import net_helpers
@@ -27,6 +28,7 @@ DEVICE = os.environ.get("MPN_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
                                  reason="no CUDA device")]
+LESION_RULES = ["fdgo", "delaygo", "dmsnogo"]
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
 
 
@@ -85,17 +87,17 @@ def test_dmpn_training_step_on_device_equals_cpu(dtype, tol):
 
 @pytest.fixture(scope="module")
 def lesion_tests():
-    cfg = dict(lesion.CONFIG, n_test=8, test_quantile=0.0)
-    return lesion.make_test_set(["fdgo", "delaygo", "dmsnogo"], cfg, run_seed=5,
-                                io_mode="low_dim")
+    """One short aligned batch per rule (the lesion engine takes any list of batches)."""
+    rng = np.random.default_rng(5)
+    return [mpn_tasks.aligned_batch(rule, 8, rng, quantile=0.0) for rule in LESION_RULES]
 
 
 def test_lesion_batched_equals_one_at_a_time_on_device(lesion_tests):
     n = 12
     net = mpn.build_model("dmpn", n_hidden=n, seed=3).eval().to(DEVICE)
     rng = np.random.default_rng(0)
-    table = lesion.ConditionTable({"in_units": n, "hid_units": n, "w_zero": n * n,
-                                   "m_freeze": n * n})
+    table = lesion_engine.ConditionTable({"in_units": n, "hid_units": n, "w_zero": n * n,
+                                          "m_freeze": n * n})
     for spec in ([{"in_units": rng.choice(n, 3, replace=False)} for _ in range(2)]
                  + [{"hid_units": rng.choice(n, 4, replace=False)} for _ in range(2)]
                  + [{"w_zero": rng.choice(n * n, 40, replace=False)},
@@ -103,11 +105,11 @@ def test_lesion_batched_equals_one_at_a_time_on_device(lesion_tests):
                     {"w_noise": {"seed": [1, 0], "sigma": 0.2}},
                     {"in_units": [0, 1], "hid_units": [2, 3, 4]}]):
         table.add(spec)
-    batched = lesion.evaluate_conditions(net, lesion_tests, table.conditions, memory_mb=64)
-    rules = ["fdgo", "delaygo", "dmsnogo"]
+    batched = lesion_engine.evaluate_conditions(net, lesion_tests, table.conditions,
+                                                memory_mb=64)
     for i, cond in enumerate(table.conditions):
-        pert = lesion.condition_perturbation(cond, n, n)
-        for r, (rule, batch) in enumerate(zip(rules, lesion_tests)):
+        pert = lesion_engine.condition_perturbation(cond, n, n)
+        for r, (rule, batch) in enumerate(zip(LESION_RULES, lesion_tests)):
             res = net_helpers.evaluate(net, batch, perturbation=pert)
             for m in ("angle", "trial"):
                 assert abs(batched[m][i, r] - res["acc"][m][rule]) <= 1e-6, (m, cond)
