@@ -201,6 +201,9 @@ class RunPaths:
         self.cluster_info_mod = self.dir / "cluster_info_mod.pkl"
         self.lesion = self.dir / "lesion.pkl"
         self.state_space = self.dir / "state_space.pkl"
+        self.memory_geometry = self.dir / "memory_geometry.h5"
+        self.fixed_points = self.dir / "fixed_points.h5"
+        self.timescales = self.dir / "timescales.h5"
 
     def snapshot(self, step):
         return self.snapshots / f"weights_step{step:07d}.pt"
