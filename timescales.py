@@ -9,7 +9,7 @@
    first step of a noise-free aligned trial) held for `burn_in_steps` + `n_steps` with input
    noise `input_noise` (SPEC §2.3 scaling); after the burn-in, the autocorrelation ρ_i(k) of
    each unit's activity (trial means removed, pooled over trials) at lags k = 1..
-   `max_lag_steps` is fitted with A·exp(−k·dt/τ_i) (scipy curve_fit; lag 0 is left out, as
+   `max_lag_steps` is fitted with A·exp(−k·dt/τ_i) + B (scipy curve_fit; lag 0 is left out, as
    in the intrinsic-timescale literature, since the noise adds a white component there). A
    unit whose ρ(1) is within the noise floor 2/√(samples) has no measurable timescale (nan).
    Baselines: the untrained network (the run's seeded step-0 weights) and the input itself
@@ -98,8 +98,10 @@ def autocorrelation(x, max_lag):
 
 
 def fit_exponential(rho, dt_ms, floor):
-    """(τ ms, A) of ρ(k) ≈ A·exp(−k·dt/τ) over lags k ≥ 1 for each column of rho (K+1, N);
-    nan where ρ(1) is below `floor` (no memory measurable at one step) or the fit fails."""
+    """(τ ms, A) of ρ(k) ≈ A·exp(−k·dt/τ) + B over lags k ≥ 1 for each column of rho (K+1, N);
+    the offset B absorbs the negative bias that removing each trial's mean puts on every lag
+    (Murray et al. 2014 fit the same form). nan where ρ(1) is below `floor` (no memory
+    measurable at one step) or the fit fails."""
     from scipy.optimize import curve_fit
     lags = np.arange(1, rho.shape[0]) * dt_ms
     tau, amp = np.full(rho.shape[1], np.nan), np.full(rho.shape[1], np.nan)
@@ -109,8 +111,9 @@ def fit_exponential(rho, dt_ms, floor):
             continue
         guess = -dt_ms / np.log(np.clip(r[1] / r[0], 1e-3, 0.999)) if r[1] > 0 else dt_ms
         try:
-            (a, t), _ = curve_fit(lambda k, a, t: a * np.exp(-k / t), lags, r,
-                                  p0=(r[0], guess), bounds=([0, 1e-3], [2, 1e7]), maxfev=2000)
+            (a, t, _), _ = curve_fit(lambda k, a, t, b: a * np.exp(-k / t) + b, lags, r,
+                                     p0=(r[0], guess, 0.0), bounds=([0, 1e-3, -1], [2, 1e7, 1]),
+                                     maxfev=4000)
         except RuntimeError:
             continue
         tau[i], amp[i] = t, a
