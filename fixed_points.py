@@ -26,8 +26,6 @@ Axis order: conditions x state, (K, D); M flattened post-major.
 Example:
     python fixed_points.py --run=everything_dmpn_seed749_L21e4_h64_b32
 """
-import contextlib
-
 import numpy as np
 import torch
 
@@ -154,16 +152,14 @@ def rms_speed(F, u, s):
         return ((F(s, u) - s) ** 2).mean(1).sqrt().numpy()
 
 
-def jvp(F, u, s, v):
-    """∂F/∂s (s) · v for one state s (D,) under input u (n_in,): one forward-mode pass
-    (torch.autograd.forward_ad; several times cheaper per call than torch.func.jvp)."""
-    import torch.autograd.forward_ad as fwAD
-    with fwAD.dual_level():
-        out = F(fwAD.make_dual(s[None], v[None]), u[None])
-        return fwAD.unpack_dual(out).tangent[0]
+def jvp(net, u, s, v):
+    """∂F/∂s (s) · v for one flattened state s (D,) under input u (n_in,), by the model's
+    step_jvp (closed form for M, forward-mode autodiff for h)."""
+    shape = (1, *net.state_shape())
+    return net.step_jvp(s.reshape(shape), u[None], v.reshape(shape))[1].reshape(-1)
 
 
-def jacobian_operator(F, u, s):
+def jacobian_operator(net, u, s):
     """∂F/∂s at one state s (D,) under input u (n_in,), as a real scipy LinearOperator whose
     matvec is one Jacobian-vector product."""
     from scipy.sparse.linalg import LinearOperator
@@ -171,7 +167,7 @@ def jacobian_operator(F, u, s):
 
     def matvec(v):
         v = torch.as_tensor(np.asarray(v, dtype=np.float64).ravel())
-        return jvp(F, u, s, v).numpy()
+        return jvp(net, u, s, v).numpy()
 
     return LinearOperator((D, D), matvec=matvec, dtype=np.float64)
 
@@ -181,7 +177,7 @@ def dense_jacobian(F, u, s):
     return torch.func.jacfwd(lambda x: F(x[None], u[None])[0])(s).numpy()
 
 
-def leading_eigenvalues(F, u, s, k):
+def leading_eigenvalues(net, F, u, s, k):
     """The k eigenvalues of ∂F/∂s of largest modulus, in decreasing modulus: ARPACK on the
     matrix-free operator, or a dense eigensolve when D is too small for ARPACK (D < k + 2)."""
     from scipy.sparse.linalg import eigs
@@ -189,7 +185,7 @@ def leading_eigenvalues(F, u, s, k):
     if D < k + 2:
         vals = np.linalg.eigvals(dense_jacobian(F, u, s))
     else:
-        vals = eigs(jacobian_operator(F, u, s), k=k, which="LM", return_eigenvectors=False,
+        vals = eigs(jacobian_operator(net, u, s), k=k, which="LM", return_eigenvectors=False,
                     tol=1e-10, v0=np.ones(D) / np.sqrt(D))
     vals = vals[np.lexsort((-vals.imag, -np.abs(vals)))][:k]
     return np.pad(vals.astype(complex), (0, k - len(vals)), constant_values=np.nan)
@@ -232,7 +228,7 @@ def find_points(net, u, s0, cfg):
     s = relax_and_polish(F, u[first], s0[first], cfg)
     speed = rms_speed(F, u[first], s)
     first_p, inverse_p = unique_rows(u[first].numpy(), s.numpy())
-    eigvals = np.array([leading_eigenvalues(F, u[first][k], s[k], cfg["n_eigs"])
+    eigvals = np.array([leading_eigenvalues(net, F, u[first][k], s[k], cfg["n_eigs"])
                         for k in helper.progress(first_p, desc="eigenvalues", leave=False)])
     return (s.float().numpy()[inverse], speed[inverse], eigvals[inverse_p][inverse],
             len(first_p))
@@ -378,26 +374,12 @@ def chosen_rules(cfg, train_cfg):
     return list(cfg["rules"])
 
 
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread for the many small steps here: on a shared machine its thread pool
-    spins on every tiny op (measured 300x slower at N = 16 with the cores oversubscribed)."""
-    from threadpoolctl import threadpool_limits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):  # numpy's BLAS too
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def analyze_run(paths, cfg):
     nets, train_cfg, step = load_networks(paths, cfg["untrained_baseline"])
     rules = chosen_rules(cfg, train_cfg)
     result = {"run": paths.name, "step": step, "rules": rules, "networks": list(nets),
               "state": nets["trained"].state_name}
-    with one_thread():
+    with helper.single_thread():
         for name, net in nets.items():
             result[name] = analyze_network(net, rules, cfg, train_cfg.get("io_mode", "low_dim"))
     return result

@@ -286,7 +286,8 @@ def ridge_predict(X_train, y_train, X_test, ridge):
 
 
 def cv_accuracy(X, y, groups, ridge):
-    """Accuracy pooled over folds that each hold out one value of `groups`."""
+    """Accuracy pooled over folds that each hold out one value of `groups` (the plain loop;
+    `cv_accuracies` is the same for many labellings at once)."""
     correct = 0
     for g in np.unique(groups):
         test = groups == g
@@ -294,14 +295,34 @@ def cv_accuracy(X, y, groups, ridge):
     return correct / len(y)
 
 
+def cv_accuracies(X, labels, groups, ridge):
+    """cv_accuracy of every labelling row of labels (P, n) in one pass per fold: the ridge fit
+    is linear in the targets, so each fold's hat operator H (n_test, n_train) serves every
+    labelling. A class absent from a fold's training labels is never predicted."""
+    classes = np.unique(labels)
+    correct = np.zeros(len(labels))
+    for g in np.unique(groups):
+        test = groups == g
+        mean, sd = X[~test].mean(0), X[~test].std(0)
+        sd = np.where(sd > 1e-12, sd, 1.0)
+        Z, Zt = (X[~test] - mean) / sd, (X[test] - mean) / sd
+        H = Zt @ np.linalg.solve(Z.T @ Z + ridge * np.eye(Z.shape[1]), Z.T)
+        Y = (labels[:, ~test, None] == classes).astype(float)  # (P, n_train, C)
+        Y_mean = Y.mean(1, keepdims=True)
+        scores = np.einsum("ij,pjc->pic", H, Y - Y_mean) + Y_mean
+        scores = np.where(Y.any(1, keepdims=True), scores, -np.inf)
+        correct += (classes[scores.argmax(-1)] == labels[:, test]).sum(1)
+    return correct / labels.shape[1]
+
+
 def decode(X, y, groups, ridge, n_shuffles, rng):
     """CV accuracy, its label-permutation null, one-sided p and chance (1 / n_classes)."""
     if np.unique(groups).size < 2:
         return {"accuracy": np.nan, "null": np.full(n_shuffles, np.nan), "p": np.nan,
                 "chance": 1.0 / np.unique(y).size}
-    acc = cv_accuracy(X, y, groups, ridge)
-    null = np.array([cv_accuracy(X, rng.permutation(y), groups, ridge)
-                     for _ in range(n_shuffles)])
+    labels = np.stack([y] + [rng.permutation(y) for _ in range(n_shuffles)])
+    accs = cv_accuracies(X, labels, groups, ridge)
+    acc, null = accs[0], accs[1:]
     p = (1 + np.sum(null >= acc)) / (1 + n_shuffles)
     return {"accuracy": acc, "null": null, "p": float(p), "chance": 1.0 / np.unique(y).size}
 
@@ -496,7 +517,8 @@ def analyze_run(paths, cfg):
         clean = probe_batch(pair, cfg, io_mode, 0.0)[0]
         result["labels"][pair], result["delay_window"][pair] = labels, np.array(window)
         for name, net in nets.items():
-            geometry = delay_geometry(net, batch, clean, window, cfg, device)
+            with helper.single_thread():
+                geometry = delay_geometry(net, batch, clean, window, cfg, device)
             decoding = decode_pair(pair, geometry, labels, cfg,
                                    np.random.default_rng([cfg["trial_seed"], p, 1]))
             for rep in geometry:

@@ -203,6 +203,29 @@ class DeepMultiPlasticNet(BaseNetwork):
         """The next dynamical state (M_t) from M_{t-1} under input u; see plastic_step."""
         return self.plastic_step(state, u)[1]
 
+    def step_jvp(self, M, u, V):
+        """(M_t, ∂M_t/∂M_{t-1} · V): one step and its Jacobian-vector product in closed form
+        (a few array operations; tested against forward-mode autodiff). M, V (K, N_post,
+        N_pre). The clip passes the tangent where lo <= M_t <= hi, as torch.clamp does."""
+        if self.mp.W_rec is not None:
+            raise ValueError("step_jvp covers the dmpn without recurrence")
+        mp = self.mp
+        x = self.presynaptic(u).expand(M.shape[0], M.shape[-1])
+        W_eff = mp.W * (1.0 + M) if mp.mp_type == "mult" else mp.W + M
+        h = torch.tanh(torch.einsum("kij,kj->ki", W_eff, x) + mp.b)
+        dW = mp.W * V if mp.mp_type == "mult" else V
+        post = mpn_engine._post_term(h, mp.m_update, M.shape[-2])
+        new = mp.lam * M + mp.eta * post[:, :, None] * x[:, None, :]
+        d_new = mp.lam * V
+        if mp.m_update == "hebb_assoc":  # the pre-only rule's post term does not depend on M
+            dh = (1 - h ** 2) * torch.einsum("kij,kj->ki", dW, x)
+            d_new = d_new + mp.eta * dh[:, :, None] * x[:, None, :]
+        if mp.m_bounds is not None:
+            lo, hi = mp.m_bounds
+            d_new = d_new * ((new >= lo) & (new <= hi))
+            new = torch.clamp(new, lo, hi)
+        return new, d_new
+
     def decay(self):
         """λ, broadcastable against M (N_post, N_pre): M's per-step decay at zero input."""
         return self.mp.lam.detach()
@@ -232,6 +255,14 @@ class DeepMultiPlasticNet(BaseNetwork):
             if t == inputs.shape[1] - 1:
                 kept[i] = out["M_final"].detach()
         return torch.stack([kept[i] for i in range(len(steps))], dim=1)
+
+
+def forward_jvp(step, state, u, tangent):
+    """(step(state, u), its Jacobian-vector product along `tangent`) by forward-mode AD."""
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(step(fwAD.make_dual(state, tangent), u))
+        return out.primal, out.tangent
 
 
 def _recurrent_weights(W_rec, pert, n_blocks=1):
@@ -302,6 +333,10 @@ class VanillaRNN(BaseNetwork):
 
     state_name = "h"  # what `step` and `states_at` carry
 
+    def step_jvp(self, h, u, V):
+        """(h_t, ∂h_t/∂h_{t-1} · V) by forward-mode autodiff of `step`."""
+        return forward_jvp(self.step, h, u, V)
+
     def state_shape(self):
         """Shape of one trial's dynamical state h: (N,)."""
         return (self.W_out.shape[1],)
@@ -370,6 +405,10 @@ class GRUNet(BaseNetwork):
         return (1 - z) * torch.tanh(i_n + r * h_n) + z * h
 
     state_name = "h"  # what `step` and `states_at` carry
+
+    def step_jvp(self, h, u, V):
+        """(h_t, ∂h_t/∂h_{t-1} · V) by forward-mode autodiff of `step`."""
+        return forward_jvp(self.step, h, u, V)
 
     def state_shape(self):
         """Shape of one trial's dynamical state h: (N,)."""

@@ -27,8 +27,6 @@ Example:
     python timescales.py --run=everything_dmpn_seed749_L21e4_h64_b32
     python timescales.py --run='everything_*_seed749_*'
 """
-import contextlib
-
 import numpy as np
 import torch
 
@@ -67,20 +65,6 @@ def load_networks(paths, untrained):
     for net in nets.values():
         net.double().eval().requires_grad_(False)
     return nets, ckpt["config"], int(ckpt["step"]), ckpt["net_type"]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread: the steps here are small, and on a shared machine a thread pool
-    spinning on each tiny op costs far more than it gains."""
-    from threadpoolctl import threadpool_limits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):  # numpy's BLAS too
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,7 +313,7 @@ def analyze_run(paths, cfg):
                              cfg["burn_in_steps"] + cfg["n_steps"])
     result = {"run": paths.name, "step": step, "net_type": net_type, "networks": list(nets),
               "input": unit_timescales(inputs[:, cfg["burn_in_steps"]:], cfg)}
-    with one_thread():
+    with helper.single_thread():
         for name, net in helper.progress(nets.items(), desc="networks", leave=False):
             result[name] = analyze_network(net, inputs, cfg)
     return result

@@ -40,11 +40,11 @@ def test_zero_input_gives_m_star_zero_and_every_eigenvalue_lambda():
     F = flat_map(net)
     u = torch.zeros(4, 21, dtype=torch.float64)
     s0 = torch.rand(4, 36, dtype=torch.float64) - 0.5
-    with fp.one_thread():  # thousands of tiny steps
+    with helper.single_thread():  # thousands of tiny steps
         s = fp.polish(F, u, fp.relax(F, u, s0, 3000), 20)
     assert torch.abs(s).max() < 1e-10
     for k in range(2):
-        vals = fp.leading_eigenvalues(F, u[k], s[k], 6)
+        vals = fp.leading_eigenvalues(net, F, u[k], s[k], 6)
         np.testing.assert_allclose(vals, 0.99, atol=1e-9)
         dense = np.linalg.eigvals(fp.dense_jacobian(F, u[k], s[k]))
         np.testing.assert_allclose(dense, 0.99, atol=1e-12)  # all 36, not only the leading
@@ -63,7 +63,7 @@ def test_pre_only_rule_matches_its_closed_form(scale):
     eta, lam = float(net.mp.eta), float(net.mp.lam)
     free = eta * x / (math.sqrt(n) * (1 - lam))
     expected = torch.clamp(free, -1, 1).expand(n, n).reshape(-1)
-    with fp.one_thread():
+    with helper.single_thread():
         s = fp.relax(F, u, torch.zeros(1, n * n, dtype=torch.float64), 4000)
     np.testing.assert_allclose(s[0], expected, atol=1e-10)
     clipped = (free.abs() > 1).expand(n, n).reshape(-1).numpy()
@@ -103,12 +103,29 @@ def test_matrix_free_eigenvalues_equal_the_dense_ones(name):
     k = 6
     v = torch.randn(D, dtype=torch.float64, generator=gen)
     J = fp.dense_jacobian(F, u[0], s[0])
-    np.testing.assert_allclose(fp.jvp(F, u[0], s[0], v).numpy(), J @ v.numpy(), atol=1e-12)
+    np.testing.assert_allclose(fp.jvp(net, u[0], s[0], v).numpy(), J @ v.numpy(), atol=1e-12)
     dense = np.linalg.eigvals(J)
     dense = dense[np.lexsort((-dense.imag, -np.abs(dense)))][:k]
-    free = fp.leading_eigenvalues(F, u[0], s[0], k)
+    free = fp.leading_eigenvalues(net, F, u[0], s[0], k)
     np.testing.assert_allclose(np.abs(free), np.abs(dense), atol=1e-6)
     np.testing.assert_allclose(np.sort_complex(free), np.sort_complex(dense), atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"mp_type": "add"}, {"m_update": "hebb_pre"},
+                                     {"m_bounds": None}])
+def test_closed_form_jvp_equals_forward_mode_autodiff(options):
+    """dmpn.step_jvp against forward-mode AD of step, with the clip binding on many synapses."""
+    net = dmpn64(7, **options)
+    gen = torch.Generator().manual_seed(6)
+    u = 2.0 * torch.randn(3, 21, dtype=torch.float64, generator=gen)
+    M = 1.5 * torch.rand(3, 7, 7, dtype=torch.float64, generator=gen) - 0.75
+    V = torch.randn(3, 7, 7, dtype=torch.float64, generator=gen)
+    new, tangent = net.step_jvp(M, u, V)
+    ref_new, ref_tangent = mpn.forward_jvp(net.step, M, u, V)
+    np.testing.assert_allclose(new, ref_new, atol=1e-14)
+    np.testing.assert_allclose(tangent, ref_tangent, atol=1e-12)
+    if options.get("m_bounds", 1) is not None:
+        assert (new.abs() == 1).any()  # the clip binds somewhere
 
 
 def test_unique_rows_groups_equal_conditions():

@@ -104,6 +104,18 @@ def test_decoding_finds_planted_classes_and_not_absent_ones():
     assert np.isnan(mg.decode(X, y, np.zeros(48), 1.0, 5, rng)["accuracy"])  # one group: no CV
 
 
+def test_batched_cv_equals_the_plain_loop():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(30, 4)) + np.repeat(np.eye(3, 4), 10, axis=0)
+    y = np.repeat([0, 1, 2], 10)
+    groups = np.arange(30) % 5
+    labels = np.stack([y] + [rng.permutation(y) for _ in range(20)])
+    labels[3] = np.where(groups == 0, 2, labels[3] % 2)  # class 2 only in one held-out fold
+    batched = mg.cv_accuracies(X, labels, groups, 1.0)
+    plain = [mg.cv_accuracy(X, row, groups, 1.0) for row in labels]
+    np.testing.assert_allclose(batched, plain, atol=1e-12)
+
+
 def test_probe_labels_and_shared_conditions():
     cfg = dict(mg.CONFIG, delay_ms=800, trials_per_direction=2)
     batch, labels, window = mg.probe_batch("dmc", cfg, "low_dim", 0.01)
