@@ -34,6 +34,15 @@ def test_decay_timescale_recovers_a_known_exponential():
     assert np.isnan(ts.decay_timescale(np.zeros((10, 1)), 40)[0])
 
 
+def test_streamed_log_line_fit_matches_polyfit():
+    rng = np.random.default_rng(5)
+    series = np.exp(-np.arange(40)[:, None] / rng.uniform(5, 50, 6)) * rng.uniform(1, 2, 6)
+    fit = ts.LogLineFit()
+    for row in series:
+        fit.add(row)
+    np.testing.assert_allclose(fit.timescale(40), ts.decay_timescale(series, 40), rtol=1e-9)
+
+
 def test_autocorrelation_matches_a_plain_formula():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 50, 4)) + 2.0
