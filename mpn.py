@@ -167,6 +167,103 @@ class DeepMultiPlasticNet(BaseNetwork):
             out["M"] = torch.stack(Ms, dim=1)
         return out
 
+    # ------------------------------------------------------------------------------------
+    # One step at a given state, for the dynamics stages (fixed points, timescales, memory
+    # geometry). The dynamical state of a dmpn without recurrence is M alone: h_t is a
+    # function of (u_t, M_{t-1}).
+
+    state_name = "M"  # what `step` and `states_at` carry
+
+    def presynaptic(self, u):
+        """x = tanh(W_in u) (u itself without an input layer), for inputs (..., n_input)."""
+        return torch.tanh(u @ self.W_in.T) if self.input_layer else u
+
+    def plastic_step(self, M, u):
+        """One step of SPEC §1.1 from M_{t-1} (K, N_post, N_pre) under input u (K, n_input)
+        or (n_input,): returns (h_t (K, N_post), M_t (K, N_post, N_pre)). Differentiable
+        (torch.func.jvp works through it); the same equations as the reference engine."""
+        if self.mp.W_rec is not None:
+            raise ValueError("a recurrent dmpn's state is (h, M); plastic_step covers the "
+                             "network without recurrence")
+        mp = self.mp
+        x = self.presynaptic(u).expand(M.shape[0], M.shape[-1])
+        W_eff = mp.W * (1.0 + M) if mp.mp_type == "mult" else mp.W + M
+        h = torch.tanh(torch.einsum("kij,kj->ki", W_eff, x) + mp.b)
+        post = mpn_engine._post_term(h, mp.m_update, M.shape[-2])
+        M = mp.lam * M + mp.eta * post[:, :, None] * x[:, None, :]
+        if mp.m_bounds is not None:
+            M = torch.clamp(M, mp.m_bounds[0], mp.m_bounds[1])
+        return h, M
+
+    def state_shape(self):
+        """Shape of one trial's dynamical state M: (N_post, N_pre)."""
+        return tuple(self.mp.W.shape)
+
+    def step(self, state, u):
+        """The next dynamical state (M_t) from M_{t-1} under input u; see plastic_step."""
+        return self.plastic_step(state, u)[1]
+
+    def step_jvp(self, M, u, V):
+        """(M_t, ∂M_t/∂M_{t-1} · V): one step and its Jacobian-vector product in closed form
+        (a few array operations; tested against forward-mode autodiff). M, V (K, N_post,
+        N_pre). The clip passes the tangent where lo <= M_t <= hi, as torch.clamp does."""
+        if self.mp.W_rec is not None:
+            raise ValueError("step_jvp covers the dmpn without recurrence")
+        mp = self.mp
+        x = self.presynaptic(u).expand(M.shape[0], M.shape[-1])
+        W_eff = mp.W * (1.0 + M) if mp.mp_type == "mult" else mp.W + M
+        h = torch.tanh(torch.einsum("kij,kj->ki", W_eff, x) + mp.b)
+        dW = mp.W * V if mp.mp_type == "mult" else V
+        post = mpn_engine._post_term(h, mp.m_update, M.shape[-2])
+        new = mp.lam * M + mp.eta * post[:, :, None] * x[:, None, :]
+        d_new = mp.lam * V
+        if mp.m_update == "hebb_assoc":  # the pre-only rule's post term does not depend on M
+            dh = (1 - h ** 2) * torch.einsum("kij,kj->ki", dW, x)
+            d_new = d_new + mp.eta * dh[:, :, None] * x[:, None, :]
+        if mp.m_bounds is not None:
+            lo, hi = mp.m_bounds
+            d_new = d_new * ((new >= lo) & (new <= hi))
+            new = torch.clamp(new, lo, hi)
+        return new, d_new
+
+    def decay(self):
+        """λ, broadcastable against M (N_post, N_pre): M's per-step decay at zero input."""
+        return self.mp.lam.detach()
+
+    def effective_modulation(self, M):
+        """The weight change M makes: W ⊙ M (mp_type "mult") or M itself ("add"); M may be
+        (..., N_post, N_pre) or flattened post-major (..., N_post·N_pre)."""
+        if self.mp.mp_type == "add":
+            return M
+        W = self.mp.W.detach()
+        return M * (W if M.shape[-2:] == W.shape else W.reshape(-1))
+
+    @torch.no_grad()
+    def states_at(self, inputs, steps):
+        """M_t (the state after processing input t) at each t in `steps`, for every trial:
+        (B, len(steps), N_post, N_pre). M_t reaches the engine as M_prev at step t + 1."""
+        steps = [int(t) for t in steps]
+        want = {t + 1: i for i, t in enumerate(steps)}
+        kept = {}
+
+        def keep(t, M_prev):
+            if t in want:
+                kept[want[t]] = M_prev.detach().clone()
+
+        out = self(inputs, m_reduce=keep)
+        for i, t in enumerate(steps):
+            if t == inputs.shape[1] - 1:
+                kept[i] = out["M_final"].detach()
+        return torch.stack([kept[i] for i in range(len(steps))], dim=1)
+
+
+def forward_jvp(step, state, u, tangent):
+    """(step(state, u), its Jacobian-vector product along `tangent`) by forward-mode AD."""
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(step(fwAD.make_dual(state, tangent), u))
+        return out.primal, out.tangent
+
 
 def _recurrent_weights(W_rec, pert, n_blocks=1):
     """W_rec with the perturbation's synapse mask and noise; per trial when they are."""
@@ -228,6 +325,27 @@ class VanillaRNN(BaseNetwork):
             out["x"] = inputs
         return out
 
+    def step(self, h, u):
+        """h_t from h_{t-1} (K, N) under input u (K, n_input) or (n_input,); the same update
+        as `forward` without perturbations, differentiable."""
+        drive = u @ self.W_in.T + self.b + h @ self.W_rec.T
+        return (1 - self.alpha) * h + self.alpha * torch.tanh(drive)
+
+    state_name = "h"  # what `step` and `states_at` carry
+
+    def step_jvp(self, h, u, V):
+        """(h_t, ∂h_t/∂h_{t-1} · V) by forward-mode autodiff of `step`."""
+        return forward_jvp(self.step, h, u, V)
+
+    def state_shape(self):
+        """Shape of one trial's dynamical state h: (N,)."""
+        return (self.W_out.shape[1],)
+
+    @torch.no_grad()
+    def states_at(self, inputs, steps):
+        """h_t at each t in `steps`, for every trial: (B, len(steps), N)."""
+        return self(inputs)["h"][:, [int(t) for t in steps]]
+
 
 class GRUNet(BaseNetwork):
     """GRU with torch.nn.GRUCell semantics (gate order r, z, n):
@@ -276,6 +394,30 @@ class GRUNet(BaseNetwork):
         if "x" in record:
             out["x"] = inputs
         return out
+
+    def step(self, h, u):
+        """h_t from h_{t-1} (K, N) under input u (K, n_input) or (n_input,); the same update
+        as `forward` without perturbations, differentiable."""
+        N = h.shape[-1]
+        i_r, i_z, i_n = (u @ self.W_in.T + self.b_in).split(N, dim=-1)
+        h_r, h_z, h_n = (h @ self.W_rec.T + self.b_rec).split(N, dim=-1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        return (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+
+    state_name = "h"  # what `step` and `states_at` carry
+
+    def step_jvp(self, h, u, V):
+        """(h_t, ∂h_t/∂h_{t-1} · V) by forward-mode autodiff of `step`."""
+        return forward_jvp(self.step, h, u, V)
+
+    def state_shape(self):
+        """Shape of one trial's dynamical state h: (N,)."""
+        return (self.W_out.shape[1],)
+
+    @torch.no_grad()
+    def states_at(self, inputs, steps):
+        """h_t at each t in `steps`, for every trial: (B, len(steps), N)."""
+        return self(inputs)["h"][:, [int(t) for t in steps]]
 
 
 MODELS = {"dmpn": DeepMultiPlasticNet, "vanilla": VanillaRNN, "gru": GRUNet}

@@ -34,6 +34,7 @@ ACC_TOL = 0.2 * np.pi  # `trial` measure: largest accepted response-direction er
 ANGLE_ZERO = 0.05  # `angle` measure: |sin| or |cos| below this counts as 0 before atan2
 IO_MODES = ("low_dim", "ring")
 EPOCH_NAMES = ("fix1", "stim1", "delay1", "stim2", "delay2", "go1")
+LONG_DELAY_MS = 10_000  # delay1 of the long-delay probe (SPEC §7.2)
 
 RULES = ["fdgo", "fdanti", "reactgo", "reactanti", "delaygo", "delayanti",
          "delaydm1", "delaydm2", "contextdelaydm1", "contextdelaydm2", "multidelaydm",
@@ -402,18 +403,21 @@ def random_batch(rule, batch_size, rng, *, sigma_x=0.0, io_mode="low_dim"):
     return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=io_mode == "ring")
 
 
-def aligned_batch(rule, n_trials, rng, *, quantile=1.0, sigma_x=0.0, io_mode="low_dim"):
+def aligned_batch(rule, n_trials, rng, *, quantile=1.0, sigma_x=0.0, io_mode="low_dim",
+                  long_delay=None):
     """Analysis batch: shared epoch boundaries (each epoch at `quantile` of its range).
 
     Trial i has stim1 direction index i % 8; dmc rules, which never use 0 or π, cycle over
     their 6 usable directions instead. Other conditions are drawn from `rng`; angles stay on
     the grid in both io modes so trials can be grouped by direction.
+    long_delay (SPEC §2.4, the memory-geometry probe): None keeps delay1 as drawn; True
+    stretches it to LONG_DELAY_MS; a number stretches it to that many ms.
     """
     task = _task(rule)
     _check_io_mode(io_mode)
     choices = np.asarray(task.stim1_dirs)
     i1 = choices[np.arange(n_trials) % len(choices)]
-    steps = _aligned_steps(task, quantile, n_trials)
+    steps = _aligned_steps(task, quantile, n_trials, long_delay)
     cond = FAMILIES[task.family](task, rng, i1)
     return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)
 
@@ -436,11 +440,19 @@ def condition_set(rule, rng=None, quantile=1.0, sigma_x=0.0, io_mode="low_dim"):
     return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)
 
 
-def _aligned_steps(task, quantile, n_trials):
+def _aligned_steps(task, quantile, n_trials, long_delay=None):
     """(n_trials, n_epochs) steps: every epoch at `quantile` of its range, shared by all."""
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     ms = np.array([lo + quantile * (hi - lo) for _, lo, hi in task.epochs])
+    if long_delay is not None and long_delay is not False:
+        names = [name for name, _, _ in task.epochs]
+        if "delay1" not in names:
+            raise ValueError(f"long_delay needs a rule with a delay1 epoch (this one has {names})")
+        delay_ms = LONG_DELAY_MS if long_delay is True else float(long_delay)
+        if delay_ms < DT_MS:
+            raise ValueError(f"long_delay must be at least one step ({DT_MS} ms), got {delay_ms}")
+        ms[names.index("delay1")] = delay_ms
     return np.tile((ms / DT_MS).astype(np.int64), (n_trials, 1))
 
 

@@ -1,5 +1,6 @@
 """Run the whole pipeline for one configuration: train -> analyze -> cluster -> lesion ->
-lesion plots -> state space, for one seed or several.
+lesion plots -> state space -> memory geometry -> fixed points -> timescales, for one seed
+or several.
 
 Reads: config files (`configs/*.py`) and `--key=value` overrides. Each key is handed to every
 stage whose CONFIG has it (e.g. --n_hidden goes to training, --n_test to the lesion stage,
@@ -30,7 +31,7 @@ CONFIG = dict(
     seeds="",  # comma-separated seeds, e.g. "1,2,3"; empty: the training seed {@seed_list}
     jobs=1,  # seeds run in parallel as processes (each gets cores // jobs threads) {>= 1}
     force=False,  # redo every stage even when its outputs are up to date {@bool}
-    stages="train,analyze,cluster,lesion,lesion_plot,state_space",  # run in order {@stage_list}
+    stages="train,analyze,cluster,lesion,lesion_plot,state_space,memory_geometry,fixed_points,timescales",  # run in order {@stage_list}
 )
 
 # (stage name, module, RunPaths attributes it reads, RunPaths attributes it writes)
@@ -41,6 +42,9 @@ STAGES = [
     ("lesion", "lesion", ["checkpoint", "cluster_info", "cluster_info_mod"], ["lesion"]),
     ("lesion_plot", "lesion_plot", ["lesion"], []),
     ("state_space", "state_space_shift", ["checkpoint"], ["state_space"]),
+    ("memory_geometry", "memory_geometry", ["checkpoint"], ["memory_geometry"]),
+    ("fixed_points", "fixed_points", ["checkpoint"], ["fixed_points"]),
+    ("timescales", "timescales", ["checkpoint"], ["timescales"]),
 ]
 
 

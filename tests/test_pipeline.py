@@ -10,13 +10,17 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 CHEAP = ["--stability_seeds=1", "--stability_quantiles=[0.5]", "--n_groups=20", "--n_restarts=2",
          "--n_random=2",
          "--n_random_combined=1", "--n_draws=2", "--n_test=8", "--trials_per_rule=8",
-         "--figures=False"]
+         "--memory_geometry.delay_ms=800", "--memory_geometry.n_shuffles=5",
+         "--fixed_points.rules=['dmcgo']", "--fixed_points.trials_per_rule=2",
+         "--fixed_points.n_relax=200", "--timescales.trials_per_rule=1",
+         "--timescales.burn_in_steps=20", "--timescales.n_steps=100",
+         "--timescales.max_lag_steps=10", "--figures=False"]
 
 
 def test_every_stage_runs_then_everything_is_skipped(runs_dir, capsys):
     paths = run_pipeline.main([TINY, *CHEAP])
     for attr in ("checkpoint", "log", "variance", "cluster_info", "cluster_info_mod", "lesion",
-                 "state_space"):
+                 "state_space", "memory_geometry", "fixed_points", "timescales"):
         assert getattr(paths, attr).exists(), attr
     state = helper.load_json(paths.dir / "pipeline.json")
     assert [name for name, *_ in run_pipeline.STAGES] == list(state)

@@ -1,0 +1,71 @@
+"""Wall time and peak memory of the memory-geometry, fixed-point and timescale stages on an
+untrained paper-size network (N = 300, all 15 rules, random seeded weights), each stage in
+its own process with its default CONFIG (the untrained-twin baseline included).
+
+Builds the checkpoint with mpn.build_model + net_helpers.save_checkpoint in a temporary runs
+root, runs each stage on it and prints, per stage, wall seconds and the peak resident memory
+of the child process (getrusage, the same number as /usr/bin/time -v's "Maximum resident
+set size"), then the size of each result file.
+Example: python benchmarks/bench_new_stages.py --n_hidden=300
+         python benchmarks/bench_new_stages.py --stages=fixed_points --n_hidden=64
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helper  # noqa: E402
+import mpn  # noqa: E402
+import multiple_task  # noqa: E402
+import net_helpers  # noqa: E402
+
+SCRIPTS = {"memory_geometry": "memory_geometry.py", "fixed_points": "fixed_points.py",
+           "timescales": "timescales.py"}
+
+
+def make_run(root, n_hidden, net):
+    cfg = dict(multiple_task.CONFIG, n_hidden=n_hidden, runs_dir=root, net=net)
+    model = mpn.build_model(cfg["net"], **multiple_task.model_kwargs(cfg, multiple_task.derived(cfg)))
+    paths = helper.run_paths(cfg)
+    net_helpers.save_checkpoint(paths.checkpoint, model, json.loads(json.dumps(cfg)), 0)
+    return paths
+
+
+def run_stage(script, paths, root, extra):
+    """(wall seconds, peak RSS MB) of one stage run as a child process."""
+    cmd = [sys.executable, os.path.join(helper.REPO_DIR, script), f"--run={paths.name}",
+           f"--runs_dir={root}", *extra]
+    t0 = time.perf_counter()
+    pid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL).pid
+    _, status, usage = os.wait4(pid, 0)
+    if status != 0:
+        raise SystemExit(f"{script} failed (status {status})")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n_hidden", type=int, default=300)
+    parser.add_argument("--net", default="dmpn")
+    parser.add_argument("--stages", default=",".join(SCRIPTS))
+    parser.add_argument("--extra", default="", help="extra --key=value args for every stage")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        paths = make_run(root, args.n_hidden, args.net)
+        for stage in args.stages.split(","):
+            wall, peak = run_stage(SCRIPTS[stage], paths, root, args.extra.split())
+            print(f"{stage:16s} {args.net} N={args.n_hidden}: wall {wall:6.1f} s, peak RSS "
+                  f"{peak:6.0f} MB", flush=True)
+        sizes = {p.name: p.stat().st_size / 2**20 for p in paths.dir.iterdir() if p.is_file()}
+        print("files: " + ", ".join(f"{k} {v:.2f} MB" for k, v in sorted(sizes.items())))
+    print(f"(machine load: {os.getloadavg()[0]:.1f}; this process peak "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
