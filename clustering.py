@@ -46,18 +46,18 @@ import multiple_task_analysis as mta
 from multiple_task_analysis import log_transform, normalize_columns
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
-    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
+    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     n_null=20,  # column-permuted null matrices behind each null band {>= 20}
     null_level=0.95,  # null band quantile, simultaneous over k (cluster_core docstring) {> 0, < 1}
-    k_max=300,  # largest k considered (rows: at most n_rows - 1)
-    tol=0.95,  # k candidates: silhouette >= best - (1 - tol) x |best| among ks above the null
-    n_groups=300,  # synapses: MiniBatchKMeans pre-groups G per restart
-    n_restarts=20,  # synapses: pre-grouping restarts (the most consistent one is kept)
-    fixed_k=20,  # k later stages may cut at (clipped to the ks computed, e.g. 15 for N=16)
-    cluster_seed=0,  # seeds the nulls and k-means restarts (one stream per representation, form)
-    stability=True,  # re-choose k on the perturbed designs of the variance file (input, hidden)
-    figures=True,  # draw the figures (the HDF5 files are written either way)
+    k_max=300,  # largest k considered (rows: at most n_rows - 1) {>= 2}
+    tol=0.95,  # k candidates: silhouette >= best - (1 - tol) x |best| among ks above the null {> 0, <= 1}
+    n_groups=300,  # synapses: MiniBatchKMeans pre-groups G per restart {>= 2}
+    n_restarts=20,  # synapses: pre-grouping restarts (the most consistent one is kept) {>= 1}
+    fixed_k=20,  # k later stages may cut at (clipped to the ks computed, e.g. 15 for N=16) {>= 2}
+    cluster_seed=0,  # seeds the nulls and k-means restarts (one stream per representation, form) {>= 0}
+    stability=True,  # re-choose k on the perturbed designs of the variance file (input, hidden) {@bool}
+    figures=True,  # draw the figures (the HDF5 files are written either way) {@bool}
 )
 
 PRODUCER = "python clustering.py"

@@ -66,6 +66,16 @@ def _rulesets():
     return list(mpn_tasks.RULESETS)
 
 
+def _rule_names():
+    import mpn_tasks
+    return list(mpn_tasks.TASKS)
+
+
+def _rule_list(value):
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, str) and v in _rule_names() for v in value))
+
+
 def _engines():
     import mpn_engine
     return list(mpn_engine.ENGINES)
@@ -83,6 +93,7 @@ def _path(value):
 CHECKS = {
     "bool": (_bool, "True or False"),
     "ruleset": (lambda v: v in _rulesets(), lambda: f"one of {_rulesets()}"),
+    "rules": (_rule_list, lambda: f"a non-empty list of rule names from {_rule_names()}"),
     "engine": (lambda v: v in _engines(), lambda: f"one of {_engines()}"),
     "path": (_path, "a folder path"),
     "run_name": (safe_name, f"letters, digits and . _ - only ([{SAFE_NAME_CHARS}]*, not "

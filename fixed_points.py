@@ -32,7 +32,7 @@ import torch
 import helper
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_name}
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     rules=None,  # rules analysed: None = the run's ruleset, or a list of its rules, e.g. ["dmcgo"] {None | @rules}
     trials_per_rule=8,  # noise-free aligned trials per rule; trial i has direction i % 8 {>= 1}
@@ -42,8 +42,8 @@ CONFIG = dict(
     fixed_tol=1e-6,  # a point whose RMS step ‖F(s) − s‖/√D is below this is "fixed" {> 0}
     n_eigs=10,  # leading Jacobian eigenvalues (largest modulus) per point {>= 1}
     chunk=64,  # conditions relaxed together (bounds memory: chunk x D float64 values) {>= 1}
-    untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights)
-    figures=True,  # draw the figures
+    untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights) {@bool}
+    figures=True,  # draw the figures {@bool}
 )
 
 PRODUCER = "python fixed_points.py"
@@ -413,7 +413,8 @@ def summary_line(result, name):
 def save_run(result, paths, cfg):
     arrays = {name: result[name] for name in result["networks"]}
     attrs = {k: result[k] for k in ("run", "step", "rules", "networks", "state")}
-    helper.save_h5(paths.fixed_points, arrays, attrs=attrs, cfg=cfg)
+    helper.save_h5(paths.fixed_points, arrays, attrs=attrs, cfg=cfg,
+                   inputs=[paths.checkpoint])
     for name in result["networks"]:
         print(summary_line(result, name))
     if not cfg["figures"]:
@@ -429,8 +430,9 @@ def main(cfg):
     results, figures = [], []
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
         run_cfg = dict(cfg, run=paths.name)
-        result = analyze_run(paths, run_cfg)
-        figures += save_run(result, paths, run_cfg)
+        with helper.run_lock(paths.dir):
+            result = analyze_run(paths, run_cfg)
+            figures += save_run(result, paths, run_cfg)
         results.append(result)
     for path in figures:
         print(f"figure: {path}")

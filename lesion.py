@@ -71,32 +71,32 @@ from lesion_engine import (ConditionTable, evaluate_conditions, family_name,
                            net_shapes, plastic_weight, save_result)
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
-    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
-    experiments=["single", "combined", "modulation", "prune", "robust"],  # any subset
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
+    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
+    experiments=["single", "combined", "modulation", "prune", "robust"],  # any subset {each single | each combined | each modulation | each prune | each robust}
     n_test=128,  # test trials per rule: binomial s.e. of a per-rule accuracy a is √(a(1−a)/n), ≤ 0.03 for a ≥ 0.87 {>= 8}
     test_quantiles=[0.25, 0.75],  # epoch durations spread over this range of quantiles (more quantiles where a rule's condition set is small) {@increasing_pair}
     sigma_x=None,  # input-noise std of the test trials; None: the run's training sigma_x {None | >= 0}
     n_random=20,  # size-matched random controls per cluster (single and modulation lesions); significance needs 2 {>= 1}
     n_random_combined=5,  # random controls per (input, hidden) cluster pair (400 pairs at k=20); significance needs 2 {>= 1}
     alpha=0.05,  # false-discovery rate of the Benjamini–Hochberg control over each heatmap {> 0, < 1}
-    fixed_k=None,  # the fixed number of clusters (SPEC §6.1); None: cluster_info's fixed_k (20); nearest available k if absent
+    fixed_k=None,  # the fixed number of clusters (SPEC §6.1); None: cluster_info's fixed_k (20); nearest available k if absent {None | >= 2}
     unit_reps=["input", "hidden"],  # unit clusterings lesioned alone (single) {each input | each hidden}
-    k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k
-    forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned
-    combined_forms=["normalized"],  # forms whose fixed-k clusterings get all pair lesions
-    mod_reps=["modulation", "modulation_weighted"],  # synapse clusterings for zero_W/freeze_M
-    mod_k_cuts=["fixed"],  # synapse clusterings cut at "fixed" and/or "selected" k (the selected k of synapses can exceed 100: 2 x 21 conditions per cluster)
-    prune_sparsity=[0, 0.1, 0.5, 0.9, 0.95, 0.98, 0.99, 0.999],  # fractions of W zeroed by |W|
-    zero_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random W entries zeroed
-    silence_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random hidden units silenced
-    noise_sigmas=[0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03],  # absolute std of noise added to W
-    noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre)
-    n_draws=30,  # random draws per robustness level
-    memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU
-    torch_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine
-    device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
-    engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
+    k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k {each fixed | each selected}
+    forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned {each normalized | each unnormalized}
+    combined_forms=["normalized"],  # forms whose fixed-k clusterings get all pair lesions {each normalized | each unnormalized}
+    mod_reps=["modulation", "modulation_weighted"],  # synapse clusterings for zero_W/freeze_M {each modulation | each modulation_weighted}
+    mod_k_cuts=["fixed"],  # synapse clusterings cut at "fixed" and/or "selected" k (the selected k of synapses can exceed 100: 2 x 21 conditions per cluster) {each fixed | each selected}
+    prune_sparsity=[0, 0.1, 0.5, 0.9, 0.95, 0.98, 0.99, 0.999],  # fractions of W zeroed by |W| {each >= 0, < 1}
+    zero_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random W entries zeroed {each >= 0, <= 1}
+    silence_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random hidden units silenced {each >= 0, <= 1}
+    noise_sigmas=[0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03],  # absolute std of noise added to W {each >= 0}
+    noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre) {each >= 0}
+    n_draws=30,  # random draws per robustness level {>= 1}
+    memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
+    torch_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
+    engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
 )
 
 CLUSTER_PRODUCER = "python clustering.py"

@@ -35,9 +35,9 @@ import helper
 from lesion_engine import FORM_SHORT, PRODUCER, family_name, load_result
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
-    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
-    acc_measure="trial",  # accuracy behind every effect: "trial" (strict) or "angle"
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
+    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
+    acc_measure="trial",  # accuracy behind every effect: "trial" (strict) or "angle" {trial | angle}
 )
 
 EFFECT_CMAP = "RdBu_r"  # diverging, centred on zero effect; NaN (no control possible) in grey

@@ -44,7 +44,7 @@ import torch
 import helper
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_name}
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     delay_ms=10_000,  # delay1 length of the probe trials, ms (SPEC §7.2: 10 s) {>= 400}
     trials_per_direction=4,  # noisy trials per (rule, stim1 direction) {>= 1}
@@ -57,8 +57,8 @@ CONFIG = dict(
     converge_tol=0.05,  # converged when mean step / delay excursion is below this {> 0}
     ridge=1.0,  # ridge penalty of the linear decoder on standardised features {> 0}
     n_shuffles=200,  # label permutations of the decoding null {>= 0}
-    untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights)
-    figures=True,  # draw the figures
+    untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights) {@bool}
+    figures=True,  # draw the figures {@bool}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {auto | cpu | cuda}
 )
 
@@ -532,7 +532,8 @@ def save_run(result, paths, cfg):
     arrays = {key: result[key] for key in ("labels", "delay_window", *result["networks"])}
     attrs = {key: result[key] for key in ("run", "step", "pairs", "networks",
                                           "representations", "delay_s")}
-    helper.save_h5(paths.memory_geometry, arrays, attrs=attrs, cfg=cfg)
+    helper.save_h5(paths.memory_geometry, arrays, attrs=attrs, cfg=cfg,
+                   inputs=[paths.checkpoint])
     for pair in result["pairs"]:
         for rep in result["representations"]:
             geo = result["trained"][pair][rep]
@@ -556,8 +557,9 @@ def main(cfg):
     results, figures = [], []
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
         run_cfg = dict(cfg, run=paths.name)
-        result = analyze_run(paths, run_cfg)
-        figures += save_run(result, paths, run_cfg)
+        with helper.run_lock(paths.dir):
+            result = analyze_run(paths, run_cfg)
+            figures += save_run(result, paths, run_cfg)
         results.append(result)
     for path in figures:
         print(f"figure: {path}")

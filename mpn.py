@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 import mpn_engine
-import net_helpers
 from net_helpers import BaseNetwork, bias_normal, make_generator, per_trial, xavier_uniform
 
 DT_MS = 40  # simulation step (SPEC: dt = 40 ms)

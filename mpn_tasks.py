@@ -448,7 +448,8 @@ def _aligned_steps(task, quantile, n_trials, long_delay=None):
     if long_delay is not None and long_delay is not False:
         names = [name for name, _, _ in task.epochs]
         if "delay1" not in names:
-            raise ValueError(f"long_delay needs a rule with a delay1 epoch (this one has {names})")
+            raise ValueError(f"long_delay stretches delay1, and this rule has no delay1 "
+                             f"(its epochs: {names})")
         delay_ms = LONG_DELAY_MS if long_delay is True else float(long_delay)
         if delay_ms < DT_MS:
             raise ValueError(f"long_delay must be at least one step ({DT_MS} ms), got {delay_ms}")

@@ -47,20 +47,20 @@ import torch
 import helper
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
-    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
+    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     variance="per_step",  # "per_step": Yang's variance across conditions per step, averaged over the period; "pooled": the reference's direction means pooled over (direction, t) {per_step | pooled}
     quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
     stability_seeds=5,  # stability designs: input-noise seeds of the condition set (0: none) {>= 0}
     stability_sigma_x=0.01,  # input noise of those designs (SPEC §2.3 analysis noise) {> 0}
     stability_quantiles=[0.25, 0.5, 0.75],  # stability designs: noise-free, durations at these quantiles {each >= 0, <= 1}
     chunk_size=64,  # trials per forward pass (M stream: 64 x N^2 floats per step) {>= 1}
-    device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
-    engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference"
-    torch_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s
-    figures=True,  # draw the figures (the HDF5 file is written either way)
-    summary=False,  # True: summarise the runs matching `runs` across seeds (instead of `run`)
-    runs="everything_dmpn_seed*",  # run-name glob summarised by --summary=True
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
+    engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
+    torch_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s {>= 0}
+    figures=True,  # draw the figures (the HDF5 file is written either way) {@bool}
+    summary=False,  # True: summarise the runs matching `runs` across seeds (instead of `run`) {@bool}
+    runs="everything_dmpn_seed*",  # run-name glob summarised by --summary=True {@run_pattern}
 )
 
 PRODUCER = "python multiple_task_analysis.py"

@@ -45,16 +45,16 @@ import torch
 import helper
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell)
-    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
+    runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     trials_per_rule=64,  # at most this many trials of each rule's condition set (even stride; memory of M at N = 300: 15 x 64 x 90,000 floats per state) {>= 8}
-    epoch_quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest)
-    input_noise=0.01,  # sigma_x of the analysis trials (SPEC §2.3: 0.01 for analysis)
-    trial_seed=0,  # seed of the numpy Generator drawing the input noise and the label shuffles
+    epoch_quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
+    input_noise=0.01,  # sigma_x of the analysis trials (SPEC §2.3: 0.01 for analysis) {>= 0}
+    trial_seed=0,  # seed of the numpy Generator drawing the input noise and the label shuffles {>= 0}
     n_permutations=1000,  # rule-label shuffles behind the permutation p of the shift test {>= 1}
-    subspace_dim=3,  # top PCs of a rule's hidden activity spanning its subspace
-    subspace_stat="mean",  # principal angles summarised by "mean" or "max" in the heatmap
-    device="auto",  # "auto" (cuda if available), "cpu" or "cuda"
+    subspace_dim=3,  # top PCs of a rule's hidden activity spanning its subspace {>= 1}
+    subspace_stat="mean",  # principal angles summarised by "mean" or "max" in the heatmap {mean | max}
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
 )
 
 PRODUCER = "python state_space_shift.py"

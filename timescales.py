@@ -33,7 +33,7 @@ import torch
 import helper
 
 CONFIG = dict(
-    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_name}
+    run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     trials_per_rule=2,  # noisy fixation trials per rule (each rule's own fixation input) {>= 1}
     burn_in_steps=250,  # steps dropped before measuring (10 s; M settles with τ ≈ 4 s) {>= 0}
@@ -42,8 +42,8 @@ CONFIG = dict(
     max_lag_steps=25,  # autocorrelation lags fitted, 1..max_lag_steps (25 = 1 s) {>= 3}
     m_decay_steps=250,  # zero-input steps over which M's decay is fitted (250 = 10 s) {>= 10}
     trial_seed=0,  # seed of the numpy Generator drawing the input noise {>= 0}
-    untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights)
-    figures=True,  # draw the figures
+    untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights) {@bool}
+    figures=True,  # draw the figures {@bool}
 )
 
 PRODUCER = "python timescales.py"
@@ -376,7 +376,8 @@ def summary_lines(result):
 def save_run(result, paths, cfg):
     arrays = {name: result[name] for name in ("input", *result["networks"])}
     attrs = {k: result[k] for k in ("run", "step", "net_type", "networks")}
-    helper.save_h5(paths.timescales, arrays, attrs=attrs, cfg=cfg)
+    helper.save_h5(paths.timescales, arrays, attrs=attrs, cfg=cfg,
+                   inputs=[paths.checkpoint])
     for line in summary_lines(result):
         print(line)
     return [figure_run(result, paths.figure("timescales"))] if cfg["figures"] else []
@@ -397,8 +398,9 @@ def main(cfg):
     results, figures = [], []
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
         run_cfg = dict(cfg, run=paths.name)
-        result = analyze_run(paths, run_cfg)
-        figures += save_run(result, paths, run_cfg)
+        with helper.run_lock(paths.dir):
+            result = analyze_run(paths, run_cfg)
+            figures += save_run(result, paths, run_cfg)
         results.append(result)
     if len(results) > 1 and cfg["figures"]:
         out = helper.summary_paths(cfg["runs_dir"])

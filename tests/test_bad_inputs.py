@@ -2,9 +2,11 @@
 failed write is one sentence (helper.StageError; exit code 1 from the command line, no
 traceback) and leaves every file as it was."""
 import errno
+import importlib
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +18,6 @@ import pytest
 
 import helper
 import multiple_task as mt
-import net_helpers
 import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +73,38 @@ def test_bad_training_value_is_one_sentence_naming_key_value_and_range(arg):
     message = str(err.value)
     assert message.startswith(f"config key {key!r}") and "allowed:" in message
     assert "\n" not in message and message.endswith(".")
+
+
+STAGES = ["multiple_task", "multiple_task_analysis", "clustering", "lesion", "lesion_plot",
+          "state_space_shift", "memory_geometry", "fixed_points", "timescales", "run_pipeline"]
+BAD_STAGE_VALUES = [
+    ("clustering", "--k_max=0"), ("clustering", "--tol=0"), ("clustering", "--n_restarts=0"),
+    ("lesion", "--prune_sparsity=[0,1.5]"), ("lesion", "--n_test=7"), ("lesion", "--n_draws=0"),
+    ("lesion", "--forms=['foo']"), ("lesion", "--experiments=['single','dance']"),
+    ("multiple_task_analysis", "--chunk_size=0"), ("multiple_task_analysis", "--variance=foo"),
+    ("lesion_plot", "--acc_measure=foo"), ("state_space_shift", "--epoch_quantile=2"),
+    ("memory_geometry", "--run=../x"), ("fixed_points", "--n_eigs=0"),
+    ("timescales", "--n_steps=0"),
+]
+
+
+@pytest.mark.parametrize("module, arg", BAD_STAGE_VALUES)
+def test_bad_stage_value_is_one_sentence_before_anything_runs(module, arg):
+    key = arg[2:].partition("=")[0]
+    mod = importlib.import_module(module)
+    with pytest.raises(helper.StageError) as err:
+        helper.load_config(mod.CONFIG, [arg], echo=False)
+    message = str(err.value)
+    assert message.startswith(f"config key {key!r}") and "\n" not in message
+
+
+@pytest.mark.parametrize("module", STAGES)
+def test_every_config_key_of_every_stage_declares_its_constraint(module):
+    mod = importlib.import_module(module)
+    comments = helper._config_comments(mod.CONFIG)
+    bare = [key for key in mod.CONFIG if not re.search(r"\{[^}]*\}\s*$", comments.get(key, ""))]
+    assert not bare, f"{module}: keys without a {{constraint}}: {bare}"
+    helper.load_config(mod.CONFIG, [], echo=False)  # and the defaults satisfy them
 
 
 def test_the_defaults_and_presets_satisfy_their_own_constraints():
