@@ -351,11 +351,10 @@ def _text(value):
 
 
 def check_clusters_fresh(paths, path, info, producer):
-    """A cluster file is stale when the checkpoint is newer, or when it was computed from
-    another task_variance.h5 than the one now in the run folder."""
-    if path.stat().st_mtime < paths.checkpoint.stat().st_mtime:
-        raise helper.StageError(f"{str(path)!r} is older than the checkpoint it should "
-                                f"describe; rerun `{producer}`.")
+    """A cluster file is stale when it (or the task_variance.h5 it came from) was computed
+    from an older checkpoint, or from another task_variance.h5 than the one now in the run
+    folder. The manifest's input hashes decide; file times only for files it lacks, so a
+    copied run folder (new times) stays usable."""
     hashes = {_text(R["variance_hash"]) for forms in info.values() if isinstance(forms, dict)
               for R in forms.values() if isinstance(R, dict) and "variance_hash" in R}
     if hashes and paths.variance.exists():
@@ -364,6 +363,10 @@ def check_clusters_fresh(paths, path, info, producer):
         if hashes != {current}:
             raise helper.StageError(f"{str(path)!r} was computed from another "
                                     f"{paths.variance.name}; rerun `{producer}`.")
+    if paths.variance.exists():
+        helper.check_fresh(paths.variance, producer=f"python multiple_task_analysis.py "
+                           f"--run={paths.name}", inputs=[paths.checkpoint])
+    helper.check_fresh(path, producer=producer, inputs=[paths.variance, paths.checkpoint])
 
 
 def variance_reader(paths):

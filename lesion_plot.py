@@ -570,11 +570,8 @@ def make_figures(result, paths, measure):
 def load_fresh(paths):
     """The lesion results, refused when older than the checkpoint or the cluster files."""
     producer = f"{PRODUCER} --run={paths.name}"
-    if paths.lesion.exists():
-        for source in (paths.checkpoint, paths.cluster_info, paths.cluster_info_mod):
-            if source.exists() and source.stat().st_mtime > paths.lesion.stat().st_mtime:
-                raise helper.StageError(f"{str(paths.lesion)!r} is older than {source.name}; "
-                                        f"rerun `{producer}`.")
+    helper.check_fresh(paths.lesion, producer=producer,
+                       inputs=[paths.checkpoint, paths.cluster_info, paths.cluster_info_mod])
     return load_result(paths.lesion, producer)
 
 

@@ -561,17 +561,22 @@ def test_missing_or_stale_inputs_name_the_command_that_remakes_them(trained_root
         lesion.main(cfg)
     write_cluster_files(paths, 16, 16, variance_hash=helper.config_hash({"analysis": 1}))
     lesion.main(dict(cfg, experiments=["single"]))
-    # a lesion file older than its clustering (or its checkpoint) is refused by the plots
+    # a lesion file computed from an older clustering is refused by the plots (the manifest's
+    # input hashes decide: a new mtime alone, e.g. from copying the run folder, is no change)
     later = paths.lesion.stat().st_mtime + 10
     os.utime(paths.cluster_info, (later, later))
-    with pytest.raises(helper.StageError, match=f"older than.*cluster_info.h5.*lesion.py "
+    lesion_plot.main(dict(lesion_plot.CONFIG, run=paths.name))
+    write_cluster_files(paths, 16, 16, variance_hash=helper.config_hash({"analysis": 2}))
+    with pytest.raises(helper.StageError, match=f"older cluster_info.h5.*lesion.py "
                        f"--run={paths.name}"):
         lesion_plot.main(dict(lesion_plot.CONFIG, run=paths.name))
-    # a checkpoint newer than its clustering (set explicitly: touch() right after a write can
-    # give equal mtimes on file systems with coarse timestamps)
+    write_cluster_files(paths, 16, 16, variance_hash=helper.config_hash({"analysis": 1}))
+    # a checkpoint newer than the task variance the clusters came from (no recorded inputs
+    # here, so file times decide; set explicitly: touch() right after a write can give equal
+    # mtimes on file systems with coarse timestamps)
     os.utime(paths.checkpoint, (later + 10, later + 10))
-    with pytest.raises(helper.StageError, match=f"older than the checkpoint.*clustering.py "
-                       f"--run={paths.name}"):
+    with pytest.raises(helper.StageError, match=f"older than.*checkpoint.pt.*"
+                       f"multiple_task_analysis.py --run={paths.name}"):
         lesion.main(cfg)
     paths.cluster_info.unlink()
     with pytest.raises(helper.StageError, match=f"clustering.py --run={paths.name}"):
