@@ -321,6 +321,19 @@ def find_runs(pattern, root=None, need="checkpoint"):
     return runs
 
 
+def each_run(cfg, analyze, save):
+    """Run a stage's `analyze(paths, run_cfg)` then `save(result, paths, run_cfg)` on every
+    run matching cfg["run"], each under its run lock; returns (results, figure paths)."""
+    results, figures = [], []
+    for paths in find_runs(cfg["run"], cfg["runs_dir"]):
+        run_cfg = dict(cfg, run=paths.name)
+        with run_lock(paths.dir):
+            result = analyze(paths, run_cfg)
+            figures += save(result, paths, run_cfg)
+        results.append(result)
+    return results, figures
+
+
 class SummaryPaths:
     """Artifacts that combine several runs, under runs/summary/."""
 

@@ -284,7 +284,27 @@ def _rec_input(W_rec, h):
     return h @ W_rec.T
 
 
-class VanillaRNN(BaseNetwork):
+class HiddenStateDynamics:
+    """The dynamics interface of the recurrent baselines, whose state is h (the class also
+    defines `step(h, u)`): used by the fixed-point and timescale stages."""
+
+    state_name = "h"  # what `step` and `states_at` carry
+
+    def step_jvp(self, h, u, V):
+        """(h_t, ∂h_t/∂h_{t-1} · V) by forward-mode autodiff of `step`."""
+        return forward_jvp(self.step, h, u, V)
+
+    def state_shape(self):
+        """Shape of one trial's dynamical state h: (N,)."""
+        return (self.W_out.shape[1],)
+
+    @torch.no_grad()
+    def states_at(self, inputs, steps):
+        """h_t at each t in `steps`, for every trial: (B, len(steps), N)."""
+        return self(inputs)["h"][:, [int(t) for t in steps]]
+
+
+class VanillaRNN(HiddenStateDynamics, BaseNetwork):
     """Leaky RNN: h_t = (1−α) h_{t−1} + α tanh(W_in u_t + W_rec h_{t−1} + b), α = dt/tau;
     y_t = W_out h_t (SPEC §1.2)."""
     net_type = "vanilla"
@@ -330,23 +350,8 @@ class VanillaRNN(BaseNetwork):
         drive = u @ self.W_in.T + self.b + h @ self.W_rec.T
         return (1 - self.alpha) * h + self.alpha * torch.tanh(drive)
 
-    state_name = "h"  # what `step` and `states_at` carry
 
-    def step_jvp(self, h, u, V):
-        """(h_t, ∂h_t/∂h_{t-1} · V) by forward-mode autodiff of `step`."""
-        return forward_jvp(self.step, h, u, V)
-
-    def state_shape(self):
-        """Shape of one trial's dynamical state h: (N,)."""
-        return (self.W_out.shape[1],)
-
-    @torch.no_grad()
-    def states_at(self, inputs, steps):
-        """h_t at each t in `steps`, for every trial: (B, len(steps), N)."""
-        return self(inputs)["h"][:, [int(t) for t in steps]]
-
-
-class GRUNet(BaseNetwork):
+class GRUNet(HiddenStateDynamics, BaseNetwork):
     """GRU with torch.nn.GRUCell semantics (gate order r, z, n):
     r = σ(W_ir u + b_ir + W_hr h + b_hr), z = σ(W_iz u + b_iz + W_hz h + b_hz),
     n = tanh(W_in u + b_in + r ⊙ (W_hn h + b_hn)), h' = (1 − z) ⊙ n + z ⊙ h; y = W_out h.
@@ -402,21 +407,6 @@ class GRUNet(BaseNetwork):
         h_r, h_z, h_n = (h @ self.W_rec.T + self.b_rec).split(N, dim=-1)
         r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
         return (1 - z) * torch.tanh(i_n + r * h_n) + z * h
-
-    state_name = "h"  # what `step` and `states_at` carry
-
-    def step_jvp(self, h, u, V):
-        """(h_t, ∂h_t/∂h_{t-1} · V) by forward-mode autodiff of `step`."""
-        return forward_jvp(self.step, h, u, V)
-
-    def state_shape(self):
-        """Shape of one trial's dynamical state h: (N,)."""
-        return (self.W_out.shape[1],)
-
-    @torch.no_grad()
-    def states_at(self, inputs, steps):
-        """h_t at each t in `steps`, for every trial: (B, len(steps), N)."""
-        return self(inputs)["h"][:, [int(t) for t in steps]]
 
 
 MODELS = {"dmpn": DeepMultiPlasticNet, "vanilla": VanillaRNN, "gru": GRUNet}

@@ -395,13 +395,7 @@ def check_config(cfg):
 def main(cfg):
     check_config(cfg)
     helper.set_style()
-    results, figures = [], []
-    for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
-        run_cfg = dict(cfg, run=paths.name)
-        with helper.run_lock(paths.dir):
-            result = analyze_run(paths, run_cfg)
-            figures += save_run(result, paths, run_cfg)
-        results.append(result)
+    results, figures = helper.each_run(cfg, analyze_run, save_run)
     if len(results) > 1 and cfg["figures"]:
         out = helper.summary_paths(cfg["runs_dir"])
         figures.append(figure_architectures(results, out.figure("timescales_by_architecture")))
