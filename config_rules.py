@@ -57,6 +57,12 @@ def _stage_list(value):
     return isinstance(value, str) and re.fullmatch(r"[a-z_]+(,[a-z_]+)*", value) is not None
 
 
+def _net_list(value):
+    import mpn  # the one home of the architectures
+    names = [n for n in str(value).split(",") if n]
+    return isinstance(value, str) and all(n in mpn.MODELS for n in names)
+
+
 def _multiple_of_8(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 8 and value % 8 == 0
 
@@ -104,6 +110,7 @@ CHECKS = {
     "device": (_device, "auto, cpu, mps, cuda or cuda:<index>"),
     "seed_list": (_seed_list, "comma-separated non-negative integers, e.g. 1,2,3"),
     "stage_list": (_stage_list, "comma-separated stage names without spaces, e.g. train,analyze"),
+    "net_list": (_net_list, "comma-separated architectures from dmpn, vanilla, gru, e.g. dmpn,gru"),
     "multiple_of_8": (_multiple_of_8, "a positive multiple of 8"),
 }
 

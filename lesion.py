@@ -615,6 +615,8 @@ def build_conditions(cfg, net, ci, ci_mod, variance, run_seed):
 
 
 def check_config(cfg, net):
+    """cfg with what this architecture cannot apply left out (a leaky RNN or GRU has no input
+    layer and no plasticity: only hidden clusters, pruning and robustness), said once."""
     unknown = set(cfg["experiments"]) - set(EXPERIMENTS)
     if unknown:
         raise helper.StageError(f"unknown experiment(s) {sorted(unknown)}; choose from "
@@ -622,11 +624,20 @@ def check_config(cfg, net):
     if cfg["n_random"] < 1 or cfg["n_random_combined"] < 1:
         raise helper.StageError("n_random and n_random_combined must be at least 1 (2 for "
                                 "significance: a control spread needs two controls).")
-    missing = {"single": "in_mask", "combined": "in_mask", "modulation": "m_freeze"}
-    for name, field in missing.items():
-        if name in cfg["experiments"] and field not in net.perturbable:
-            raise helper.StageError(f"a {net.net_type} network cannot apply {field}; drop "
-                                    f"{name!r} from --experiments.")
+    needs = {"combined": "in_mask", "modulation": "m_freeze"}
+    dropped = [name for name, field in needs.items()
+               if name in cfg["experiments"] and field not in net.perturbable]
+    unit_reps = [r for r in cfg["unit_reps"] if r != "input" or "in_mask" in net.perturbable]
+    experiments = [e for e in cfg["experiments"] if e not in dropped
+                   and not (e == "single" and not unit_reps)]
+    if not experiments:
+        raise helper.StageError(f"a {net.net_type} network can apply none of the experiments "
+                                f"{cfg['experiments']}; add 'single', 'prune' or 'robust'.")
+    left_out = [*dropped, *(["input clusters"] if len(unit_reps) < len(cfg["unit_reps"]) else [])]
+    if left_out:
+        print(f"a {net.net_type} network has no input layer or plasticity to lesion: "
+              f"left out {', '.join(left_out)}")
+    return dict(cfg, experiments=experiments, unit_reps=unit_reps)
 
 
 def run_experiments(net, tables_and_conditions, test, rules, desc):
@@ -644,7 +655,7 @@ def lesion_run(paths, cfg):
     """Every selected experiment on one run; writes lesion.h5 and returns its dict."""
     t0 = time.time()
     net, train_cfg, step = load_network(paths, cfg)
-    check_config(cfg, net)
+    cfg = check_config(cfg, net)
     ci, ci_mod, variance, fixed_k = load_clusters(paths, cfg["experiments"])
     cfg_k = dict(cfg, fixed_k=int(cfg["fixed_k"] or fixed_k or 20))
     run_seed = int(train_cfg["seed"])

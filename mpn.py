@@ -377,6 +377,11 @@ class GRUNet(HiddenStateDynamics, BaseNetwork):
         pert = self._perturbation(perturbation, inputs)
         B, T, _ = inputs.shape
         N = self.W_out.shape[1]
+        if pert is None:  # torch's fused GRU: the same equations, half the time of the loop
+            h, _ = torch.gru(inputs, inputs.new_zeros(1, B, N),
+                             [self.W_in, self.W_rec, self.b_in, self.b_rec],
+                             True, 1, 0.0, self.training, False, True)
+            return self._outputs(h, inputs, record)
         W_rec = _recurrent_weights(self.W_rec, pert, n_blocks=3)
         hid_mask = None if pert is None else per_trial(pert.hid_mask, 1, B)
         gi = inputs @ self.W_in.T + self.b_in
@@ -393,7 +398,9 @@ class GRUNet(HiddenStateDynamics, BaseNetwork):
             if hid_mask is not None:
                 h = h * hid_mask
             hs.append(h)
-        h = torch.stack(hs, dim=1)
+        return self._outputs(torch.stack(hs, dim=1), inputs, record)
+
+    def _outputs(self, h, inputs, record):
         out = {"y": h @ self.W_out.T, "h": h}
         if "x" in record:
             out["x"] = inputs

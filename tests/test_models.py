@@ -313,6 +313,17 @@ def test_gru_has_grucell_semantics():
     torch.testing.assert_close(net(u)["h"], torch.stack(hs, 1), **TOL)
 
 
+def test_gru_fused_path_equals_its_perturbable_loop():
+    """Unperturbed trials run torch's fused GRU; a neutral perturbation takes the explicit
+    loop the lesions use: both give the same states and gradients."""
+    net = make_baseline("gru")
+    u = rand_inputs()
+    fused = net(u)
+    looped = net(u, perturbation=nh.Perturbation(hid_mask=torch.ones(6, dtype=DT)))
+    torch.testing.assert_close(fused["h"], looped["h"], **TOL)
+    assert_grads_equal(net, (fused["y"], fused["h"]), (looped["y"], looped["h"]))
+
+
 @pytest.mark.parametrize("kind", ["dmpn", "vanilla", "gru"])
 def test_hidden_state_is_per_trial(kind):
     net = make_dmpn(CASES[2], ENGINES[0]) if kind == "dmpn" else make_baseline(kind)
