@@ -1,4 +1,4 @@
-"""Task-variance matrices of a trained network (SPEC §5.2), and the multi-seed summary.
+"""Task-variance matrices of a trained network (SPEC §5.2).
 
 Reads:  runs/<aname>/checkpoint.pt (its config gives the rules and io_mode).
 Writes: runs/<aname>/task_variance.h5: groups input, hidden, modulation (datasets normalized
@@ -9,9 +9,7 @@ Writes: runs/<aname>/task_variance.h5: groups input, hidden, modulation (dataset
         SPEC §5.3), group pca (per rule the stim1-direction-mean hidden trajectories on their
         first 3 PCs), and attrs: provenance, analysis config, run, checkpoint step, epoch
         windows, designs; runs/<aname>/figures/variance_*.png, weights.png, hidden_pca.png.
-        With --summary=True: runs/summary/seed_summary.json and seed_summary.png (per-rule
-        accuracy across seeds, selected k across seeds, co-clustering of sibling rules;
-        computed by analysis_summary.py).
+        Summaries across seeds and architectures: seed_summary.py.
 
 Axis order: trials x time x units, (B, T, N). A modulation tensor M is (B, N_post, N_pre) and
 a synapse column is its flattened post-major index `post * N_pre + pre`.
@@ -37,7 +35,6 @@ Stability designs (SPEC §5.3): the same condition sets with input noise sigma_x
 
 Example:
     python multiple_task_analysis.py --run=everything_dmpn_seed749_L21e4_h300_b128
-    python multiple_task_analysis.py --summary=True --runs='everything_dmpn_seed*'
 """
 import time
 
@@ -59,8 +56,6 @@ CONFIG = dict(
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
     torch_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s {>= 0}
     figures=True,  # draw the figures (the HDF5 file is written either way) {@bool}
-    summary=False,  # True: summarise the runs matching `runs` across seeds (instead of `run`) {@bool}
-    runs="everything_dmpn_seed*",  # run-name glob summarised by --summary=True {@run_pattern}
 )
 
 PRODUCER = "python multiple_task_analysis.py"
@@ -716,11 +711,7 @@ def check_config(cfg):
 
 
 def main(cfg):
-    """Analyse every run matching cfg["run"] (or summarise cfg["runs"] with summary=True);
-    returns {aname: (raw matrices, row names, pca)} or the summary dict."""
-    if cfg["summary"]:
-        import analysis_summary  # the summary module reads this one's constants
-        return analysis_summary.seed_summary(cfg)
+    """Analyse every run matching cfg["run"]; returns {aname: (raw matrices, row names, pca)}."""
     check_config(cfg)
     threads = torch.get_num_threads()
     if cfg["torch_threads"]:

@@ -1,6 +1,7 @@
 """Run the whole pipeline for one configuration: train -> analyze -> cluster -> lesion ->
 lesion plots -> state space -> memory geometry -> fixed points -> timescales, for one seed
-or several.
+or several, of one architecture or several (--nets), then, for several runs, the cross-run
+summary (seed_summary.py).
 
 Reads: config files (`configs/*.py`) and `--key=value` overrides. Each key is handed to every
 stage whose CONFIG has it (e.g. --n_hidden goes to training, --n_test to the lesion stage,
@@ -9,8 +10,9 @@ stage alone, for the keys several stages share (sigma_x: training and lesion tes
 acc_measure: training's rule sampling and lesion_plot's measure; fixed_k, engine, ...), e.g.
 --lesion.sigma_x=0.1 or --train.acc_measure=angle.
 Writes: everything each stage writes under runs/<aname>/, plus runs/<aname>/pipeline.json
-(which stages ran, with which config, how long); with several seeds, the multi-seed summary
-under runs/summary/.
+(which stages ran, with which config, how long); with several runs, seed_summary.py's
+summary under runs/summary/ (and its results page where `page` is set, as in
+configs/cpu_compare.py).
 
 A stage whose outputs exist, are newer than its inputs and were made with the same config is
 skipped; --force redoes everything.
@@ -18,6 +20,7 @@ skipped; --force redoes everything.
 Example:
     python run_pipeline.py configs/cpu_quick.py
     python run_pipeline.py configs/cpu_quick.py --seeds=1,2,3 --jobs=3
+    python run_pipeline.py configs/cpu_compare.py --nets=dmpn,vanilla,gru --seeds=1,2,3,4,5 --jobs=2
 """
 import os
 import subprocess
@@ -54,9 +57,12 @@ SLOWNESS = {"gru": 2.0, "vanilla": 1.7, "dmpn": 1.0}
 
 
 def stage_defaults():
-    """Each stage's CONFIG, imported lazily so that --help stays quick."""
+    """Each stage's CONFIG (and the cross-run summary's, for several runs), imported lazily
+    so that --help stays quick."""
     import importlib
-    return {name: importlib.import_module(module).CONFIG for name, module, _, _ in STAGES}
+    defaults = {name: importlib.import_module(module).CONFIG for name, module, _, _ in STAGES}
+    defaults["summary"] = importlib.import_module("seed_summary").CONFIG
+    return defaults
 
 
 def split_overrides(argv, defaults_by_stage):
@@ -204,12 +210,15 @@ def main(argv):
     seeds = seeds or [per_stage["train"].get("seed", defaults_by_stage["train"]["seed"])]
     run_in_parallel(argv, [(n, s) for s in seeds for n in slow_first], pipeline_cfg["jobs"])
     train_cfg = helper.apply_overrides(defaults_by_stage["train"], per_stage["train"], echo=False)
-    pattern = helper.run_name(dict(train_cfg, seed=0)).replace("_seed0_", "_seed*_")
-    import multiple_task_analysis
-    summary_cfg = dict(multiple_task_analysis.CONFIG, summary=True, runs=pattern,
-                       runs_dir=train_cfg.get("runs_dir"))
-    multiple_task_analysis.main(summary_cfg)
-
+    name = helper.run_name(dict(train_cfg, net="NET", seed=0))
+    pattern = name.replace("_seed0_", "_seed*_").replace("_NET_", "_*_" if len(nets) > 1 else
+                                                          f"_{nets[0] if nets else train_cfg['net']}_")
+    presets = [a for a in argv if not a.startswith("--")]
+    import seed_summary
+    summary_cfg = helper.apply_overrides(seed_summary.CONFIG, dict(
+        per_stage["summary"], runs=pattern, runs_dir=train_cfg.get("runs_dir"),
+        preset=presets[0] if presets else None), echo=False)
+    seed_summary.main(helper.check_config(summary_cfg, seed_summary.CONFIG))
 
 if __name__ == "__main__":
     if "--help" in sys.argv or "-h" in sys.argv:

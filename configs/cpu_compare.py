@@ -1,6 +1,7 @@
 # dmpn vs leaky RNN vs GRU on a CPU, several seeds each: the preset behind docs/results.md.
 #   python run_pipeline.py configs/cpu_compare.py --nets=dmpn,vanilla,gru --seeds=1,2,3,4,5 --jobs=2
-#   python seed_summary.py configs/cpu_compare.py          # docs/results.md from those runs
+#   (it ends with seed_summary.py, which writes docs/results.md; alone:
+#    python seed_summary.py --runs="everything_*_cmp" --page=docs/results.md --preset=configs/cpu_compare.py)
 # Matched N (64 hidden units each), not matched parameter counts: the analyses compare hidden
 # units (task variance, clusters, lesions) and hidden states (CKA, Procrustes) one for one, so
 # equal N keeps their dimensions and null models equal. Parameters then differ (dmpn 64 x 64
@@ -32,3 +33,5 @@ k_cuts = ["fixed"]
 mod_reps = ["modulation"]
 n_test = 64
 n_random = 10
+# the cross-run summary run_pipeline calls at the end (seed_summary.py)
+page = "docs/results.md"

@@ -208,36 +208,3 @@ def test_vanilla_run_has_hidden_only(runs_dir):
     ci, ci_mod = cluster(paths.name)[paths.name]
     assert "hidden" in ci and "input" not in ci
     assert not set(ci_mod) & set(mta.SYNAPSE_REPS)
-
-
-def test_seed_summary_of_two_runs(runs, capsys):
-    for name in runs:
-        analyse(name, stability_seeds=0, stability_quantiles=[])
-        cluster(name)
-    summary = mta.main(dict(ANALYSIS, summary=True, runs="everything_dmpn_seed*"))
-    out = helper.summary_paths()
-    assert out.seeds.suffix == ".json" and out.figure("seed_summary").exists()
-    assert summary["runs"] == sorted(runs) and summary["clustered_runs"] == summary["runs"]
-    assert summary["acc"]["trial"].shape == (2, 15)
-    assert all(len(ks["columns"]) == 2 for ks in summary["k"].values())
-    assert "modulation_weighted-normalized" not in summary["k"]
-    sib = summary["siblings"]
-    assert len(sib["periods"]) == 3 + 5 + 5  # dmc: stim1, delay1, go1; delaydm pairs: 5 each
-    assert sib["columns"] == [f"{r}-{f}" for r in ("input", "hidden", "modulation")
-                              for f in mta.FORMS]
-    assert (sib["n_seeds"] == 2).all() and (sib["same"] <= 2).all()
-    # recount one cell from the cluster files
-    i = sib["periods"].index("delaydm1/delaydm2 delay1")
-    j = sib["columns"].index("hidden-normalized")
-    same = 0
-    for name in runs:
-        ci, _ = helper.load_h5(helper.run_paths(name).cluster_info, "clustering")
-        R = ci["hidden"]["normalized"]
-        rows = list(R["row_names"])
-        a, b = rows.index("delaydm1-delay1"), rows.index("delaydm2-delay1")
-        same += int(R["row_labels"][a] == R["row_labels"][b])
-    assert sib["same"][i, j] == same
-    printed = capsys.readouterr().out
-    assert "per-rule accuracy over 2 runs" in printed and "dmcgo/dmcnogo delay1" in printed
-    loaded = helper.load_json(out.seeds, "summary")
-    np.testing.assert_allclose(loaded["acc"]["angle"], summary["acc"]["angle"])

@@ -76,7 +76,8 @@ def test_bad_training_value_is_one_sentence_naming_key_value_and_range(arg):
 
 
 STAGES = ["multiple_task", "multiple_task_analysis", "clustering", "lesion", "lesion_plot",
-          "state_space_shift", "memory_geometry", "fixed_points", "timescales", "run_pipeline"]
+          "state_space_shift", "memory_geometry", "fixed_points", "timescales", "seed_summary",
+          "run_pipeline"]
 BAD_STAGE_VALUES = [
     ("clustering", "--k_max=0"), ("clustering", "--tol=0"), ("clustering", "--n_restarts=0"),
     ("lesion", "--prune_sparsity=[0,1.5]"), ("lesion", "--n_test=7"), ("lesion", "--n_draws=0"),
@@ -84,7 +85,8 @@ BAD_STAGE_VALUES = [
     ("multiple_task_analysis", "--chunk_size=0"), ("multiple_task_analysis", "--variance=foo"),
     ("lesion_plot", "--acc_measure=foo"), ("state_space_shift", "--epoch_quantile=2"),
     ("memory_geometry", "--run=../x"), ("fixed_points", "--n_eigs=0"),
-    ("timescales", "--n_steps=0"),
+    ("timescales", "--n_steps=0"), ("seed_summary", "--n_permutations=5"),
+    ("run_pipeline", "--nets=dmpn,lstm"),
 ]
 
 
@@ -108,8 +110,14 @@ def test_every_config_key_of_every_stage_declares_its_constraint(module):
 
 
 def test_the_defaults_and_presets_satisfy_their_own_constraints():
+    """Every preset's keys, handed out by run_pipeline to the stages that own them, satisfy
+    each stage's constraints (cpu_compare.py also sets lesion and summary keys)."""
+    defaults = run_pipeline.stage_defaults()
     for preset in sorted((REPO / "configs").glob("*.py")):
-        helper.load_config(mt.CONFIG, [str(preset)], echo=False)
+        pipeline_cfg, per_stage = run_pipeline.split_overrides([str(preset)], defaults)
+        helper.check_config(pipeline_cfg, run_pipeline.CONFIG)
+        for name, overrides in per_stage.items():
+            run_pipeline.stage_config(name, defaults[name], overrides, "x", None)
     helper.check_config(dict(run_pipeline.CONFIG), run_pipeline.CONFIG)
 
 

@@ -58,3 +58,25 @@ def test_stage_prefixed_keys_go_to_that_stage_alone():
         run_pipeline.split_overrides(["--lesion.n_tset=8"], defaults)
     with pytest.raises(helper.StageError, match="unknown config key 'n_hidden'"):
         run_pipeline.split_overrides(["--lesion.n_hidden=8"], defaults)
+
+
+def test_several_nets_and_seeds_run_as_processes_then_one_summary(monkeypatch, runs_dir):
+    """--nets x --seeds: one process per (net, seed), the slowest architecture first, then
+    seed_summary over the glob that matches exactly those runs."""
+    import seed_summary
+    commands, summaries = [], []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(run_pipeline.subprocess, "run",
+                        lambda cmd, env: commands.append(cmd) or Done())
+    monkeypatch.setattr(seed_summary, "main", lambda cfg: summaries.append(cfg))
+    run_pipeline.main([TINY, "--nets=dmpn,gru", "--seeds=3,4", "--jobs=1", "--page=x.md"])
+    runs = [(c[-2], c[-1]) for c in commands]
+    assert runs == [("--net=gru", "--seed=3"), ("--net=dmpn", "--seed=3"),
+                    ("--net=gru", "--seed=4"), ("--net=dmpn", "--seed=4")]
+    assert all("--page=x.md" in c and TINY in c for c in commands)
+    (cfg,) = summaries
+    assert cfg["runs"] == "everything_*_seed*_L21e4_h16_b16" and cfg["page"] == "x.md"
+    assert cfg["preset"] == TINY
