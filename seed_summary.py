@@ -394,6 +394,7 @@ def similarity_section(paths_by_name, runs, cfg):
             out[f"grouping_{measure}"] = {"statistic": test["statistic"], "p": test["p"],
                                           "n_permutations": cfg["n_permutations"],
                                           "by_arch": similarity.within_between(sub, labels)}
+    out["by_period"] = by_period(h, idx, labels)
     out["untrained_vs_trained"] = {}
     for net in sorted(set(nets)):
         for which in ("trained", "untrained"):
@@ -406,6 +407,19 @@ def similarity_section(paths_by_name, runs, cfg):
         out["M"] = {"runs": m["runs"], "cka": m["cka"], "procrustes": m["procrustes"],
                     "cka_pairs": mean_sd(m["cka"][off]), "procrustes_pairs": mean_sd(m["procrustes"][off]),
                     "variance_kept": mean_sd(list(m_kept.values())), "m_pcs": cfg["m_pcs"]}
+    return out
+
+
+def by_period(h, idx, labels):
+    """Per task-period, the mean CKA of trained runs within one architecture and between
+    architectures (which periods the architectures represent alike, which differently)."""
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(idx), dtype=bool)
+    out = {}
+    for p, period in enumerate(h["periods"]):
+        C = h["cka_by_period"][p][np.ix_(idx, idx)]
+        out[period] = {"within": float(np.nanmean(C[off & same])) if (off & same).any() else None,
+                       "between": float(np.nanmean(C[~same])) if (~same).any() else None}
     return out
 
 

@@ -62,9 +62,23 @@ def accuracy_table(s):
 def per_rule_table(s):
     nets = list(s["accuracy"])
     rules = s["accuracy"][nets[0]]["rules"]
-    rows = [[rule, *[_ms(s["accuracy"][n]["trial"]["per_rule"][i], 2) for n in nets]]
+    rows = [[rule, *[f"{_ms(s['accuracy'][n]['trial']['per_rule'][i], 2)} / "
+                     f"{_ms(s['accuracy'][n]['angle']['per_rule'][i], 2)}" for n in nets]]
             for i, rule in enumerate(rules)]
-    return table(["rule (trial accuracy)", *map(_title, nets)], rows)
+    return table(["rule", *[f"{_title(n)}: trial / angle" for n in nets]], rows)
+
+
+def period_table(s, n_rows=6):
+    """The task-periods whose trained representations differ most between architectures
+    (lowest between-architecture CKA) and those most alike."""
+    bp = s["similarity"]["by_period"]
+    ok = [(p, v) for p, v in bp.items() if v["between"] is not None]
+    ok.sort(key=lambda pv: pv[1]["between"])
+    picked = ok[:n_rows] + ok[-n_rows:] if len(ok) > 2 * n_rows else ok
+    rows = [[p, f"{v['within']:.2f}" if v["within"] is not None else "–", f"{v['between']:.2f}"]
+            for p, v in picked]
+    return table(["task-period", "CKA within an architecture", "CKA between architectures"],
+                 rows)
 
 
 def cluster_table(s):
@@ -157,7 +171,8 @@ SECTIONS = (
      "pipeline of one run, measured while two runs shared the 2 cores."),
     ("Accuracy", accuracy_table, "Mean over the 15 rules of the last validation evaluation "
      "(128 trials per rule); s.d. and 95% t interval across seeds."),
-    ("Per-rule accuracy", per_rule_table, "Trial measure (SPEC §3), mean ± s.d. across seeds."),
+    ("Per-rule accuracy", per_rule_table, "Trial measure (strict, SPEC §3) / angle measure "
+     "(the reference's), mean ± s.d. across seeds."),
     ("Clustering structure above the null", cluster_table, "Selected k of each representation "
      "(0: no k beats the column-permuted null band, i.e. no structure above chance); the Wilson "
      "95% interval of the fraction of runs with structure; median ARI of the clustering "
@@ -357,6 +372,9 @@ def write_page(s, page, figures):
                       f"{_ms(m['procrustes_pairs'], 2)}.", ""]
         if "similarity" in figures:
             lines += [f"![similarity]({page.stem}/{figures['similarity'].name})", ""]
+        lines += ["Task-periods where the architectures' trained hidden states differ most "
+                  "(top) and least (bottom), by mean CKA across run pairs:", "",
+                  period_table(s), ""]
     page.parent.mkdir(parents=True, exist_ok=True)
     with helper.guarded_write(page) as tmp:
         tmp.write_text("\n".join(lines))

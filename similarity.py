@@ -59,19 +59,23 @@ def procrustes_distance(X, Y):
 
 
 def pairwise(states, keys=None):
-    """{"cka": (n, n), "procrustes": (n, n), "periods": [...]} of the runs' states
-    ({run: {period: X}}): the mean of each measure over the task-periods all runs share."""
+    """{"cka": (n, n), "procrustes": (n, n), "periods": [...], "cka_by_period": (P, n, n),
+    "procrustes_by_period": (P, n, n)} of the runs' states ({run: {period: X}}): each measure
+    per task-period all runs share, and its mean over them."""
     names = list(states)
     periods = keys or sorted(set.intersection(*(set(states[n]) for n in names)))
-    n = len(names)
-    cka, dist = np.eye(n), np.zeros((n, n))
+    n, P = len(names), len(periods)
+    cka = np.ones((P, n, n))
+    dist = np.zeros((P, n, n))
     for i in range(n):
         for j in range(i + 1, n):
             a, b = states[names[i]], states[names[j]]
-            cka[i, j] = cka[j, i] = np.nanmean([linear_cka(a[p], b[p]) for p in periods])
-            dist[i, j] = dist[j, i] = np.nanmean([procrustes_distance(a[p], b[p])
-                                                  for p in periods])
-    return {"runs": names, "periods": periods, "cka": cka, "procrustes": dist}
+            for p, period in enumerate(periods):
+                cka[p, i, j] = cka[p, j, i] = linear_cka(a[period], b[period])
+                dist[p, i, j] = dist[p, j, i] = procrustes_distance(a[period], b[period])
+    return {"runs": names, "periods": periods, "cka_by_period": cka,
+            "procrustes_by_period": dist, "cka": np.nanmean(cka, axis=0),
+            "procrustes": np.nanmean(dist, axis=0)}
 
 
 # ----------------------------------------------------------------------------------------
