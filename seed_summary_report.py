@@ -167,8 +167,10 @@ def similarity_table(s):
 
 
 SECTIONS = (
-    ("Runs", runs_table, "Wall times from each run's pipeline.json; training and the whole "
-     "pipeline of one run, measured while two runs shared the 2 cores."),
+    ("Runs", runs_table, "Wall times from each run's pipeline.json (the last pass of each "
+     "stage; a resumed training counts its last leg only): training and the whole pipeline of "
+     "one run, measured while two runs shared the machine's cores, at times with other work: "
+     "upper bounds, not benchmarks."),
     ("Accuracy", accuracy_table, "Mean over the 15 rules of the last validation evaluation "
      "(128 trials per rule); s.d. and 95% t interval across seeds."),
     ("Per-rule accuracy", per_rule_table, "Trial measure (strict, SPEC §3) / angle measure "
@@ -236,10 +238,11 @@ def _accuracy_figure(plt, s):
             x = np.arange(len(rules)) + (j - (len(nets) - 1) / 2) * width
             ax.bar(x, per[:, 0], width, yerr=per[:, 1], color=COLORS.get(net), alpha=0.8,
                    label=f"{_title(net)} ({int(per[0, 2])} seeds)", capsize=2)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(0, 1.18)
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel(f"{m} accuracy")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="lower left", fontsize=8, ncol=len(nets))
+    axes[0].legend(loc="upper center", fontsize=8, ncol=len(nets), frameon=False)
     axes[0].set_title("Per-rule accuracy after training (mean ± s.d. across seeds)")
     axes[1].set_xticks(np.arange(len(rules)))
     axes[1].set_xticklabels(rules, rotation=45, ha="right")
@@ -262,7 +265,8 @@ def _sibling_figure(plt, s):
                 if cell not in got:
                     continue
                 x, n, lo, hi = got[cell]
-                ax.errorbar(x / n, i + (j - 1) * 0.2, xerr=[[x / n - lo], [hi - x / n]],
+                ax.errorbar(x / n, i + (j - 1) * 0.2,
+                            xerr=[[max(0.0, x / n - lo)], [max(0.0, hi - x / n)]],
                             fmt="o", color=COLORS.get(net), label=label)
                 label = None
         label = f"reference ({s['reference_seeds']} dmpn seeds)"
