@@ -43,6 +43,7 @@ from sklearn.metrics import adjusted_rand_score
 import cluster_core as cc
 import helper
 import multiple_task_analysis as mta
+import net_helpers
 from multiple_task_analysis import log_transform, normalize_columns
 
 CONFIG = dict(
@@ -198,7 +199,6 @@ def over_membership_entry(R_mod, ci):
 def load_variance(paths):
     """(arrays, attrs) of the run's variance file, refused when it was computed from another
     checkpoint or analysis config than the run's current checkpoint."""
-    import net_helpers
     producer = f"{mta.PRODUCER} --run={paths.name}"
     arrays, attrs = helper.load_h5(paths.variance, producer)
     if "analysis" not in attrs or "row_names" not in arrays:

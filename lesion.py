@@ -67,6 +67,9 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
+import net_helpers
 from lesion_engine import (ConditionTable, evaluate_conditions, family_name,
                            net_shapes, plastic_weight, save_result)
 
@@ -318,16 +321,6 @@ def robust_experiments(table, W, cfg, run_seed):
 # Loading
 
 
-def load_network(paths, cfg):
-    """(net in eval mode, training config, checkpoint step)."""
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    net = net_helpers.model_from_checkpoint(ckpt, device=helper.get_device(cfg["device"]))
-    if hasattr(net, "mp"):
-        net.mp.engine = cfg["engine"]
-    return net.eval(), ckpt["config"], int(ckpt["step"])
-
-
 def load_clusters(paths, experiments):
     """cluster_info (and cluster_info_mod when needed) as nested dicts <rep>/<form>/...,
     refused when missing or stale; plus the fixed k they were written with (or None)."""
@@ -382,20 +375,12 @@ def variance_reader(paths):
     return variance
 
 
-def run_rules(train_cfg):
-    import mpn_tasks
-    if train_cfg.get("rules"):
-        return list(train_cfg["rules"])
-    return list(mpn_tasks.RULESETS[train_cfg.get("ruleset", "everything")])
-
-
 # ----------------------------------------------------------------------------------------
 # The test set (SPEC §6.1): condition sets at several duration quantiles
 
 
 def condition_batch(rule, quantile, rng, sigma_x, io_mode):
     """The complete condition set of one rule at one duration quantile."""
-    import mpn_tasks
     return mpn_tasks.condition_set(rule, rng=rng, quantile=quantile, sigma_x=sigma_x,
                                    io_mode=io_mode)
 
@@ -441,7 +426,6 @@ def make_test_set(rules, cfg, run_seed, io_mode, sigma_x):
 def part_weights(test):
     """Per part: its trial count (weights of trial-based scores) and its scored response
     steps (weights of the angle measure, which pools a rule's scored steps)."""
-    import mpn_tasks
     n = np.array([len(b.rule) for b in test["parts"]], dtype=float)
     steps = np.array([mpn_tasks.score_angle(b.targets, b)[1].sum() for b in test["parts"]],
                      dtype=float)
@@ -465,8 +449,6 @@ def merge_parts(scores, test, n_rules):
 def baseline_accuracy(net, test, rules):
     """Per-rule accuracy of the intact network under both measures (one plain evaluate of
     each rule's trials) with its s.e.: binomial for `trial`, over trials for `angle`."""
-    import mpn_tasks
-    import net_helpers
     out = {k: np.zeros(len(rules)) for k in ("angle", "trial", "se_angle", "se_trial")}
     for r, rule in enumerate(rules):
         parts = [b for b, pr in zip(test["parts"], test["part_rule"]) if pr == r]
@@ -654,12 +636,12 @@ def run_experiments(net, tables_and_conditions, test, rules, desc):
 def lesion_run(paths, cfg):
     """Every selected experiment on one run; writes lesion.h5 and returns its dict."""
     t0 = time.time()
-    net, train_cfg, step = load_network(paths, cfg)
+    net, train_cfg, step = mpn.load_run(paths, helper.get_device(cfg["device"]), cfg["engine"])
     cfg = check_config(cfg, net)
     ci, ci_mod, variance, fixed_k = load_clusters(paths, cfg["experiments"])
     cfg_k = dict(cfg, fixed_k=int(cfg["fixed_k"] or fixed_k or 20))
     run_seed = int(train_cfg["seed"])
-    rules = run_rules(train_cfg)
+    rules = mpn_tasks.run_rules(train_cfg)
     sigma_x = float(train_cfg.get("sigma_x", 0.0) if cfg["sigma_x"] is None else cfg["sigma_x"])
     test = make_test_set(rules, cfg, run_seed, train_cfg.get("io_mode", "low_dim"), sigma_x)
     table, tables = build_conditions(cfg_k, net, ci, ci_mod, variance, run_seed)

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -73,22 +75,6 @@ N_DIRS = 8
 
 
 # ----------------------------------------------------------------------------------------
-# Loading (the pattern of state_space_shift.py; a later refactor unifies run loading)
-
-
-def load_networks(paths, device, untrained):
-    """{"trained": net, ["untrained": the same architecture at its seeded step-0 weights]},
-    the training config and the checkpoint step."""
-    import mpn
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    nets = {"trained": net_helpers.model_from_checkpoint(ckpt, device=device).eval()}
-    if untrained:
-        nets["untrained"] = mpn.build_model(ckpt["net_type"], **ckpt["init_args"]).to(device).eval()
-    return nets, ckpt["config"], int(ckpt["step"])
-
-
-# ----------------------------------------------------------------------------------------
 # Probe trials
 
 
@@ -97,7 +83,6 @@ def probe_batch(pair, cfg, io_mode, sigma_x):
     category, repeat), with the delay1 window [start, stop) the trials share. Each rule draws
     from its own seeded Generator, conditions before noise, so every sigma_x gives the same
     conditions."""
-    import mpn_tasks
     batches, labels = [], {"rule": [], "direction": [], "repeat": []}
     for r, rule in enumerate(PAIRS[pair]):
         n_dirs = len(mpn_tasks.TASKS[rule].stim1_dirs)
@@ -494,8 +479,7 @@ def check_config(cfg):
 
 def run_pairs(paths, train_cfg):
     """The sibling pairs whose two rules the run was trained on (a clear error if none)."""
-    import mpn_tasks
-    rules = set(mpn_tasks.RULESETS[train_cfg["ruleset"]])
+    rules = set(mpn_tasks.run_rules(train_cfg))
     pairs = [pair for pair, siblings in PAIRS.items() if set(siblings) <= rules]
     if not pairs:
         raise helper.StageError(f"run {paths.name!r} was trained on ruleset "
@@ -507,7 +491,8 @@ def run_pairs(paths, train_cfg):
 def analyze_run(paths, cfg):
     """Geometry, convergence and decoding of every network and sibling pair of one run."""
     device = helper.get_device(cfg["device"])
-    nets, train_cfg, step = load_networks(paths, device, cfg["untrained_baseline"])
+    net, train_cfg, step = mpn.load_run(paths, device)
+    nets = mpn.with_untrained(net, cfg["untrained_baseline"])
     pairs = run_pairs(paths, train_cfg)
     result = {"run": paths.name, "step": step, "pairs": pairs, "networks": list(nets),
               "labels": {}, "delay_window": {}, "delay_s": cfg["delay_ms"] / 1000}

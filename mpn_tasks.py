@@ -6,7 +6,8 @@ steps. Angles are radians in [0, 2π).
 
 Provides
 - RULES (SPEC order = rule index), RULESETS, RULE_GROUPS, TASKS (the registry: one short
-  declaration per rule; rules differing by a flag share a family), epoch_names(rule);
+  declaration per rule; rules differing by a flag share a family), epoch_names(rule),
+  run_rules(train_cfg);
 - n_inputs(io_mode), n_outputs(io_mode) for io_mode "low_dim" (21 in, 3 out) or "ring"
   (1 + 2·32 + 15 in, 1 + 32 out);
 - Batch, random_batch (training: every trial draws its own durations and conditions),
@@ -95,6 +96,11 @@ TASKS = {
     "dmcgo": _DMC, "dmcnogo": replace(_DMC, nogo=True),
 }
 RULE_GROUPS = {rule: TASKS[rule].group for rule in RULES}
+
+
+def run_rules(train_cfg):
+    """The rules a run was trained on (its training config's ruleset), in SPEC order."""
+    return list(RULESETS[train_cfg["ruleset"]])
 
 
 def epoch_names(rule):

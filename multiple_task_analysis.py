@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -365,22 +367,6 @@ def log_transform(V):
 # Stage: run the trained network on the analysis trials, write the variance file
 # ---------------------------------------------------------------------------------------
 
-def run_rules(train_cfg):
-    """The rules a run was trained on, in SPEC order."""
-    import mpn_tasks
-    return list(mpn_tasks.RULESETS[train_cfg["ruleset"]])
-
-
-def load_network(paths, cfg):
-    """(net in eval mode, checkpoint dict) of one run."""
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    net = net_helpers.model_from_checkpoint(ckpt, device=helper.get_device(cfg["device"]))
-    if hasattr(net, "mp"):
-        net.mp.engine = cfg["engine"]
-    return net.eval(), ckpt
-
-
 def variance_provenance(train_cfg, step, analysis_cfg):
     """What a variance file is computed from: the run's config and checkpoint step plus the
     analysis keys. Its helper.config_hash is the file's provenance hash; clustering.py
@@ -393,7 +379,6 @@ def analysis_trials(rules, run_seed=0, io_mode="low_dim", quantile=1.0, sigma_x=
     """{rule: dict(inputs (B, T, n_in) float32, dirs (B,) stim1 direction index, windows)}:
     the rule's condition set (sorted by stim1 direction, as `pooled` streaming wants); with
     sigma_x > 0 the input noise is drawn from the seed list [run_seed, TRIAL_STREAM, seed]."""
-    import mpn_tasks
     rng = np.random.default_rng([int(run_seed), TRIAL_STREAM, int(seed)]) if sigma_x > 0 else None
     trials = {}
     for rule in rules:
@@ -442,11 +427,10 @@ def compute_variances(net, trials, chunk_size, mode="per_step", modulation=True,
     history) when `modulation`; vanilla/GRU nets give hidden only."""
     check_variance_mode(mode)
     rows = task_periods({rule: t["windows"] for rule, t in trials.items()})
-    plastic = net.net_type == "dmpn"
     acc = None
-    if plastic and modulation:
-        n_post, n_pre = net.mp.W.shape
-        acc = MODULATION_STREAMS[mode](rows, n_post, n_pre, device=net.mp.W.device)
+    if net.plastic and modulation:
+        n_post, n_pre = net.synapse_shape()
+        acc = MODULATION_STREAMS[mode](rows, n_post, n_pre, device=net.synapse_weight().device)
     x_rows, h_rows, h_means = [], [], {}
     for rule, t in helper.progress(trials.items(), desc=desc, total=len(trials)):
         if acc is not None:
@@ -458,10 +442,11 @@ def compute_variances(net, trials, chunk_size, mode="per_step", modulation=True,
         x_rows.append(task_variance_matrix({rule: x}, *one))
         h_rows.append(task_variance_matrix({rule: h}, *one))
         h_means[rule] = np.stack([h[t["dirs"] == k].mean(axis=0) for k in np.unique(t["dirs"])])
-    raw = {"input": np.concatenate(x_rows)} if plastic else {}
+    raw = {"input": np.concatenate(x_rows)} if net.plastic else {}
     raw["hidden"] = np.concatenate(h_rows)
     if acc is not None:
-        raw.update(modulation=acc.variance(), modulation_weighted=acc.variance(weight=net.mp.W))
+        raw.update(modulation=acc.variance(),
+                   modulation_weighted=acc.variance(weight=net.synapse_weight()))
     return raw, rows, h_means
 
 
@@ -520,14 +505,13 @@ def analyze_run(paths, cfg):
     """Variance matrices, stability designs, PCA trajectories and figures of one run;
     returns (raw matrices, row names, pca)."""
     t0 = time.time()
-    net, ckpt = load_network(paths, cfg)
-    train_cfg = ckpt["config"]
-    rules, io_mode = run_rules(train_cfg), train_cfg.get("io_mode", "low_dim")
+    net, train_cfg, step = mpn.load_run(paths, helper.get_device(cfg["device"]), cfg["engine"])
+    rules, io_mode = mpn_tasks.run_rules(train_cfg), train_cfg.get("io_mode", "low_dim")
     trials = analysis_trials(rules, train_cfg["seed"], io_mode, quantile=cfg["quantile"])
     raw, rows, h_means = compute_variances(net, trials, cfg["chunk_size"], cfg["variance"],
                                            desc=f"{paths.name} task variance")
     perturbed = compute_stability(net, rules, cfg, train_cfg["seed"], io_mode, paths.name)
-    attrs = dict(run=paths.name, net_type=net.net_type, checkpoint_step=int(ckpt["step"]),
+    attrs = dict(run=paths.name, net_type=net.net_type, checkpoint_step=step,
                  analysis={k: cfg[k] for k in ANALYSIS_KEYS},
                  windows={rule: t["windows"] for rule, t in trials.items()},
                  n_conditions={rule: len(t["dirs"]) for rule, t in trials.items()},
@@ -535,7 +519,7 @@ def analyze_run(paths, cfg):
                  n_columns={rep: V.shape[1] for rep, V in raw.items()})
     pca = hidden_pca(h_means)
     save_variance(paths, raw, rows, pca, trials, perturbed, attrs,
-                  variance_provenance(train_cfg, ckpt["step"], cfg))
+                  variance_provenance(train_cfg, step, cfg))
     print(f"[{paths.name}] {len(rows)} task-periods x "
           f"{', '.join(f'{rep} {V.shape[1]}' for rep, V in raw.items())} columns, "
           f"{sum(attrs['n_conditions'].values())} conditions, {len(perturbed)} stability "
@@ -611,7 +595,7 @@ def weight_matrices(net):
         if w.ndim != 2 or min(w.shape) < 2:
             continue
         title, ylabel, xlabel = WEIGHT_LABELS.get(name, (name, "post", "pre"))
-        if name == "W_in" and net.net_type == "dmpn":
+        if name == "W_in" and net.plastic:
             title, ylabel = "W_in (embedding)", "embedding unit x"
         w = w.T if name == "W_out" else w
         out.append((f"{title}\n{w.shape[0]} x {w.shape[1]}", w, ylabel, xlabel))

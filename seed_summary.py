@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 import helper
+import mpn
+import mpn_tasks
 import similarity
 
 CONFIG = dict(
@@ -354,24 +356,19 @@ def wall_times(groups):
 
 def similarity_section(paths_by_name, runs, cfg):
     """CKA / Procrustes of hidden states (all runs, trained and untrained) and of M (dmpn)."""
-    import mpn_tasks
-    import net_helpers
-    import mpn
     first = runs[0]["config"]
     if any(r["config"]["ruleset"] != first["ruleset"] or
            r["config"].get("io_mode", "low_dim") != first.get("io_mode", "low_dim") for r in runs):
         raise helper.StageError("the runs differ in ruleset or io_mode, so they have no shared "
                                 "condition set to compare; narrow --runs.")
-    rules = mpn_tasks.RULESETS[first["ruleset"]]
+    rules = mpn_tasks.run_rules(first)
     batches = similarity.condition_batches(rules, dict(cfg, quantile=cfg["epoch_quantile"]),
                                            first.get("io_mode", "low_dim"))
     states, m_states, m_kept = {}, {}, {}
     for r in runs:
-        ckpt = net_helpers.load_checkpoint(paths_by_name[r["name"]].checkpoint)
-        nets = {"trained": net_helpers.model_from_checkpoint(ckpt),
-                "untrained": mpn.build_model(ckpt["net_type"], **ckpt["init_args"])}
+        nets = mpn.with_untrained(mpn.load_run(paths_by_name[r["name"]])[0])
         for which, net in nets.items():
-            s = similarity.network_states(net.eval(), batches, SIBLING_EPOCHS + ("stim2", "delay2", "go1"),
+            s = similarity.network_states(net, batches, SIBLING_EPOCHS + ("stim2", "delay2", "go1"),
                                           cfg["steps_per_period"])
             states[(r["name"], which)] = s["h"]
             if "M" in s and which == "trained":

@@ -171,8 +171,7 @@ def condition_batches(rules, cfg, io_mode):
 def network_states(net, batches, epochs, steps_per_period):
     """{"h": {period: X}, ["M": {period: (trials x steps, N·N_pre) float32}]} of one network."""
     out = {"h": {}}
-    plastic = getattr(net, "state_name", "h") == "M"
-    if plastic:
+    if net.plastic:
         out["M"] = {}
     dtype = next(net.parameters()).dtype
     for rule, (batch, keep, keep_m) in batches.items():
@@ -180,7 +179,7 @@ def network_states(net, batches, epochs, steps_per_period):
         h = net(torch.as_tensor(batch.inputs[keep], dtype=dtype))["h"].cpu().numpy()
         for epoch, s in steps.items():
             out["h"][f"{rule}-{epoch}"] = h[:, s].reshape(-1, h.shape[-1]).astype(np.float64)
-        if plastic:
+        if net.plastic:
             all_steps = sorted({int(t) for s in steps.values() for t in s})
             M = net.states_at(torch.as_tensor(batch.inputs[keep_m], dtype=dtype), all_steps)
             M = M.reshape(len(keep_m), len(all_steps), -1).cpu().numpy().astype(np.float32)

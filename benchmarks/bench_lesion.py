@@ -46,11 +46,11 @@ import net_helpers  # noqa: E402
 def load_net(args):
     """(net, training config); an untrained dmpn of --n_hidden without --run."""
     if args.run:
-        cfg = dict(lesion.CONFIG, device="cpu", engine=args.engine)
-        net, train_cfg, _ = lesion.load_network(helper.run_paths(args.run, args.runs_dir), cfg)
+        net, train_cfg, _ = mpn.load_run(helper.run_paths(args.run, args.runs_dir), "cpu",
+                                         args.engine)
         return net, train_cfg
     net = mpn.build_model("dmpn", n_hidden=args.n_hidden, seed=0, engine=args.engine)
-    return net.eval(), {"seed": 0, "rules": list(mpn_tasks.RULES)}
+    return net.eval(), {"seed": 0, "ruleset": "everything"}
 
 
 def suite_conditions(args, net, train_cfg):
@@ -86,7 +86,7 @@ def work_ceiling(net, conditions):
     """Plastic-layer rows run by the serial path (every unit of every condition) over those
     of the batched path (every unit once per input-lesion set, plus each condition's touched
     rows): the speed-up at best when arithmetic bounds the time."""
-    if not engine.rows_independent(net):
+    if not net.rows_independent():
         return 1.0
     n_hidden, n_pre = engine.net_shapes(net)
     in_sets = {engine.unpack_indices(c["in_units"]).tobytes() if "in_units" in c else b""
@@ -180,7 +180,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     net, train_cfg = load_net(args)
-    rules = lesion.run_rules(train_cfg)
+    rules = mpn_tasks.run_rules(train_cfg)
     cfg = dict(lesion.CONFIG, n_test=args.n_test)
     t_test, test = timed(lesion.make_test_set, rules, cfg, int(train_cfg["seed"]), "low_dim",
                          float(train_cfg.get("sigma_x", 0.0)))

@@ -150,9 +150,9 @@ def test_analysis_twice_gives_bit_identical_matrices(runs):
 
 def test_streamed_modulation_variance_equals_recorded_m_history(runs):
     paths = helper.run_paths(runs[0])
-    net, ckpt = mta.load_network(paths, ANALYSIS)
+    net, train_cfg, _ = mpn.load_run(paths, "cpu", ANALYSIS["engine"])
     # one rule per family shape (the whole set would only repeat them, slowly)
-    trials = mta.analysis_trials(["fdgo", "contextdelaydm1", "dmsnogo"], ckpt["config"]["seed"])
+    trials = mta.analysis_trials(["fdgo", "contextdelaydm1", "dmsnogo"], train_cfg["seed"])
     raw, rows, _ = mta.compute_variances(net, trials, chunk_size=50)  # unequal chunks
     ref = {rep: [] for rep in raw}
     W = net.mp.W.detach().double()
@@ -182,7 +182,7 @@ def test_missing_stale_or_bad_inputs_stop_with_one_sentence(runs):
     analyse(name)
     paths = helper.run_paths(name)
     ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    net = net_helpers.model_from_checkpoint(ckpt)
+    net = mpn.model_from_checkpoint(ckpt)
     net_helpers.save_checkpoint(paths.checkpoint, net, ckpt["config"], ckpt["step"] + 10)
     with pytest.raises(helper.StageError, match=f"rerun `python multiple_task_analysis.py "
                                                 f"--run={name}`"):

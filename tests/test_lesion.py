@@ -175,7 +175,7 @@ def test_shared_rows_give_every_condition_its_own_forward_pass(tests, options):
         gen = torch.Generator().manual_seed(0)
         for p in (net.mp.eta, net.mp.lam):
             p.copy_(p * (0.9 + 0.1 * torch.rand(p.shape, generator=gen)))
-    assert lesion_engine.rows_independent(net)
+    assert net.rows_independent()
     n_hidden, n_pre = lesion_engine.net_shapes(net)
     conditions = conditions_for(net, np.random.default_rng(2))
     inputs = net_helpers.batch_to_torch(tests[1])["inputs"]
@@ -216,7 +216,7 @@ def test_coupled_units_run_stacked_and_still_equal_one_at_a_time(tests, options)
     """With W_rec (units coupled) or hebb_pre (the update constant depends on N_post) rows
     cannot be shared: conditions are stacked instead, with the same results."""
     net = mpn.build_model("dmpn", n_hidden=N_HIDDEN, seed=3, **options).eval()
-    assert not lesion_engine.rows_independent(net)
+    assert not net.rows_independent()
     conditions = conditions_for(net, np.random.default_rng(3))
     acc = lesion_engine.evaluate_conditions(net, tests, conditions, memory_mb=64)
     for i, cond in enumerate(conditions):
