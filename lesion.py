@@ -62,6 +62,8 @@ Example:
 """
 import time
 import zlib
+from collections import namedtuple
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -103,7 +105,6 @@ CONFIG = dict(
 )
 
 CLUSTER_PRODUCER = "python clustering.py"
-EXPERIMENTS = ("single", "combined", "modulation", "prune", "robust")
 MEASURES = ("trial", "angle")
 # Seed streams (second entry of the numpy seed list, after the run seed).
 TEST_STREAM, CONTROL_STREAM, ROBUST_STREAM = 70, 71, 72
@@ -203,9 +204,11 @@ def readout_share(W_out, labels, clusters):
     return np.stack([sq[:, labels == c].sum(axis=1) / total for c in clusters])
 
 
-def single_experiments(table, ci, variance, cfg, run_seed, n_units, W_out=None):
+def single_experiments(table, d):
     """SPEC §6.1 items 1-2: every input/hidden clustering asked for; hidden clusterings
     carry each cluster's readout share."""
+    ci, variance, cfg, run_seed, n_units, W_out = (d.ci, d.variance, d.cfg, d.run_seed,
+                                                   d.n_units, d.W_out)
     out = {}
     for rep, field in (("input", "in_units"), ("hidden", "hid_units")):
         if rep not in cfg["unit_reps"]:
@@ -225,9 +228,10 @@ def single_experiments(table, ci, variance, cfg, run_seed, n_units, W_out=None):
     return out
 
 
-def combined_experiments(table, ci, cfg, run_seed, n_units):
+def combined_experiments(table, d):
     """SPEC §6.1 item 3: every (input cluster, hidden cluster) pair at the fixed k; control d
     pairs the d-th random controls of the two single clusters."""
+    ci, cfg, run_seed, n_units = d.ci, d.cfg, d.run_seed, d.n_units
     out = {}
     n_rand = cfg["n_random_combined"]
     for form in cfg["combined_forms"]:
@@ -254,9 +258,10 @@ def combined_experiments(table, ci, cfg, run_seed, n_units):
     return out
 
 
-def modulation_experiments(table, ci_mod, variance, cfg, run_seed, n_syn):
+def modulation_experiments(table, d):
     """SPEC §6.1 item 4: zero_W and freeze_M on every synapse cluster, with shared random
     synapse-set controls."""
+    ci_mod, variance, cfg, run_seed, n_syn = d.ci_mod, d.variance, d.cfg, d.run_seed, d.W.size
     out = {}
     for rep in cfg["mod_reps"]:
         # W⊙M normalized equals M normalized (SPEC §5.2): never lesioned twice
@@ -281,16 +286,17 @@ def modulation_experiments(table, ci_mod, variance, cfg, run_seed, n_syn):
     return out
 
 
-def prune_experiment(table, W, cfg):
+def prune_experiment(table, d):
     """SPEC §6.1 item 5: zero the smallest |W| entries at each sparsity."""
-    order = np.argsort(np.abs(W).ravel(), kind="stable")
-    levels = np.asarray(cfg["prune_sparsity"], dtype=float)
+    order = np.argsort(np.abs(d.W).ravel(), kind="stable")
+    levels = np.asarray(d.cfg["prune_sparsity"], dtype=float)
     ids = [table.add({"w_zero": order[:int(round(s * order.size))]}) for s in levels]
     return {"sparsity": levels, "cond": np.array(ids)}
 
 
-def robust_experiments(table, W, cfg, run_seed):
+def robust_experiments(table, d):
     """SPEC §6.1 item 6: (levels, (n_levels, n_draws) condition ids) per battery."""
+    W, cfg, run_seed = d.W, d.cfg, d.run_seed
     n_hidden, n_pre = W.shape
     rms = float(np.linalg.norm(W) / np.sqrt(W.size))
     batteries = {
@@ -316,6 +322,37 @@ def robust_experiments(table, W, cfg, run_seed):
     return out
 
 
+@dataclass
+class Design:
+    """What the experiment builders read: the stage config (its fixed_k resolved), the run
+    seed, the weights W (N_hidden, N_pre) that synapse lesions act on, the readout W_out
+    (n_out, N_hidden), the cluster files as nested dicts (or None) and variance(rep, form)."""
+    cfg: dict
+    run_seed: int
+    W: np.ndarray
+    W_out: np.ndarray = None
+    ci: dict = None
+    ci_mod: dict = None
+    variance: object = None
+
+    @property
+    def n_units(self):
+        return {"input": self.W.shape[1], "hidden": self.W.shape[0]}
+
+
+# The experiments, in run order: name -> (builder(table, Design) -> its tables of condition
+# ids, the cluster file it reads (a RunPaths attribute) or None, the Perturbation field a
+# network must apply to run it or None). Adding one = its builder, a line here, and its name
+# in CONFIG["experiments"]'s allowed values.
+Experiment = namedtuple("Experiment", "build clusters needs")
+EXPERIMENTS = {
+    "single": Experiment(single_experiments, "cluster_info", None),
+    "combined": Experiment(combined_experiments, "cluster_info", "in_mask"),
+    "modulation": Experiment(modulation_experiments, "cluster_info_mod", "m_freeze"),
+    "prune": Experiment(prune_experiment, None, None),
+    "robust": Experiment(robust_experiments, None, None),
+}
+
 
 # ----------------------------------------------------------------------------------------
 # Loading
@@ -326,9 +363,8 @@ def load_clusters(paths, experiments):
     refused when missing or stale; plus the fixed k they were written with (or None)."""
     producer = f"{CLUSTER_PRODUCER} --run={paths.name}"
     out, fixed_k = {}, None
-    needs = [("cluster_info", {"single", "combined"}), ("cluster_info_mod", {"modulation"})]
-    for attr, users in needs:
-        if not users & set(experiments):
+    for attr in ("cluster_info", "cluster_info_mod"):
+        if not any(EXPERIMENTS[e].clusters == attr for e in experiments):
             out[attr] = None
             continue
         path = getattr(paths, attr)
@@ -576,23 +612,15 @@ def describe_strongest(result, t, measure):
 
 
 def build_conditions(cfg, net, ci, ci_mod, variance, run_seed):
+    """(the ConditionTable, {experiment: its tables}) of the experiments cfg selects, built in
+    EXPERIMENTS order (so condition ids do not depend on the order of cfg["experiments"])."""
     n_hidden, n_pre = net_shapes(net)
-    W = plastic_weight(net)
     table = ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
                             "w_zero": n_hidden * n_pre, "m_freeze": n_hidden * n_pre})
-    n_units = {"input": n_pre, "hidden": n_hidden}
-    W_out = net.W_out.detach().cpu().numpy()
-    ex = cfg["experiments"]
-    tables = {
-        "single": single_experiments(table, ci, variance, cfg, run_seed, n_units, W_out)
-        if "single" in ex else {},
-        "combined": combined_experiments(table, ci, cfg, run_seed, n_units)
-        if "combined" in ex else {},
-        "modulation": modulation_experiments(table, ci_mod, variance, cfg, run_seed,
-                                             n_hidden * n_pre) if "modulation" in ex else {},
-        "prune": prune_experiment(table, W, cfg) if "prune" in ex else None,
-        "robust": robust_experiments(table, W, cfg, run_seed) if "robust" in ex else {},
-    }
+    design = Design(cfg, run_seed, plastic_weight(net), net.W_out.detach().cpu().numpy(),
+                    ci, ci_mod, variance)
+    tables = {name: ex.build(table, design) for name, ex in EXPERIMENTS.items()
+              if name in cfg["experiments"]}
     return table, tables
 
 
@@ -606,9 +634,8 @@ def check_config(cfg, net):
     if cfg["n_random"] < 1 or cfg["n_random_combined"] < 1:
         raise helper.StageError("n_random and n_random_combined must be at least 1 (2 for "
                                 "significance: a control spread needs two controls).")
-    needs = {"combined": "in_mask", "modulation": "m_freeze"}
-    dropped = [name for name, field in needs.items()
-               if name in cfg["experiments"] and field not in net.perturbable]
+    dropped = [name for name, ex in EXPERIMENTS.items() if name in cfg["experiments"]
+               and ex.needs is not None and ex.needs not in net.perturbable]
     unit_reps = [r for r in cfg["unit_reps"] if r != "input" or "in_mask" in net.perturbable]
     experiments = [e for e in cfg["experiments"] if e not in dropped
                    and not (e == "single" and not unit_reps)]

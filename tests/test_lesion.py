@@ -238,7 +238,8 @@ def assert_same_outputs(net, batch, pert):
 def test_pruning_at_zero_and_noise_at_zero_change_nothing(net, tests):
     table = table_for()
     W = lesion_engine.plastic_weight(net)
-    prune = lesion.prune_experiment(table, W, dict(lesion.CONFIG, prune_sparsity=[0, 0.5]))
+    prune = lesion.prune_experiment(table, lesion.Design(dict(lesion.CONFIG,
+                                                              prune_sparsity=[0, 0.5]), 1, W))
     assert prune["cond"][0] == 0 and table.conditions[0] == {}
     zeroed = lesion_engine.unpack_indices(table.conditions[prune["cond"][1]]["w_zero"])
     assert zeroed.size == W.size // 2
@@ -246,7 +247,7 @@ def test_pruning_at_zero_and_noise_at_zero_change_nothing(net, tests):
         np.arange(W.size), zeroed)].min()  # the smallest |W| go first
     cfg = dict(lesion.CONFIG, n_draws=2, zero_fractions=[0], silence_fractions=[0],
                noise_sigmas=[0, 0.01], noise_rel_sigmas=[0])
-    robust = lesion.robust_experiments(table, W, cfg, run_seed=1)
+    robust = lesion.robust_experiments(table, lesion.Design(cfg, 1, W))
     for name in ("w_zero", "hid_silence", "w_noise_rel"):
         assert np.all(robust[name]["cond"] == 0), name
     assert np.all(robust["w_noise"]["cond"][0] == 0)
@@ -338,9 +339,9 @@ def test_random_controls_are_outside_the_cluster_and_size_matched():
     ci, ci_mod = synthetic_cluster_info(N_HIDDEN, N_HIDDEN)
     t = table_for()
     cfg = dict(lesion.CONFIG, n_random=4, fixed_k=6, n_random_combined=3)
-    n_units = {"input": N_HIDDEN, "hidden": N_HIDDEN}
-    single = lesion.single_experiments(t, ci, None, cfg, run_seed=2, n_units=n_units)
-    mod = lesion.modulation_experiments(t, ci_mod, None, cfg, 2, N_HIDDEN * N_HIDDEN)
+    design = lesion.Design(cfg, 2, np.zeros((N_HIDDEN, N_HIDDEN)), ci=ci, ci_mod=ci_mod)
+    single = lesion.single_experiments(t, design)
+    mod = lesion.modulation_experiments(t, design)
     checked = 0
     for tab, field, kinds in [(s, s["field"], [("lesion", "control")]) for s in single.values()] + \
             [(m, None, [("zero_W", "zero_W_control"), ("freeze_M", "freeze_M_control")])
