@@ -70,6 +70,21 @@ def _config_comments(defaults):
     return comments
 
 
+# Config keys renamed so that one concept has one name across stages and one name one
+# meaning (kept for one release: the old name is a one-line error naming the new one).
+RENAMED = {
+    "n_test": "trials_per_rule",  # lesion: trials per rule, as in every other stage
+    "test_quantiles": "epoch_quantile_range",  # lesion: a [lo, hi] range of epoch quantiles
+    "quantile": "epoch_quantile",  # analysis: as in state_space_shift and fixed_points
+    "stability_quantiles": "stability_epoch_quantiles",  # analysis
+    "stability_sigma_x": "stability_input_noise",  # analysis: the noise of analysis trials
+    "sigma_x": "input_noise",  # lesion: sigma_x is training's input noise alone
+    "torch_threads": "num_threads",  # analysis, lesion: as in training
+    "acc_measure": "effect_measure",  # lesion_plot: acc_measure drives training alone
+    "fixed_k": "fixed_cut_k",  # lesion: fixed_k is the clustering's fixed k alone
+}
+
+
 def _parse_value(text):
     """A command-line value as a Python literal, falling back to the bare string."""
     try:
@@ -95,7 +110,12 @@ def _check_type(key, old, new):
                      f"got {type(new).__name__} {new!r}.")
 
 
-def _unknown_key(key, valid):
+def unknown_key(key, valid, prefix=""):
+    """The StageError for a key that is not in `valid`: the new name of a renamed key
+    (RENAMED, when `valid` has it), else the close matches. `prefix`: a stage name and dot
+    (run_pipeline's --<stage>.<key>)."""
+    if RENAMED.get(key) in valid:
+        return StageError(f"--{prefix}{key} was renamed to --{prefix}{RENAMED[key]}.")
     close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else " Run with --help to list the keys."
     return StageError(f"unknown config key {key!r}.{hint}")
@@ -125,7 +145,7 @@ def apply_overrides(defaults, overrides, source="", echo=True):
     cfg = dict(defaults)
     for key, value in overrides.items():
         if key not in defaults:
-            raise _unknown_key(key, defaults)
+            raise unknown_key(key, defaults)
         cfg[key] = _check_type(key, defaults[key], value)
         if echo:
             print(f"override{source}: {key} = {cfg[key]!r}")
@@ -140,6 +160,23 @@ def print_help(defaults):
         print(f"  --{key:<{width}} = {value!r:<24} # {comments.get(key, '')}")
 
 
+def parse_argv(argv, text_keys=()):
+    """The overrides of a command line, in order: [(source, {key: value})], one item per config
+    file (every public name it assigns; source " (<file>)") or per `--key=value` (source "";
+    dashes in the key become underscores; the value parsed as a Python literal, or kept as
+    text for `text_keys`; a bare `--key` is True)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            value = (text if key in text_keys else _parse_value(text)) if sep else True
+            out.append(("", {key: value}))
+        else:
+            out.append((f" ({arg})", _read_config_file(arg)))
+    return out
+
+
 def load_config(defaults, argv, echo=True):
     """Resolve a stage's configuration from its CONFIG dict and the command line.
 
@@ -152,14 +189,8 @@ def load_config(defaults, argv, echo=True):
         print_help(defaults)
         sys.exit(0)
     cfg = dict(defaults)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            value = _parse_value(text) if sep else True
-            cfg = apply_overrides(cfg, {key: value}, echo=echo)
-        else:
-            cfg = apply_overrides(cfg, _read_config_file(arg), source=f" ({arg})", echo=echo)
+    for source, overrides in parse_argv(argv):
+        cfg = apply_overrides(cfg, overrides, source=source, echo=echo)
     return check_config(cfg, defaults)
 
 

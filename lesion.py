@@ -19,8 +19,9 @@ Experiments (select them with --experiments):
               weight ‖W‖_F/√(N·N_pre)), `n_draws` draws per level.
 
 Test set (SPEC §6.1), one per run, reused by every condition: per rule the complete condition
-set (mpn_tasks.condition_set) at duration quantiles spread over `test_quantiles` (more of them
-for rules whose set is small), with the run's training input noise, `n_test` trials taken at
+set (mpn_tasks.condition_set) at duration quantiles spread over `epoch_quantile_range` (more of
+them for rules whose set is small), with the run's training input noise (or `input_noise`),
+`trials_per_rule` trials taken at
 an even stride. Per condition and rule: both accuracy measures and the failure kinds
 (mpn_tasks.failure_kind: broke fixation / wrong or no response on go / responded on no-go).
 
@@ -79,13 +80,13 @@ CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     experiments=["single", "combined", "modulation", "prune", "robust"],  # any subset {each single | each combined | each modulation | each prune | each robust}
-    n_test=128,  # test trials per rule: binomial s.e. of a per-rule accuracy a is √(a(1−a)/n), ≤ 0.03 for a ≥ 0.87 {>= 8}
-    test_quantiles=[0.25, 0.75],  # epoch durations spread over this range of quantiles (more quantiles where a rule's condition set is small) {@increasing_pair}
-    sigma_x=None,  # input-noise std of the test trials; None: the run's training sigma_x {None | >= 0}
+    trials_per_rule=128,  # test trials per rule: binomial s.e. of a per-rule accuracy a is √(a(1−a)/n), ≤ 0.03 for a ≥ 0.87 {>= 8}
+    epoch_quantile_range=[0.25, 0.75],  # epoch durations spread over this range of quantiles (more quantiles where a rule's condition set is small) {@increasing_pair}
+    input_noise=None,  # sigma_x of the test trials; None: the run's training sigma_x {None | >= 0}
     n_random=20,  # size-matched random controls per cluster (single and modulation lesions); significance needs 2 {>= 1}
     n_random_combined=5,  # random controls per (input, hidden) cluster pair (400 pairs at k=20); significance needs 2 {>= 1}
     alpha=0.05,  # false-discovery rate of the Benjamini–Hochberg control over each heatmap {> 0, < 1}
-    fixed_k=None,  # the fixed number of clusters (SPEC §6.1); None: cluster_info's fixed_k (20); nearest available k if absent {None | >= 2}
+    fixed_cut_k=None,  # k of the "fixed" cuts (SPEC §6.1); None: the clustering's fixed_k (cluster_info, 20); nearest available k if absent {None | >= 2}
     unit_reps=["input", "hidden"],  # unit clusterings lesioned alone (single) {each input | each hidden}
     k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k {each fixed | each selected}
     forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned {each normalized | each unnormalized}
@@ -99,7 +100,7 @@ CONFIG = dict(
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre) {each >= 0}
     n_draws=30,  # random draws per robustness level {>= 1}
     memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
-    torch_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
+    num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
 )
@@ -215,7 +216,7 @@ def single_experiments(table, d):
             continue
         for form in cfg["forms"]:
             for cut in _cuts(ci[rep][form], cfg["k_cuts"], f"{rep} {form}"):
-                t = cluster_table(ci[rep][form], cut, cfg["fixed_k"], n_units[rep])
+                t = cluster_table(ci[rep][form], cut, cfg["fixed_cut_k"], n_units[rep])
                 if rep == "hidden" and W_out is not None:
                     t["readout_share"] = readout_share(W_out, t["labels"], t["clusters"])
                 t["lesion"], t["control"] = _lesion_and_controls(
@@ -235,8 +236,8 @@ def combined_experiments(table, d):
     out = {}
     n_rand = cfg["n_random_combined"]
     for form in cfg["combined_forms"]:
-        tin = cluster_table(ci["input"][form], "fixed", cfg["fixed_k"], n_units["input"])
-        thid = cluster_table(ci["hidden"][form], "fixed", cfg["fixed_k"], n_units["hidden"])
+        tin = cluster_table(ci["input"][form], "fixed", cfg["fixed_cut_k"], n_units["input"])
+        thid = cluster_table(ci["hidden"][form], "fixed", cfg["fixed_cut_k"], n_units["hidden"])
         res = {"form": form, "k_input": tin["k"], "k_hidden": thid["k"],
                "input_clusters": tin["clusters"], "hidden_clusters": thid["clusters"],
                "input_sizes": tin["sizes"], "hidden_sizes": thid["sizes"]}
@@ -269,7 +270,7 @@ def modulation_experiments(table, d):
                  (rep, f) != ("modulation_weighted", "normalized")]
         for form in forms:
             for cut in _cuts(ci_mod[rep][form], cfg["mod_k_cuts"], f"{rep} {form}"):
-                t = cluster_table(ci_mod[rep][form], cut, cfg["fixed_k"], n_syn)
+                t = cluster_table(ci_mod[rep][form], cut, cfg["fixed_cut_k"], n_syn)
                 for kind, field in (("zero_W", "w_zero"), ("freeze_M", "m_freeze")):
                     t[kind] = np.array([table.add({field: m}) for m in t["members"]])
                     t[f"{kind}_control"] = np.full((len(t["members"]), cfg["n_random"]), -1)
@@ -324,7 +325,7 @@ def robust_experiments(table, d):
 
 @dataclass
 class Design:
-    """What the experiment builders read: the stage config (its fixed_k resolved), the run
+    """What the experiment builders read: the stage config (fixed_cut_k resolved), the run
     seed, the weights W (N_hidden, N_pre) that synapse lesions act on, the readout W_out
     (n_out, N_hidden), the cluster files as nested dicts (or None) and variance(rep, form)."""
     cfg: dict
@@ -423,14 +424,15 @@ def condition_batch(rule, quantile, rng, sigma_x, io_mode):
 
 def rule_test_parts(rule, cfg, rng, sigma_x, io_mode):
     """One rule's test trials as parts of equal duration (no padding): its condition set at
-    max(3, ⌈n_test / set size⌉) quantiles evenly spaced over test_quantiles, of which n_test
-    trials are taken at an even stride through the concatenated sets. Returns
-    [(quantile, batch)]."""
-    lo, hi = cfg["test_quantiles"]
+    max(3, ⌈n / set size⌉) quantiles evenly spaced over epoch_quantile_range, of which
+    n = trials_per_rule trials are taken at an even stride through the concatenated sets.
+    Returns [(quantile, batch)]."""
+    lo, hi = cfg["epoch_quantile_range"]
+    n = cfg["trials_per_rule"]
     first = condition_batch(rule, lo, rng, sigma_x, io_mode)
     size = len(first.rule)
-    quantiles = np.linspace(lo, hi, max(3, -(-cfg["n_test"] // size)))
-    pick = (np.arange(cfg["n_test"]) * (size * len(quantiles))) // cfg["n_test"]
+    quantiles = np.linspace(lo, hi, max(3, -(-n // size)))
+    pick = (np.arange(n) * (size * len(quantiles))) // n
     parts = []
     for j, q in enumerate(quantiles):
         batch = first if j == 0 else condition_batch(rule, q, rng, sigma_x, io_mode)
@@ -443,12 +445,13 @@ def rule_test_parts(rule, cfg, rng, sigma_x, io_mode):
 def make_test_set(rules, cfg, run_seed, io_mode, sigma_x):
     """The fixed test set: a list of parts (batches of one rule and one duration) with the
     rule index of each part; seeded from the run seed."""
-    if cfg["n_test"] < 8:
-        raise helper.StageError(f"n_test must be at least 8, not {cfg['n_test']}.")
-    lo, hi = cfg["test_quantiles"]
+    if cfg["trials_per_rule"] < 8:
+        raise helper.StageError(f"trials_per_rule must be at least 8, not "
+                                f"{cfg['trials_per_rule']}.")
+    lo, hi = cfg["epoch_quantile_range"]
     if not 0 <= lo <= hi <= 1:
-        raise helper.StageError(f"test_quantiles must be two quantiles 0 <= lo <= hi <= 1, "
-                                f"not {cfg['test_quantiles']}.")
+        raise helper.StageError(f"epoch_quantile_range must be two quantiles 0 <= lo <= hi <= "
+                                f"1, not {cfg['epoch_quantile_range']}.")
     rng = np.random.default_rng([run_seed, TEST_STREAM])
     parts, part_rule, quantiles = [], [], []
     for r, rule in enumerate(rules):
@@ -666,24 +669,27 @@ def lesion_run(paths, cfg):
     net, train_cfg, step = mpn.load_run(paths, helper.get_device(cfg["device"]), cfg["engine"])
     cfg = check_config(cfg, net)
     ci, ci_mod, variance, fixed_k = load_clusters(paths, cfg["experiments"])
-    cfg_k = dict(cfg, fixed_k=int(cfg["fixed_k"] or fixed_k or 20))
+    cfg_k = dict(cfg, fixed_cut_k=int(cfg["fixed_cut_k"] or fixed_k or 20))
     run_seed = int(train_cfg["seed"])
     rules = mpn_tasks.run_rules(train_cfg)
-    sigma_x = float(train_cfg.get("sigma_x", 0.0) if cfg["sigma_x"] is None else cfg["sigma_x"])
+    sigma_x = float(train_cfg.get("sigma_x", 0.0) if cfg["input_noise"] is None
+                    else cfg["input_noise"])
     test = make_test_set(rules, cfg, run_seed, train_cfg.get("io_mode", "low_dim"), sigma_x)
     table, tables = build_conditions(cfg_k, net, ci, ci_mod, variance, run_seed)
     print(f"[{paths.name}] {len(table.conditions)} distinct conditions x {len(rules)} rules x "
-          f"{cfg['n_test']} trials ({len(test['parts'])} test parts, sigma_x {sigma_x:g})")
+          f"{cfg['trials_per_rule']} trials ({len(test['parts'])} test parts, sigma_x "
+          f"{sigma_x:g})")
     scores = run_experiments(net, (table, tables), test, rules,
                              desc=f"{paths.name} lesion conditions")
     n_hidden, n_pre = net_shapes(net)
     result = dict(tables, run=paths.name, checkpoint_step=step, rules=rules,
-                  n_trials=np.full(len(rules), cfg["n_test"]), conditions=table.conditions,
+                  n_trials=np.full(len(rules), cfg["trials_per_rule"]),
+                  conditions=table.conditions,
                   scores=scores, baseline=baseline_accuracy(net, test, rules),
                   shapes={"n_hidden": n_hidden, "n_pre": n_pre},
                   test={"seed": [run_seed, TEST_STREAM], "sigma_x": sigma_x,
                         "part_rule": test["part_rule"], "part_quantile": test["quantile"]},
-                  config=dict(cfg), fixed_k=cfg_k["fixed_k"])
+                  config=dict(cfg), fixed_k=cfg_k["fixed_cut_k"])
     add_statistics(result, cfg["alpha"])
     result["seconds"] = time.time() - t0
     save_result(paths.lesion, result, cfg,
@@ -695,7 +701,7 @@ def lesion_run(paths, cfg):
 def main(cfg):
     """Lesion every run matching cfg["run"]; returns {aname: lesion dict}."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["torch_threads"] or threads)
+    torch.set_num_threads(cfg["num_threads"] or threads)
     out = {}
     try:
         for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):

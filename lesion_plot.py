@@ -37,7 +37,7 @@ from lesion_engine import FORM_SHORT, PRODUCER, family_name, load_result
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
-    acc_measure="trial",  # accuracy behind every effect: "trial" (strict) or "angle" {trial | angle}
+    effect_measure="trial",  # accuracy behind every effect: "trial" (strict) or "angle" {trial | angle}
 )
 
 EFFECT_CMAP = "RdBu_r"  # diverging, centred on zero effect; NaN (no control possible) in grey
@@ -577,14 +577,15 @@ def load_fresh(paths):
 
 def main(cfg):
     """Figures for every run matching cfg["run"]; returns {aname: [figure paths]}."""
-    if cfg["acc_measure"] not in ("trial", "angle"):
-        raise helper.StageError(f"acc_measure must be 'trial' or 'angle', not {cfg['acc_measure']!r}.")
+    if cfg["effect_measure"] not in ("trial", "angle"):
+        raise helper.StageError(f"effect_measure must be 'trial' or 'angle', not "
+                                f"{cfg['effect_measure']!r}.")
     helper.set_style()
     out = {}
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
         with helper.run_lock(paths.dir):
             result = load_fresh(paths)
-            out[paths.name] = make_figures(result, paths, cfg["acc_measure"])
+            out[paths.name] = make_figures(result, paths, cfg["effect_measure"])
         print(f"[{paths.name}] {len(out[paths.name])} lesion figures in {paths.figures}")
     return out
 

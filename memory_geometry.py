@@ -61,7 +61,7 @@ CONFIG = dict(
     n_shuffles=200,  # label permutations of the decoding null {>= 0}
     untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights) {@bool}
     figures=True,  # draw the figures {@bool}
-    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {auto | cpu | cuda}
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
 )
 
 PRODUCER = "python memory_geometry.py"

@@ -15,7 +15,7 @@ Axis order: trials x time x units, (B, T, N). A modulation tensor M is (B, N_pos
 a synapse column is its flattened post-major index `post * N_pre + pre`.
 
 Trials: per rule its complete condition set (`mpn_tasks.condition_set`, SPEC §5.1): fixed by
-the rule, noise-free, every epoch at `quantile` of its range; nothing is sampled, so the
+the rule, noise-free, every epoch at `epoch_quantile` of its range; nothing is sampled, so the
 matrices are a function of the network alone (two analyses give bit-identical files).
 
 Task-periods, the two variance modes (`variance`: per_step or pooled), the representations
@@ -24,8 +24,8 @@ numerical core this stage shares with clustering.py. Vanilla-RNN and GRU runs ha
 embedding and no M: only hidden.
 
 Stability designs (SPEC §5.3): the same condition sets with input noise sigma_x =
-`stability_sigma_x` (one design per seed in range(`stability_seeds`)) and noise-free at each of
-`stability_quantiles`; only input and hidden are recomputed (clustering re-chooses k on them).
+`stability_input_noise` (one design per seed in range(`stability_seeds`)) and noise-free at each
+of `stability_epoch_quantiles`; only input and hidden are recomputed (clustering re-chooses k on them).
 
 Example:
     python multiple_task_analysis.py --run=everything_dmpn_seed749_L21e4_h300_b128
@@ -47,20 +47,20 @@ CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     variance="per_step",  # "per_step": Yang's variance across conditions per step, averaged over the period; "pooled": the reference's direction means pooled over (direction, t) {per_step | pooled}
-    quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
+    epoch_quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
     stability_seeds=5,  # stability designs: input-noise seeds of the condition set (0: none) {>= 0}
-    stability_sigma_x=0.01,  # input noise of those designs (SPEC §2.3 analysis noise) {> 0}
-    stability_quantiles=[0.25, 0.5, 0.75],  # stability designs: noise-free, durations at these quantiles {each >= 0, <= 1}
+    stability_input_noise=0.01,  # sigma_x of those designs (SPEC §2.3 analysis noise) {> 0}
+    stability_epoch_quantiles=[0.25, 0.5, 0.75],  # stability designs: noise-free, durations at these quantiles {each >= 0, <= 1}
     chunk_size=64,  # trials per forward pass (M stream: 64 x N^2 floats per step) {>= 1}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
-    torch_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s {>= 0}
+    num_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s {>= 0}
     figures=True,  # draw the figures (the HDF5 file is written either way) {@bool}
 )
 
 PRODUCER = "python multiple_task_analysis.py"
-ANALYSIS_KEYS = ("variance", "quantile", "stability_seeds", "stability_sigma_x",
-                 "stability_quantiles")  # what the variance file depends on
+ANALYSIS_KEYS = ("variance", "epoch_quantile", "stability_seeds", "stability_input_noise",
+                 "stability_epoch_quantiles")  # what the variance file depends on
 TRIAL_STREAM = 60  # second entry of the noise designs' numpy seed list, after the run seed
 SIBLINGS = (("dmcgo", "dmcnogo"), ("delaydm1", "delaydm2"), ("contextdelaydm1", "contextdelaydm2"))
 
@@ -87,10 +87,11 @@ def analysis_trials(rules, run_seed=0, io_mode="low_dim", quantile=1.0, sigma_x=
 
 def stability_designs(cfg):
     """{name: dict(quantile, sigma_x, seed)} of the perturbed designs (SPEC §5.3)."""
-    designs = {f"noise_seed{s}": dict(quantile=cfg["quantile"], sigma_x=cfg["stability_sigma_x"],
-                                      seed=s) for s in range(cfg["stability_seeds"])}
+    designs = {f"noise_seed{s}": dict(quantile=cfg["epoch_quantile"],
+                                      sigma_x=cfg["stability_input_noise"], seed=s)
+               for s in range(cfg["stability_seeds"])}
     designs.update({f"quantile_{q:g}": dict(quantile=float(q), sigma_x=0.0, seed=0)
-                    for q in cfg["stability_quantiles"]})
+                    for q in cfg["stability_epoch_quantiles"]})
     return designs
 
 
@@ -198,7 +199,7 @@ def analyze_run(paths, cfg):
     t0 = time.time()
     net, train_cfg, step = mpn.load_run(paths, helper.get_device(cfg["device"]), cfg["engine"])
     rules, io_mode = mpn_tasks.run_rules(train_cfg), train_cfg.get("io_mode", "low_dim")
-    trials = analysis_trials(rules, train_cfg["seed"], io_mode, quantile=cfg["quantile"])
+    trials = analysis_trials(rules, train_cfg["seed"], io_mode, quantile=cfg["epoch_quantile"])
     raw, rows, h_means = compute_variances(net, trials, cfg["chunk_size"], cfg["variance"],
                                            desc=f"{paths.name} task variance")
     perturbed = compute_stability(net, rules, cfg, train_cfg["seed"], io_mode, paths.name)
@@ -373,11 +374,11 @@ def make_figures(paths, net):
 def check_config(cfg):
     """One sentence for a setting the analysis cannot use."""
     check_variance_mode(cfg["variance"])
-    quantiles = [cfg["quantile"], *cfg["stability_quantiles"]]
+    quantiles = [cfg["epoch_quantile"], *cfg["stability_epoch_quantiles"]]
     if not all(0.0 <= q <= 1.0 for q in quantiles):
         raise helper.StageError(f"duration quantiles must lie in [0, 1], got {quantiles}.")
-    if cfg["stability_seeds"] < 0 or cfg["stability_sigma_x"] <= 0 or cfg["chunk_size"] < 1:
-        raise helper.StageError("stability_seeds must be >= 0, stability_sigma_x > 0 and "
+    if cfg["stability_seeds"] < 0 or cfg["stability_input_noise"] <= 0 or cfg["chunk_size"] < 1:
+        raise helper.StageError("stability_seeds must be >= 0, stability_input_noise > 0 and "
                                 "chunk_size >= 1.")
 
 
@@ -385,8 +386,8 @@ def main(cfg):
     """Analyse every run matching cfg["run"]; returns {aname: (raw matrices, row names, pca)}."""
     check_config(cfg)
     threads = torch.get_num_threads()
-    if cfg["torch_threads"]:
-        torch.set_num_threads(cfg["torch_threads"])
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
     try:
         out = {}
         for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):

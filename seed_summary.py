@@ -362,8 +362,7 @@ def similarity_section(paths_by_name, runs, cfg):
         raise helper.StageError("the runs differ in ruleset or io_mode, so they have no shared "
                                 "condition set to compare; narrow --runs.")
     rules = mpn_tasks.run_rules(first)
-    batches = similarity.condition_batches(rules, dict(cfg, quantile=cfg["epoch_quantile"]),
-                                           first.get("io_mode", "low_dim"))
+    batches = similarity.condition_batches(rules, cfg, first.get("io_mode", "low_dim"))
     states, m_states, m_kept = {}, {}, {}
     for r in runs:
         nets = mpn.with_untrained(mpn.load_run(paths_by_name[r["name"]])[0])

@@ -16,7 +16,7 @@ import net_helpers
 import variance_core as vc
 
 SEEDS = (749, 750)
-ANALYSIS = dict(mta.CONFIG, stability_seeds=1, stability_quantiles=[0.5], chunk_size=100,
+ANALYSIS = dict(mta.CONFIG, stability_seeds=1, stability_epoch_quantiles=[0.5], chunk_size=100,
                 device="cpu", figures=False)
 CLUSTER = dict(clustering.CONFIG, n_groups=40, n_restarts=3, figures=False)
 R_KEYS = {"k", "k_argmax", "above_null", "col_labels", "col_labels_by_k", "matrix",
@@ -191,7 +191,7 @@ def test_missing_stale_or_bad_inputs_stop_with_one_sentence(runs):
     with torch.no_grad():  # an embedding that ignores its input: every x column is silent
         net.W_in.zero_()
     net_helpers.save_checkpoint(paths.checkpoint, net, ckpt["config"], ckpt["step"] + 20)
-    analyse(name, stability_seeds=0, stability_quantiles=[])
+    analyse(name, stability_seeds=0, stability_epoch_quantiles=[])
     with pytest.raises(helper.StageError, match="every column of input .* is unresponsive"):
         cluster(name)
 

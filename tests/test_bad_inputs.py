@@ -80,10 +80,10 @@ STAGES = ["multiple_task", "multiple_task_analysis", "clustering", "lesion", "le
           "run_pipeline"]
 BAD_STAGE_VALUES = [
     ("clustering", "--k_max=0"), ("clustering", "--tol=0"), ("clustering", "--n_restarts=0"),
-    ("lesion", "--prune_sparsity=[0,1.5]"), ("lesion", "--n_test=7"), ("lesion", "--n_draws=0"),
+    ("lesion", "--prune_sparsity=[0,1.5]"), ("lesion", "--trials_per_rule=7"), ("lesion", "--n_draws=0"),
     ("lesion", "--forms=['foo']"), ("lesion", "--experiments=['single','dance']"),
     ("multiple_task_analysis", "--chunk_size=0"), ("multiple_task_analysis", "--variance=foo"),
-    ("lesion_plot", "--acc_measure=foo"), ("state_space_shift", "--epoch_quantile=2"),
+    ("lesion_plot", "--effect_measure=foo"), ("state_space_shift", "--epoch_quantile=2"),
     ("memory_geometry", "--run=../x"), ("fixed_points", "--n_eigs=0"),
     ("timescales", "--n_steps=0"), ("seed_summary", "--n_permutations=5"),
     ("run_pipeline", "--nets=dmpn,lstm"),

@@ -113,7 +113,7 @@ def test_stacked_outputs_equal_single_condition_outputs(net, tests):
 def test_no_lesion_equals_the_unperturbed_network(net):
     """Condition 0 on a test set of several parts per rule, merged, equals one plain
     evaluate of each rule's trials."""
-    cfg = dict(lesion.CONFIG, n_test=24, test_quantiles=[0.0, 0.5])
+    cfg = dict(lesion.CONFIG, trials_per_rule=24, epoch_quantile_range=[0.0, 0.5])
     test = lesion.make_test_set(RULES, cfg, run_seed=5, io_mode="low_dim", sigma_x=0.05)
     table = table_for()
     parts = lesion_engine.evaluate_conditions(net, test["parts"], table.conditions, memory_mb=64)
@@ -338,7 +338,7 @@ def write_cluster_files(paths, n_hidden, n_pre, seed=0, variance_hash="h"):
 def test_random_controls_are_outside_the_cluster_and_size_matched():
     ci, ci_mod = synthetic_cluster_info(N_HIDDEN, N_HIDDEN)
     t = table_for()
-    cfg = dict(lesion.CONFIG, n_random=4, fixed_k=6, n_random_combined=3)
+    cfg = dict(lesion.CONFIG, n_random=4, fixed_cut_k=6, n_random_combined=3)
     design = lesion.Design(cfg, 2, np.zeros((N_HIDDEN, N_HIDDEN)), ci=ci, ci_mod=ci_mod)
     single = lesion.single_experiments(t, design)
     mod = lesion.modulation_experiments(t, design)
@@ -438,19 +438,20 @@ def planted_network():
 @pytest.fixture(scope="module")
 def planted():
     net = planted_network()
-    cfg = dict(lesion.CONFIG, n_test=32, test_quantiles=[0.25, 0.75])
+    cfg = dict(lesion.CONFIG, trials_per_rule=32, epoch_quantile_range=[0.25, 0.75])
     test = lesion.make_test_set(PLANTED_RULES, cfg, run_seed=1, io_mode="low_dim", sigma_x=0.0)
     return net, test
 
 
-def lesion_groups(net, test, groups, run_seed, n_random=20, rules=PLANTED_RULES, n_test=32):
+def lesion_groups(net, test, groups, run_seed, n_random=20, rules=PLANTED_RULES,
+                  trials_per_rule=32):
     """Scores and significance (trial measure) of lesioning each unit group alone."""
     table = table_for(N_PLANTED, N_PLANTED)
     lesion_ids, control_ids = lesion._lesion_and_controls(table, "hid_units", groups, N_PLANTED,
                                                           n_random, run_seed)
     parts = lesion_engine.evaluate_conditions(net, test["parts"], table.conditions, memory_mb=64)
     scores = lesion.merge_parts(parts, test, len(rules))
-    n_trials = np.full(len(rules), float(n_test))
+    n_trials = np.full(len(rules), float(trials_per_rule))
     return scores, lesion_ids, lesion.significance(scores["trial"], lesion_ids, control_ids,
                                                    n_trials, alpha=0.05)
 
@@ -475,13 +476,13 @@ def test_random_unit_groups_are_rarely_significant(planted):
     significant in at most 5% of cells over 20 seeds (the four solved rules, 16 trials each)."""
     net, _ = planted
     rules = PLANTED_RULES[:4]
-    cfg = dict(lesion.CONFIG, n_test=16, test_quantiles=[0.25, 0.75])
+    cfg = dict(lesion.CONFIG, trials_per_rule=16, epoch_quantile_range=[0.25, 0.75])
     test = lesion.make_test_set(rules, cfg, run_seed=2, io_mode="low_dim", sigma_x=0.0)
     called, cells = 0, 0
     for seed in range(20):
         order = np.random.default_rng(seed).permutation(N_PLANTED)
         _, _, stats = lesion_groups(net, test, np.split(order, 8), run_seed=seed, rules=rules,
-                                    n_test=16)
+                                    trials_per_rule=16)
         called += int(stats["significant"].sum())
         cells += int(np.isfinite(stats["p"]).sum())
     assert cells == 20 * 8 * 4
@@ -492,9 +493,9 @@ def test_random_unit_groups_are_rarely_significant(planted):
 # End to end
 
 
-FAST = dict(n_test=8, test_quantiles=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
+FAST = dict(trials_per_rule=8, epoch_quantile_range=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
             zero_fractions=[0, 0.5, 1.0], silence_fractions=[0, 0.5], noise_sigmas=[0, 0.03],
-            noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_k=None,
+            noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_cut_k=None,
             device="cpu")
 
 
