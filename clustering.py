@@ -60,7 +60,6 @@ CONFIG = dict(
     figures=True,  # draw the figures (the HDF5 files are written either way) {@bool}
 )
 
-PRODUCER = "python clustering.py"
 CLUSTER_KEYS = ("n_null", "null_level", "k_max", "tol", "n_groups", "n_restarts", "fixed_k",
                 "cluster_seed", "stability")  # the keys the clusterings depend on
 UNRESPONSIVE = 1e-3  # Yang's threshold on a column's summed task variance
@@ -272,9 +271,7 @@ def cluster_run(paths, cfg):
 
 def load_clusters(paths):
     """(cluster_info, cluster_info_mod) as saved, for the figures."""
-    producer = f"{PRODUCER} --run={paths.name}"
-    return tuple(helper.load_h5(path, producer)[0]
-                 for path in (paths.cluster_info, paths.cluster_info_mod))
+    return tuple(helper.load_h5(path)[0] for path in (paths.cluster_info, paths.cluster_info_mod))
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ CONFIG = dict(
     figures=True,  # draw the figures {@bool}
 )
 
-PRODUCER = "python fixed_points.py"
 
 
 # ----------------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ def rule_conditions(net, rule, cfg, io_mode):
               if batch.epochs[name][0, 1] > batch.epochs[name][0, 0]]
     ends = [int(batch.epochs[name][0, 1]) - 1 for name in epochs]
     states = net.states_at(inputs, ends)  # (B, n_epochs, *state)
-    directions = np.round(batch.stim1_dir / (np.pi / 4)).astype(int) % 8
+    directions = mpn_tasks.direction_index(batch.stim1_dir)
     u, s0, labels = [], [], {"epoch": [], "direction": []}
     for e, (name, end) in enumerate(zip(epochs, ends)):
         u.append(inputs[:, end])

@@ -274,7 +274,6 @@ PRODUCERS = {
     "log.json": "python multiple_task.py",
     "snapshots/*": "python multiple_task.py",
     "task_variance.h5": "python multiple_task_analysis.py --run={run}",
-    "analysis.*": "python multiple_task_analysis.py --run={run}",
     "cluster_info*": "python clustering.py --run={run}",
     "lesion.*": "python lesion.py --run={run}",
     "state_space.*": "python state_space_shift.py --run={run}",
@@ -295,33 +294,69 @@ def producer_of(run_dir, relpath):
     return None
 
 
+def producer_for(path):
+    """The command that remakes `path`: from PRODUCERS when it lies in a run folder, else
+    from its file name alone (no run name to fill in), else a description."""
+    path, run_dir = Path(path), run_dir_of(path)
+    command = producer_of(run_dir, path.relative_to(run_dir).as_posix()) if run_dir else None
+    if command is None and "{run}" not in PRODUCERS.get(path.name, "{run}"):
+        command = PRODUCERS[path.name]
+    return command or "the stage that writes it"
+
+
+# The files of a run folder: RunPaths attribute -> (file name, the attributes of the files it
+# is computed from). RunPaths.check_fresh follows these; PRODUCERS says who writes each.
+RUN_FILES = {
+    "config": ("config.json", ()),
+    "checkpoint": ("checkpoint.pt", ()),
+    "log": ("log.json", ()),
+    "variance": ("task_variance.h5", ("checkpoint",)),
+    "cluster_info": ("cluster_info.h5", ("variance",)),
+    "cluster_info_mod": ("cluster_info_mod.h5", ("variance",)),
+    "lesion": ("lesion.h5", ("checkpoint", "cluster_info", "cluster_info_mod")),
+    "state_space": ("state_space.h5", ("checkpoint",)),
+    "memory_geometry": ("memory_geometry.h5", ("checkpoint",)),
+    "fixed_points": ("fixed_points.h5", ("checkpoint",)),
+    "timescales": ("timescales.h5", ("checkpoint",)),
+}
+
+
 class RunPaths:
     """Every artifact of one run, under runs/<aname>/ (a safe name: the folder lies inside
-    the runs root, whatever the name)."""
+    the runs root, whatever the name): one attribute per RUN_FILES entry, plus snapshots,
+    figures, manifest and lock."""
 
     def __init__(self, aname, root=None):
         self.name = check_run_name(aname)
         self.dir = runs_root(root) / aname
-        self.config = self.dir / "config.json"
-        self.checkpoint = self.dir / "checkpoint.pt"
-        self.log = self.dir / "log.json"
+        for attr, (name, _) in RUN_FILES.items():
+            setattr(self, attr, self.dir / name)
         self.snapshots = self.dir / "snapshots"
         self.figures = self.dir / "figures"
-        self.variance = self.dir / "task_variance.h5"
-        self.analysis = self.dir / "analysis.pkl"
-        self.cluster_info = self.dir / "cluster_info.h5"
-        self.cluster_info_mod = self.dir / "cluster_info_mod.h5"
-        self.lesion = self.dir / "lesion.h5"
-        self.state_space = self.dir / "state_space.h5"
-        self.memory_geometry = self.dir / "memory_geometry.h5"
-        self.fixed_points = self.dir / "fixed_points.h5"
-        self.timescales = self.dir / "timescales.h5"
         self.manifest = self.dir / MANIFEST
         self.lock = self.dir / LOCK
 
     def producer(self, path):
         """The command that remakes one of this run's files (see PRODUCERS)."""
         return producer_of(self.dir, Path(path).relative_to(self.dir).as_posix())
+
+    def inputs(self, attr):
+        """The paths of the files `attr` is computed from (RUN_FILES)."""
+        return [getattr(self, a) for a in RUN_FILES[attr][1]]
+
+    def check_fresh(self, attr):
+        """The path of file `attr`, refused when missing or stale: check_fresh on it after
+        checking every file upstream of it (RUN_FILES) that exists, so that the stalest file
+        is named with the command that remakes it. File times judge only files whose
+        manifest entry lacks recorded inputs."""
+        path = getattr(self, attr)
+        if not path.exists():
+            raise _missing(path, self.producer(path))
+        for up in RUN_FILES[attr][1]:
+            if getattr(self, up).exists():
+                self.check_fresh(up)
+        check_fresh(path, producer=self.producer(path), inputs=self.inputs(attr))
+        return path
 
     def snapshot(self, step):
         return self.snapshots / f"weights_step{step:07d}.pt"
@@ -348,7 +383,7 @@ def find_runs(pattern, root=None, need="checkpoint"):
     runs = [r for r in runs if getattr(r, need).exists()]
     if not runs:
         raise StageError(f"no run matching {pattern!r} with a {need} under {str(base)!r}; "
-                         f"train one with `python multiple_task.py` first.")
+                         f"train one with `{PRODUCERS['checkpoint.pt']}` first.")
     return runs
 
 
@@ -603,9 +638,10 @@ def guarded_write(path, cfg=None, inputs=None):
         _record(run_dir, path, tmp, cfg, inputs)
 
 
-def verify(path, producer):
+def verify(path, producer=None):
     """Refuse a run-folder file whose sha256 differs from its manifest entry."""
     path, run_dir = Path(path), run_dir_of(path)
+    producer = producer or producer_for(path)
     entry = read_manifest(run_dir).get(path.relative_to(run_dir).as_posix()) if run_dir else None
     if entry and sha256(path) not in (entry["sha256"], entry.get("replaces")):
         raise StageError(f"{str(path)!r} differs from the version its producer wrote (its "
@@ -614,14 +650,15 @@ def verify(path, producer):
     return entry
 
 
-def check_fresh(path, obj=None, producer="the stage that writes it", expect_hash=None,
-                inputs=None):
+def check_fresh(path, obj=None, producer=None, expect_hash=None, inputs=None):
     """The one freshness check. `path` is stale when it was computed from another config
     (`expect_hash` differs from the hash stamped in `obj["_provenance"]` or in its manifest
     entry), from an older version of an input (the sha256 recorded at writing differs from
     the input's manifest entry now), or, for files without recorded inputs, when one of
-    `inputs` is newer than it."""
+    `inputs` is newer than it. `producer`: the command named in the error (default: from
+    PRODUCERS). RunPaths.check_fresh runs it along a run's chain of files."""
     path, run_dir = Path(path), run_dir_of(path)
+    producer = producer or producer_for(path)
     manifest = read_manifest(run_dir) if run_dir else {}
     entry = manifest.get(path.relative_to(run_dir).as_posix(), {}) if run_dir else {}
     stamp = obj.get("_provenance", {}) if isinstance(obj, dict) else {}
@@ -655,7 +692,8 @@ _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexErr
 
 
 def _open_checked(path, producer, inputs=None):
-    """Existence, manifest checksum and freshness of a file about to be read."""
+    """Existence, manifest checksum and freshness of a file about to be read (`producer`
+    resolved by the caller: producer_for)."""
     path = Path(path)
     if not path.exists():
         raise _missing(path, producer)
@@ -680,9 +718,11 @@ def _json_default(obj):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def load_json(path, producer="the stage that writes it", keys=None, inputs=None):
+def load_json(path, producer=None, keys=None, inputs=None):
     """Read a JSON file; refuse a missing, corrupt, altered or stale one, and, with `keys`, one
-    that is not a JSON object holding those keys."""
+    that is not a JSON object holding those keys. Errors name `producer` (default: from
+    PRODUCERS, producer_for), as in load_h5 and load_torch."""
+    producer = producer or producer_for(path)
     path = _open_checked(path, producer, inputs)
     try:
         obj = json.loads(path.read_text())
@@ -742,7 +782,7 @@ def save_h5(path, arrays, attrs=None, cfg=None, inputs=None):
                 f.attrs[key] = json.dumps(value, default=_json_default)
 
 
-def load_h5(path, producer, expect_hash=None, inputs=None):
+def load_h5(path, producer=None, expect_hash=None, inputs=None):
     """Read a file written by `save_h5` back into (nested dict of arrays, attrs); a missing,
     corrupt (checksums), altered (manifest) or stale file is one sentence."""
     import h5py
@@ -762,6 +802,7 @@ def load_h5(path, producer, expect_hash=None, inputs=None):
                 out[key] = value
         return out
 
+    producer = producer or producer_for(path)
     path = _open_checked(path, producer, inputs)
     try:
         with h5py.File(path, "r") as f:
@@ -782,11 +823,12 @@ def save_torch(path, obj, cfg=None, inputs=None):
             raise _write_failed(path, OSError(errno.EIO, str(err).split("\n")[0])) from None
 
 
-def load_torch(path, producer, inputs=None):
+def load_torch(path, producer=None, inputs=None):
     """torch.load with weights_only=True; a missing, truncated or altered file is a clear
     StageError."""
     import pickle  # torch's own unpickler (weights_only) reports a foreign file with this
     import torch
+    producer = producer or producer_for(path)
     path = _open_checked(path, producer, inputs)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -105,7 +105,6 @@ CONFIG = dict(
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
 )
 
-CLUSTER_PRODUCER = "python clustering.py"
 MEASURES = ("trial", "angle")
 # Seed streams (second entry of the numpy seed list, after the run seed).
 TEST_STREAM, CONTROL_STREAM, ROBUST_STREAM = 70, 71, 72
@@ -362,15 +361,14 @@ EXPERIMENTS = {
 def load_clusters(paths, experiments):
     """cluster_info (and cluster_info_mod when needed) as nested dicts <rep>/<form>/...,
     refused when missing or stale; plus the fixed k they were written with (or None)."""
-    producer = f"{CLUSTER_PRODUCER} --run={paths.name}"
     out, fixed_k = {}, None
     for attr in ("cluster_info", "cluster_info_mod"):
         if not any(EXPERIMENTS[e].clusters == attr for e in experiments):
             out[attr] = None
             continue
         path = getattr(paths, attr)
-        out[attr], attrs = helper.load_h5(path, producer)
-        check_clusters_fresh(paths, path, out[attr], producer)
+        out[attr], attrs = helper.load_h5(path)
+        check_clusters_fresh(paths, attr, out[attr])
         fixed_k = attrs.get("fixed_k", fixed_k)
     return out["cluster_info"], out["cluster_info_mod"], variance_reader(paths), fixed_k
 
@@ -380,23 +378,20 @@ def _text(value):
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def check_clusters_fresh(paths, path, info, producer):
-    """A cluster file is stale when it (or the task_variance.h5 it came from) was computed
-    from an older checkpoint, or from another task_variance.h5 than the one now in the run
-    folder. The manifest's input hashes decide; file times only for files it lacks, so a
-    copied run folder (new times) stays usable."""
+def check_clusters_fresh(paths, attr, info):
+    """A cluster file (RunPaths attribute `attr`) is stale when it was computed from another
+    task_variance.h5 than the one now in the run folder (the variance hash it records), or
+    when it or the variance file is older than its input (RunPaths.check_fresh: the
+    manifest's input hashes, file times only for files without them, so a copied run folder
+    with new times stays usable)."""
+    path = getattr(paths, attr)
     hashes = {_text(R["variance_hash"]) for forms in info.values() if isinstance(forms, dict)
               for R in forms.values() if isinstance(R, dict) and "variance_hash" in R}
     if hashes and paths.variance.exists():
-        _, vattrs = helper.load_h5(paths.variance, f"python multiple_task_analysis.py --run={paths.name}")
-        current = vattrs.get("config_hash")
-        if hashes != {current}:
+        if hashes != {helper.load_h5(paths.variance)[1].get("config_hash")}:
             raise helper.StageError(f"{str(path)!r} was computed from another "
-                                    f"{paths.variance.name}; rerun `{producer}`.")
-    if paths.variance.exists():
-        helper.check_fresh(paths.variance, producer=f"python multiple_task_analysis.py "
-                           f"--run={paths.name}", inputs=[paths.checkpoint])
-    helper.check_fresh(path, producer=producer, inputs=[paths.variance, paths.checkpoint])
+                                    f"{paths.variance.name}; rerun `{paths.producer(path)}`.")
+    paths.check_fresh(attr)
 
 
 def variance_reader(paths):
@@ -406,8 +401,7 @@ def variance_reader(paths):
 
     def variance(rep, form):
         if "arrays" not in cache:
-            cache["arrays"] = (helper.load_h5(paths.variance, "python multiple_task_analysis.py")[0]
-                               if paths.variance.exists() else {})
+            cache["arrays"] = helper.load_h5(paths.variance)[0] if paths.variance.exists() else {}
         return cache["arrays"].get(rep, {}).get(form)
     return variance
 

@@ -22,12 +22,9 @@ import helper
 import mpn
 import mpn_tasks
 import net_helpers
+from variance_core import FORM_SHORT, REP_SHORT
 
-PRODUCER = "python lesion.py"  # the command that writes lesion.h5
 FIELDS = ("in_units", "hid_units", "w_zero", "m_freeze")  # index-set fields of a condition
-REP_SHORT = {"input": "input", "hidden": "hidden", "modulation": "M",
-             "modulation_weighted": "W⊙M"}
-FORM_SHORT = {"normalized": "norm", "unnormalized": "unnorm"}
 
 
 def family_name(t, kind="lesion"):
@@ -533,7 +530,7 @@ def save_result(path, result, cfg, inputs=None):
     helper.save_h5(path, arrays, attrs={"meta": meta}, cfg=cfg, inputs=inputs)
 
 
-def load_result(path, producer, expect_hash=None):
+def load_result(path, producer=None, expect_hash=None):
     """The dict save_result wrote."""
     arrays, attrs = helper.load_h5(path, producer, expect_hash)
     result = _merge(arrays, attrs["meta"])

@@ -32,7 +32,8 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 import helper
-from lesion_engine import FORM_SHORT, PRODUCER, family_name, load_result
+from lesion_engine import family_name, load_result
+from variance_core import FORM_SHORT
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -568,11 +569,9 @@ def make_figures(result, paths, measure):
 
 
 def load_fresh(paths):
-    """The lesion results, refused when older than the checkpoint or the cluster files."""
-    producer = f"{PRODUCER} --run={paths.name}"
-    helper.check_fresh(paths.lesion, producer=producer,
-                       inputs=[paths.checkpoint, paths.cluster_info, paths.cluster_info_mod])
-    return load_result(paths.lesion, producer)
+    """The lesion results, refused when they (or a file upstream: cluster files, variance)
+    are older than what they were computed from."""
+    return load_result(paths.check_fresh("lesion"))
 
 
 def main(cfg):

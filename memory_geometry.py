@@ -44,6 +44,8 @@ import torch
 import helper
 import mpn
 import mpn_tasks
+from mpn_tasks import DT_MS, N_DIRS
+from variance_core import REP_TITLES
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -64,14 +66,12 @@ CONFIG = dict(
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
 )
 
-PRODUCER = "python memory_geometry.py"
 PAIRS = {"dmc": ("dmcgo", "dmcnogo"), "delaydm": ("delaydm1", "delaydm2")}
-REP_LABELS = {"hidden": "hidden h", "WM": "W ⊙ M"}
+REP_LABELS = {"hidden": REP_TITLES["hidden"], "WM": REP_TITLES["modulation_weighted"]}
 # (label, held-out grouping) per pair: what is decoded, and what a CV fold leaves out
 DECODINGS = {"dmc": (("category", "direction"), ("rule", "direction"),
                      ("category_x_rule", "direction")),
              "delaydm": (("direction", "repeat"), ("direction", "rule"))}
-N_DIRS = 8
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,8 +92,7 @@ def probe_batch(pair, cfg, io_mode, sigma_x):
                                         long_delay=cfg["delay_ms"])
         batches.append(batch)
         labels["rule"].append(np.full(n, r))
-        labels["direction"].append(np.round(batch.stim1_dir / (2 * np.pi / N_DIRS)).astype(int)
-                                   % N_DIRS)
+        labels["direction"].append(mpn_tasks.direction_index(batch.stim1_dir))
         labels["repeat"].append(np.arange(n) // n_dirs)
     batch = mpn_tasks.concat_batches(batches)
     labels = {k: np.concatenate(v) for k, v in labels.items()}
@@ -470,7 +469,7 @@ def figure_convergence(result, cfg, path):
 def check_config(cfg):
     if cfg["n_pcs"] < 2:
         raise helper.StageError(f"n_pcs must be at least 2 (the plane is PC1-PC2), got {cfg['n_pcs']}.")
-    if cfg["delay_ms"] < 40 * (cfg["converge_window"] + 2):
+    if cfg["delay_ms"] < DT_MS * (cfg["converge_window"] + 2):
         raise helper.StageError(f"delay_ms = {cfg['delay_ms']} leaves fewer than converge_window"
                                 f" + 2 = {cfg['converge_window'] + 2} delay steps; lengthen it.")
     if cfg["trials_per_direction"] < 1 or cfg["n_shuffles"] < 0:

@@ -38,10 +38,10 @@ import torch
 import helper
 import mpn
 import mpn_tasks
-from variance_core import (  # noqa: F401 (PERIOD_EPOCHS: for analysis_summary.py)
-    FORMS, MODULATION_STREAMS, N_DIRS, PERIOD_EPOCHS, REP_FORMS, REP_TITLES,
-    check_variance_mode, direction_index, normalize_columns, rule_windows, task_periods,
-    task_variance_matrix, variance_provenance)
+from mpn_tasks import N_DIRS, direction_index
+from variance_core import (
+    FORMS, MODULATION_STREAMS, REP_FORMS, REP_TITLES, check_variance_mode,
+    normalize_columns, rule_windows, task_periods, task_variance_matrix, variance_provenance)
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -58,11 +58,9 @@ CONFIG = dict(
     figures=True,  # draw the figures (the HDF5 file is written either way) {@bool}
 )
 
-PRODUCER = "python multiple_task_analysis.py"
 ANALYSIS_KEYS = ("variance", "epoch_quantile", "stability_seeds", "stability_input_noise",
                  "stability_epoch_quantiles")  # what the variance file depends on
 TRIAL_STREAM = 60  # second entry of the noise designs' numpy seed list, after the run seed
-SIBLINGS = (("dmcgo", "dmcnogo"), ("delaydm1", "delaydm2"), ("contextdelaydm1", "contextdelaydm2"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,7 +357,7 @@ def figure_pca(pca, windows, path):
 def make_figures(paths, net):
     """Every figure of the analysis stage, from the variance file and the weights."""
     helper.set_style()
-    arrays, attrs = helper.load_h5(paths.variance, f"{PRODUCER} --run={paths.name}")
+    arrays, attrs = helper.load_h5(paths.variance)
     figures = [figure_variance(arrays, form, paths.figure(f"variance_{form}")) for form in FORMS]
     figures.append(figure_weights(net, paths.figure("weights")))
     windows = {rule: {e: tuple(w) for e, w in ws.items()} for rule, ws in attrs["windows"].items()}

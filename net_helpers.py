@@ -18,7 +18,6 @@ from torch import nn
 import helper
 import mpn_tasks
 
-CHECKPOINT_PRODUCER = "python multiple_task.py"  # the command that writes checkpoints
 
 
 # ----------------------------------------------------------------------------------------
@@ -303,8 +302,10 @@ def save_checkpoint(path, net, cfg, step, extra=None):
     helper.save_torch(path, ckpt, cfg=cfg)
 
 
-def load_checkpoint(path, producer=CHECKPOINT_PRODUCER):
-    """Read a checkpoint; a missing, truncated or foreign file is a helper.StageError."""
+def load_checkpoint(path, producer=None):
+    """Read a checkpoint (or a snapshot); a missing, truncated or foreign file is a
+    helper.StageError naming the training command."""
+    producer = producer or helper.PRODUCERS["checkpoint.pt"]
     ckpt = helper.load_torch(path, producer)
     needed = ("net_type", "init_args", "state_dict", "config", "step")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):

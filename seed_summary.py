@@ -40,6 +40,7 @@ import helper
 import mpn
 import mpn_tasks
 import similarity
+from variance_core import REP_FORMS, REP_TITLES
 
 CONFIG = dict(
     runs="everything_*_seed*",  # run-name glob of the runs summarised (quote it in the shell) {@run_pattern}
@@ -70,11 +71,8 @@ REFERENCE_SIBLINGS = {
     ("delaydm1/delaydm2", "stim1"): {"input": 0, "hidden": 0, "modulation": 0},
 }
 REFERENCE_SEEDS = 7
-SIBLINGS = (("dmcgo", "dmcnogo"), ("delaydm1", "delaydm2"), ("contextdelaydm1", "contextdelaydm2"))
 SIBLING_EPOCHS = ("stim1", "delay1")
-CLUSTER_KEYS = (("input", "normalized"), ("input", "unnormalized"), ("hidden", "normalized"),
-                ("hidden", "unnormalized"), ("modulation", "normalized"),
-                ("modulation", "unnormalized"), ("modulation_weighted", "unnormalized"))
+CLUSTER_KEYS = tuple((rep, form) for rep in REP_TITLES for form in REP_FORMS[rep])
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,32 +113,30 @@ def wilson(successes, n, z=Z95):
 # Reading the runs
 
 
-def _optional_h5(path, producer):
-    return helper.load_h5(path, producer)[0] if path.exists() else None
+def _optional_h5(path):
+    return helper.load_h5(path)[0] if path.exists() else None
 
 
 def read_run(paths):
     """Everything the tables need from one run folder (None for what the run lacks)."""
-    cfg = helper.load_json(paths.config, "python multiple_task.py")
-    log = helper.load_json(paths.log, "python multiple_task.py")
+    cfg = helper.load_json(paths.config)
+    log = helper.load_json(paths.log)
     if not log.get("evals"):
         raise helper.StageError(f"{str(paths.log)!r} has no evaluation yet; train the run "
-                                f"longer with `python multiple_task.py`.")
+                                f"longer with `{paths.producer(paths.log)}`.")
     pipeline = paths.dir / "pipeline.json"
-    run = f"--run={paths.name}"
     clusters = {}
     for attr in ("cluster_info", "cluster_info_mod"):
-        info = _optional_h5(getattr(paths, attr), f"python clustering.py {run}")
-        clusters.update(info or {})
+        clusters.update(_optional_h5(getattr(paths, attr)) or {})
     return dict(
         name=paths.name, net=cfg["net"], seed=int(cfg["seed"]), config=cfg,
         acc=log["evals"][-1]["acc"], step=int(log["evals"][-1]["step"]),
         seconds=helper.load_json(pipeline) if pipeline.exists() else {},
         clusters=clusters,
-        lesion=_optional_h5(paths.lesion, f"python lesion.py {run}"),
-        shift=_optional_h5(paths.state_space, f"python state_space_shift.py {run}"),
-        memory=_optional_h5(paths.memory_geometry, f"python memory_geometry.py {run}"),
-        timescales=_optional_h5(paths.timescales, f"python timescales.py {run}"),
+        lesion=_optional_h5(paths.lesion),
+        shift=_optional_h5(paths.state_space),
+        memory=_optional_h5(paths.memory_geometry),
+        timescales=_optional_h5(paths.timescales),
     )
 
 
@@ -202,7 +198,7 @@ def sibling_table(groups):
             if not got:
                 continue
             cells = {}
-            for a, b in SIBLINGS:
+            for a, b in mpn_tasks.SIBLINGS:
                 for epoch in SIBLING_EPOCHS:
                     shared, n = 0, 0
                     for R in got:

@@ -45,6 +45,7 @@ import torch
 import helper
 import mpn
 import mpn_tasks
+from variance_core import REP_TITLES
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -59,10 +60,9 @@ CONFIG = dict(
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
 )
 
-PRODUCER = "python state_space_shift.py"
-REPRESENTATIONS = ("hidden", "M", "WM")  # h; M flattened; W ⊙ M flattened
-REP_LABELS = {"hidden": "hidden h", "M": "modulation M", "WM": "W ⊙ M"}
-N_DIRS = 8  # stimulus directions 0, 45, ..., 315 degrees
+# key in state_space.h5 -> its representation (variance_core): h; M and W ⊙ M flattened
+REPRESENTATIONS = {"hidden": "hidden", "M": "modulation", "WM": "modulation_weighted"}
+REP_LABELS = {key: REP_TITLES[rep] for key, rep in REPRESENTATIONS.items()}
 
 
 def family_of(rule):
@@ -92,10 +92,10 @@ def onset_step(batch):
 
 def trial_directions(batch):
     """Stimulus-1 direction index (0..7) per trial."""
-    index = np.arange(len(batch.rule)) % N_DIRS
+    index = np.arange(len(batch.rule)) % mpn_tasks.N_DIRS
     dirs = np.asarray(batch.stim1_dir, dtype=float)
     ok = np.isfinite(dirs)
-    index[ok] = np.round(dirs[ok] / (2 * np.pi / N_DIRS)).astype(int) % N_DIRS
+    index[ok] = mpn_tasks.direction_index(dirs[ok])
     return index
 
 

@@ -33,6 +33,7 @@ import torch
 import helper
 import mpn
 import mpn_tasks
+from mpn_tasks import DT_MS
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -48,8 +49,6 @@ CONFIG = dict(
     figures=True,  # draw the figures {@bool}
 )
 
-PRODUCER = "python timescales.py"
-DT_MS = 40
 MAX_SYNAPSES = 20_000  # synapses whose own decay is fitted (trials x N_post x N_pre in all)
 
 

@@ -31,8 +31,10 @@ REP_TITLES = {"input": "input x", "hidden": "hidden h", "modulation": "modulatio
 FORMS = ("normalized", "unnormalized")
 REP_FORMS = {"input": FORMS, "hidden": FORMS, "modulation": FORMS,
              "modulation_weighted": ("unnormalized",)}  # W ⊙ M normalized = M normalized
+REP_SHORT = {"input": "input", "hidden": "hidden", "modulation": "M",
+             "modulation_weighted": "W⊙M"}  # in figure labels
+FORM_SHORT = {"normalized": "norm", "unnormalized": "unnorm"}
 PERIOD_EPOCHS = ("stim1", "delay1", "stim2", "delay2", "go1")  # row epochs, in trial order
-N_DIRS = 8  # stimulus directions 0, 45, ..., 315 degrees
 
 
 def rule_windows(batch):
@@ -62,11 +64,6 @@ def task_periods(epochs_by_rule):
     """
     return [f"{rule}-{epoch}" for rule, epochs in epochs_by_rule.items()
             for epoch in PERIOD_EPOCHS if epoch in epochs]
-
-
-def direction_index(angle, n_dirs=N_DIRS):
-    """Nearest of the n_dirs stimulus directions (int index) for angles in radians."""
-    return np.rint(np.asarray(angle) / (2 * np.pi / n_dirs)).astype(np.int64) % n_dirs
 
 
 def task_variance(z, window, stim1_dir_idx=None, mode="per_step"):

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import variance_core as vc  # noqa: E402
+from mpn_tasks import N_DIRS  # noqa: E402
 
 
 def main():
@@ -31,10 +32,10 @@ def main():
     windows = {"stim1": (5, 45), "delay1": (45, 85), "stim2": (85, 125), "delay2": (125, 132),
                "go1": (132, 149)}  # delaydm at the maximum quantile, steps
     acc = vc.MODULATION_STREAMS[args.mode](vc.task_periods({"delaydm1": windows}), n, n)
-    dirs = np.sort(np.arange(args.n_trials) % vc.N_DIRS)  # sorted: few open directions
+    dirs = np.sort(np.arange(args.n_trials) % N_DIRS)  # sorted: few open directions
     M = torch.rand(args.chunk, n, n, generator=torch.Generator().manual_seed(0))
     t0, c0 = time.perf_counter(), time.process_time()
-    acc.start_rule("delaydm1", windows, np.bincount(dirs, minlength=vc.N_DIRS))
+    acc.start_rule("delaydm1", windows, np.bincount(dirs, minlength=N_DIRS))
     for start in range(0, args.n_trials, args.chunk):
         chunk_dirs = dirs[start:start + args.chunk]
         acc.start_chunk(chunk_dirs)

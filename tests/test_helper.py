@@ -175,3 +175,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_run_paths_check_fresh_names_the_stalest_file_upstream(runs_dir):
+    paths = helper.run_paths("a_run", runs_dir)
+    helper.save_json(paths.config, {})
+    helper.save_json(paths.checkpoint, {"v": 1})
+    helper.save_json(paths.variance, {}, inputs=[paths.checkpoint])
+    helper.save_json(paths.cluster_info, {}, inputs=[paths.variance])
+    helper.save_json(paths.lesion, {}, inputs=[paths.checkpoint, paths.cluster_info])
+    assert paths.check_fresh("lesion") == paths.lesion
+    helper.save_json(paths.checkpoint, {"v": 2})  # retrained: everything downstream is stale
+    with pytest.raises(helper.StageError, match="task_variance.h5' was computed from an older "
+                       "checkpoint.pt .*; rerun `python multiple_task_analysis.py --run=a_run`"):
+        paths.check_fresh("lesion")
+    paths.lesion.unlink()
+    with pytest.raises(helper.StageError, match="lesion.h5' is missing; run `python lesion.py "
+                       "--run=a_run` first"):
+        paths.check_fresh("lesion")
+    assert helper.producer_for(paths.cluster_info_mod) == "python clustering.py --run=a_run"

@@ -37,6 +37,16 @@ def test_every_stage_runs_then_everything_is_skipped(runs_dir, capsys):
     assert "lesion: running" in out
 
 
+def test_stages_read_and_write_what_run_paths_declares():
+    """STAGES (what the pipeline runs) and helper.RUN_FILES (what each file is computed from)
+    agree, and each written file's producer is the stage's script."""
+    paths = helper.run_paths("a_run")
+    for name, module, reads, writes in run_pipeline.STAGES:
+        for attr in writes:
+            assert set(helper.RUN_FILES[attr][1]) <= set(reads), (name, attr)
+            assert paths.producer(getattr(paths, attr)).startswith(f"python {module}.py")
+
+
 def test_unknown_keys_and_stages_are_refused(runs_dir):
     with pytest.raises(helper.StageError, match="Did you mean n_hidden"):
         run_pipeline.main([TINY, "--n_hiden=3"])
