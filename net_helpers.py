@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import helper
+import run_folder
 import mpn_tasks
 
 
@@ -299,17 +299,17 @@ def save_checkpoint(path, net, cfg, step, extra=None):
         "step": int(step),
         "extra": extra if extra is not None else {},
     }
-    helper.save_torch(path, ckpt, cfg=cfg)
+    run_folder.save_torch(path, ckpt, cfg=cfg)
 
 
 def load_checkpoint(path, producer=None):
     """Read a checkpoint (or a snapshot); a missing, truncated or foreign file is a
-    helper.StageError naming the training command."""
-    producer = producer or helper.PRODUCERS["checkpoint.pt"]
-    ckpt = helper.load_torch(path, producer)
+    StageError naming the training command."""
+    producer = producer or run_folder.PRODUCERS["checkpoint.pt"]
+    ckpt = run_folder.load_torch(path, producer)
     needed = ("net_type", "init_args", "state_dict", "config", "step")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise helper.StageError(f"{str(path)!r} is not a model checkpoint (it lacks "
+        raise run_folder.StageError(f"{str(path)!r} is not a model checkpoint (it lacks "
                                 f"{', '.join(needed)}); run `{producer}` to make one.")
     return ckpt
 
