@@ -42,8 +42,8 @@ from sklearn.metrics import adjusted_rand_score
 
 import cluster_core as cc
 import helper
-import multiple_task_analysis as mta
-from multiple_task_analysis import log_transform, normalize_columns
+import net_helpers
+import variance_core as vc
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -60,7 +60,6 @@ CONFIG = dict(
     figures=True,  # draw the figures (the HDF5 files are written either way) {@bool}
 )
 
-PRODUCER = "python clustering.py"
 CLUSTER_KEYS = ("n_null", "null_level", "k_max", "tol", "n_groups", "n_restarts", "fixed_k",
                 "cluster_seed", "stability")  # the keys the clusterings depend on
 UNRESPONSIVE = 1e-3  # Yang's threshold on a column's summed task variance
@@ -81,9 +80,9 @@ def transform(V, form):
     """The matrix clustered in `form`: 'normalized' (column / column max) or 'unnormalized'
     (log1p of the raw task variance)."""
     if form == "normalized":
-        return normalize_columns(V)
+        return vc.normalize_columns(V)
     if form == "unnormalized":
-        return log_transform(V)
+        return vc.log_transform(V)
     raise ValueError(f"unknown form {form!r}; use 'normalized' or 'unnormalized'")
 
 
@@ -198,24 +197,23 @@ def over_membership_entry(R_mod, ci):
 def load_variance(paths):
     """(arrays, attrs) of the run's variance file, refused when it was computed from another
     checkpoint or analysis config than the run's current checkpoint."""
-    import net_helpers
-    producer = f"{mta.PRODUCER} --run={paths.name}"
+    producer = paths.producer(paths.variance)
     arrays, attrs = helper.load_h5(paths.variance, producer)
     if "analysis" not in attrs or "row_names" not in arrays:
         raise helper.StageError(f"{str(paths.variance)!r} was not written by the analysis "
                                 f"stage; rerun `{producer}`.")
     ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    expect = helper.config_hash(mta.variance_provenance(ckpt["config"], ckpt["step"],
-                                                        attrs["analysis"]))
+    expect = helper.config_hash(vc.variance_provenance(ckpt["config"], ckpt["step"],
+                                                       attrs["analysis"]))
     helper.check_fresh(paths.variance, {"_provenance": attrs}, producer, expect)
     return arrays, attrs
 
 
 def cluster_one(arrays, rep, form, variance_hash, cfg):
     """The saved entry of one (representation, form), with its stability for units."""
-    synapses = rep in mta.SYNAPSE_REPS
-    reps = list(mta.REP_TITLES)
-    rng = np.random.default_rng([cfg["cluster_seed"], reps.index(rep), mta.FORMS.index(form)])
+    synapses = rep in vc.SYNAPSE_REPS
+    reps = list(vc.REP_TITLES)
+    rng = np.random.default_rng([cfg["cluster_seed"], reps.index(rep), vc.FORMS.index(form)])
     opts = dict(n_null=cfg["n_null"], k_max=cfg["k_max"], tol=cfg["tol"],
                 level=cfg["null_level"])
     res = cluster_representation(arrays[rep]["unnormalized"], form, rng, synapses=synapses,
@@ -248,11 +246,11 @@ def cluster_run(paths, cfg):
     arrays, attrs = load_variance(paths)
     variance_hash = attrs["config_hash"]
     ci, ci_mod = {}, {}
-    todo = [(rep, form) for rep in mta.REP_TITLES if rep in arrays
-            for form in mta.REP_FORMS[rep]]
+    todo = [(rep, form) for rep in vc.REP_TITLES if rep in arrays
+            for form in vc.REP_FORMS[rep]]
     for rep, form in helper.progress(todo, desc=f"{paths.name} clustering"):
         R = cluster_one(arrays, rep, form, variance_hash, cfg)
-        (ci_mod if rep in mta.SYNAPSE_REPS else ci).setdefault(rep, {})[form] = R
+        (ci_mod if rep in vc.SYNAPSE_REPS else ci).setdefault(rep, {})[form] = R
         print(f"[{paths.name}] {rep:19s} {form:12s} {describe(R)}")
     if "input" in ci and "hidden" in ci:
         for forms in ci_mod.values():
@@ -273,9 +271,7 @@ def cluster_run(paths, cfg):
 
 def load_clusters(paths):
     """(cluster_info, cluster_info_mod) as saved, for the figures."""
-    producer = f"{PRODUCER} --run={paths.name}"
-    return tuple(helper.load_h5(path, producer)[0]
-                 for path in (paths.cluster_info, paths.cluster_info_mod))
+    return tuple(helper.load_h5(path)[0] for path in (paths.cluster_info, paths.cluster_info_mod))
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,7 +460,7 @@ def make_figures(paths):
     helper.set_style()
     ci, ci_mod = load_clusters(paths)
     entries = [(f"{rep} {form}", rep, form, info[rep][form]) for info in (ci, ci_mod)
-               for rep in mta.REP_TITLES if rep in info for form in mta.REP_FORMS[rep]
+               for rep in vc.REP_TITLES if rep in info for form in vc.REP_FORMS[rep]
                if form in info[rep]]
     figures = [figure_k_selection([(name, R) for name, _, _, R in entries],
                                   paths.figure("k_selection"))]
@@ -472,12 +468,12 @@ def make_figures(paths):
     if stable:
         figures.append(figure_stability(stable, paths.figure("k_stability")))
     for name, rep, form, R in entries:
-        label = "synapses" if rep in mta.SYNAPSE_REPS else "units"
-        figures.append(figure_clusters(R, f"{mta.REP_TITLES[rep]} ({form})", label,
+        label = "synapses" if rep in vc.SYNAPSE_REPS else "units"
+        figures.append(figure_clusters(R, f"{vc.REP_TITLES[rep]} ({form})", label,
                                        paths.figure(f"clusters_{rep}_{form}")))
         if "over_membership" in R:
             figures.append(figure_over_membership(
-                R["over_membership"], f"{mta.REP_TITLES[rep]} ({form})",
+                R["over_membership"], f"{vc.REP_TITLES[rep]} ({form})",
                 paths.figure(f"over_membership_{rep}_{form}")))
     return figures
 

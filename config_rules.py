@@ -16,8 +16,8 @@ import re
 
 import numpy as np
 
-SAFE_NAME_CHARS = "A-Za-z0-9._-"
-_SAFE_NAME = re.compile(rf"[{SAFE_NAME_CHARS}]*")
+from run_folder import RUN_NAME_RULE, SAFE_NAME_CHARS, safe_name
+
 _COMPARISON = re.compile(r"(<=|>=|<|>|==|!=)\s*(\S+)")
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
         "==": operator.eq, "!=": operator.ne}
@@ -25,12 +25,6 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 
 def _is_number(value):
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def safe_name(value, max_len=100):
-    """One folder-name component of letters, digits and . _ - (so never '..' or a path)."""
-    return (isinstance(value, str) and _SAFE_NAME.fullmatch(value) is not None
-            and not value.startswith(".") and len(value) <= max_len)
 
 
 def _run_pattern(value):
@@ -102,8 +96,7 @@ CHECKS = {
     "rules": (_rule_list, lambda: f"a non-empty list of rule names from {_rule_names()}"),
     "engine": (lambda v: v in _engines(), lambda: f"one of {_engines()}"),
     "path": (_path, "a folder path"),
-    "run_name": (safe_name, f"letters, digits and . _ - only ([{SAFE_NAME_CHARS}]*, not "
-                             f"starting with '.', at most 100 characters)"),
+    "run_name": (safe_name, RUN_NAME_RULE),
     "run_pattern": (_run_pattern, "a run name or a glob of run names (letters, digits, "
                                   ". _ - * ? [ ]; not starting with '.')"),
     "increasing_pair": (_increasing_pair, "a pair [low, high] of finite numbers with low < high"),

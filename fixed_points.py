@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -46,28 +48,20 @@ CONFIG = dict(
     figures=True,  # draw the figures {@bool}
 )
 
-PRODUCER = "python fixed_points.py"
 
 
 # ----------------------------------------------------------------------------------------
-# Loading (the pattern of state_space_shift.py; a later refactor unifies run loading)
+# Loading
 
 
 def load_networks(paths, untrained):
     """{"trained": net[, "untrained": its seeded step-0 twin]} in float64 on the CPU, the
     training config and the checkpoint step."""
-    import mpn
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    nets = {"trained": net_helpers.model_from_checkpoint(ckpt, device="cpu")}
-    if untrained:
-        nets["untrained"] = mpn.build_model(ckpt["net_type"], **ckpt["init_args"])
-    for net in nets.values():
-        net.double().eval().requires_grad_(False)
-    if nets["trained"].state_name == "M" and ckpt["init_args"].get("recurrent"):
+    net, train_cfg, step = mpn.load_run(paths)
+    if net.state_name == "M" and net.init_args.get("recurrent"):
         raise helper.StageError(f"run {paths.name!r} is a recurrent dmpn, whose state is (h, M);"
                                 f" fixed_points.py handles dmpn without recurrence, vanilla, gru.")
-    return nets, ckpt["config"], int(ckpt["step"])
+    return mpn.with_untrained(net.double().requires_grad_(False), untrained), train_cfg, step
 
 
 # ----------------------------------------------------------------------------------------
@@ -77,7 +71,6 @@ def load_networks(paths, untrained):
 def rule_conditions(net, rule, cfg, io_mode):
     """Inputs u (K, n_in), period-end states s_0 (K, D) and labels (epoch name, direction) of
     every (epoch, trial) of one rule."""
-    import mpn_tasks
     batch = mpn_tasks.aligned_batch(rule, cfg["trials_per_rule"], np.random.default_rng(0),
                                     quantile=cfg["epoch_quantile"], io_mode=io_mode)
     inputs = torch.as_tensor(batch.inputs, dtype=torch.float64)
@@ -85,7 +78,7 @@ def rule_conditions(net, rule, cfg, io_mode):
               if batch.epochs[name][0, 1] > batch.epochs[name][0, 0]]
     ends = [int(batch.epochs[name][0, 1]) - 1 for name in epochs]
     states = net.states_at(inputs, ends)  # (B, n_epochs, *state)
-    directions = np.round(batch.stim1_dir / (np.pi / 4)).astype(int) % 8
+    directions = mpn_tasks.direction_index(batch.stim1_dir)
     u, s0, labels = [], [], {"epoch": [], "direction": []}
     for e, (name, end) in enumerate(zip(epochs, ends)):
         u.append(inputs[:, end])
@@ -97,7 +90,6 @@ def rule_conditions(net, rule, cfg, io_mode):
 
 def period_conditions(net, rules, cfg, io_mode):
     """Every rule's conditions stacked: u (K, n_in), s_0 (K, D), labels (K,) each."""
-    import mpn_tasks
     u, s0, labels = [], [], {"rule": [], "epoch": [], "direction": []}
     for rule in rules:
         ur, sr, lr = rule_conditions(net, rule, cfg, io_mode)
@@ -275,7 +267,6 @@ def analyze_network(net, rules, cfg, io_mode):
 
 def epoch_colors():
     import matplotlib.pyplot as plt
-    import mpn_tasks
     return {name: plt.get_cmap("tab10")(i) for i, name in enumerate(mpn_tasks.EPOCH_NAMES)}
 
 
@@ -318,7 +309,6 @@ def plot_leading_modulus(ax, results, lam):
 
 def figure_spectra(result, path):
     import matplotlib.pyplot as plt
-    import mpn_tasks
     res, lam = result["trained"], result["trained"].get("lam")
     epochs = [e for e in range(len(mpn_tasks.EPOCH_NAMES)) if (res["epoch"] == e).any()]
     n_cols = min(4, len(epochs) + 1)
@@ -341,7 +331,6 @@ def figure_spectra(result, path):
 
 def figure_pca(result, path):
     import matplotlib.pyplot as plt
-    import mpn_tasks
     res, colors = result["trained"], epoch_colors()
     pca = res["pca"]
     fig, ax = plt.subplots(figsize=(6.2, 4.6))
@@ -372,8 +361,7 @@ def figure_pca(result, path):
 
 def chosen_rules(cfg, train_cfg):
     """The rules to analyse: the run's ruleset, or the configured subset of it."""
-    import mpn_tasks
-    trained = list(mpn_tasks.RULESETS[train_cfg["ruleset"]])
+    trained = mpn_tasks.run_rules(train_cfg)
     if cfg["rules"] is None:
         return trained
     if isinstance(cfg["rules"], str) or not cfg["rules"] or \

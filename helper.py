@@ -1,5 +1,6 @@
-"""Shared plumbing for every stage: configuration, run names and paths, atomic I/O, seeding,
-device choice, progress bars and the figure style.
+"""Shared plumbing for every stage: configuration, seeding, device choice, progress bars and
+the figure style; and, re-exported from run_folder.py, run names and paths, atomic I/O, the
+writer lock and the manifest.
 
 Every stage script ends with
     if __name__ == "__main__":
@@ -13,30 +14,21 @@ block (see `load_config`; the braces in its comments are checked by `check_confi
 import ast
 import contextlib
 import difflib
-import errno
-import fcntl
-import fnmatch
-import hashlib
-import json
-import os
 import random
-import re
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 import config_rules
+from run_folder import (  # noqa: F401 (the run-folder API, as helper.<name> for every stage)
+    DEFAULT_RUNS_DIR, LOCK, MANIFEST, PRODUCERS, RUN_FILES, RunPaths, StageError, atomic_path,
+    check_fresh, check_run_name, check_writable, clean_temp_files, config_hash, find_runs,
+    guarded_write, load_h5, load_json, load_pickle, load_torch, producer_for, producer_of,
+    provenance, read_manifest, run_dir_of, run_lock, run_name, run_paths, runs_root, save_h5,
+    save_json, save_torch, sha256, verify)
 
 REPO_DIR = Path(__file__).resolve().parent
-DEFAULT_RUNS_DIR = "runs"
-
-
-class StageError(Exception):
-    """An error the user can fix; its message is one sentence that says what to do."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,6 +62,21 @@ def _config_comments(defaults):
     return comments
 
 
+# Config keys renamed so that one concept has one name across stages and one name one
+# meaning (kept for one release: the old name is a one-line error naming the new one).
+RENAMED = {
+    "n_test": "trials_per_rule",  # lesion: trials per rule, as in every other stage
+    "test_quantiles": "epoch_quantile_range",  # lesion: a [lo, hi] range of epoch quantiles
+    "quantile": "epoch_quantile",  # analysis: as in state_space_shift and fixed_points
+    "stability_quantiles": "stability_epoch_quantiles",  # analysis
+    "stability_sigma_x": "stability_input_noise",  # analysis: the noise of analysis trials
+    "sigma_x": "input_noise",  # lesion: sigma_x is training's input noise alone
+    "torch_threads": "num_threads",  # analysis, lesion: as in training
+    "acc_measure": "effect_measure",  # lesion_plot: acc_measure drives training alone
+    "fixed_k": "fixed_cut_k",  # lesion: fixed_k is the clustering's fixed k alone
+}
+
+
 def _parse_value(text):
     """A command-line value as a Python literal, falling back to the bare string."""
     try:
@@ -95,7 +102,12 @@ def _check_type(key, old, new):
                      f"got {type(new).__name__} {new!r}.")
 
 
-def _unknown_key(key, valid):
+def unknown_key(key, valid, prefix=""):
+    """The StageError for a key that is not in `valid`: the new name of a renamed key
+    (RENAMED, when `valid` has it), else the close matches. `prefix`: a stage name and dot
+    (run_pipeline's --<stage>.<key>)."""
+    if RENAMED.get(key) in valid:
+        return StageError(f"--{prefix}{key} was renamed to --{prefix}{RENAMED[key]}.")
     close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else " Run with --help to list the keys."
     return StageError(f"unknown config key {key!r}.{hint}")
@@ -125,7 +137,7 @@ def apply_overrides(defaults, overrides, source="", echo=True):
     cfg = dict(defaults)
     for key, value in overrides.items():
         if key not in defaults:
-            raise _unknown_key(key, defaults)
+            raise unknown_key(key, defaults)
         cfg[key] = _check_type(key, defaults[key], value)
         if echo:
             print(f"override{source}: {key} = {cfg[key]!r}")
@@ -140,6 +152,23 @@ def print_help(defaults):
         print(f"  --{key:<{width}} = {value!r:<24} # {comments.get(key, '')}")
 
 
+def parse_argv(argv, text_keys=()):
+    """The overrides of a command line, in order: [(source, {key: value})], one item per config
+    file (every public name it assigns; source " (<file>)") or per `--key=value` (source "";
+    dashes in the key become underscores; the value parsed as a Python literal, or kept as
+    text for `text_keys`; a bare `--key` is True)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            value = (text if key in text_keys else _parse_value(text)) if sep else True
+            out.append(("", {key: value}))
+        else:
+            out.append((f" ({arg})", _read_config_file(arg)))
+    return out
+
+
 def load_config(defaults, argv, echo=True):
     """Resolve a stage's configuration from its CONFIG dict and the command line.
 
@@ -152,14 +181,8 @@ def load_config(defaults, argv, echo=True):
         print_help(defaults)
         sys.exit(0)
     cfg = dict(defaults)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            value = _parse_value(text) if sep else True
-            cfg = apply_overrides(cfg, {key: value}, echo=echo)
-        else:
-            cfg = apply_overrides(cfg, _read_config_file(arg), source=f" ({arg})", echo=echo)
+    for source, overrides in parse_argv(argv):
+        cfg = apply_overrides(cfg, overrides, source=source, echo=echo)
     return check_config(cfg, defaults)
 
 
@@ -190,135 +213,8 @@ def check_config(cfg, defaults=None):
     return cfg
 
 
-def config_hash(cfg, keys=None):
-    """A short stable hash of (a subset of) a config, for provenance of derived files."""
-    items = {k: cfg[k] for k in (keys or sorted(cfg))}
-    text = json.dumps(items, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
 # ----------------------------------------------------------------------------------------
-# Run names and paths: every file name of the project is made here.
-
-
-def _reg_tag(value):
-    """1e-4 -> '1e4', 0 -> '0', 3e-5 -> '3e5', 2.5e-4 -> '2.5e4' (the reference's tag style)."""
-    if value == 0:
-        return "0"
-    mantissa, exponent = f"{value:e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{abs(int(exponent))}"
-
-
-def run_name(cfg):
-    """SPEC §4 run identity, e.g. everything_dmpn_seed749_L21e4_h300_b128."""
-    reg = _reg_tag(cfg["weight_reg"])
-    if cfg.get("activity_reg", cfg["weight_reg"]) != cfg["weight_reg"]:
-        reg += f"a{_reg_tag(cfg['activity_reg'])}"
-    name = (f"{cfg['ruleset']}_{cfg['net']}_seed{cfg['seed']}_L2{reg}"
-            f"_h{cfg['n_hidden']}_b{cfg['batch_size']}")
-    if cfg.get("run_tag"):
-        name += f"_{cfg['run_tag']}"
-    return check_run_name(name)
-
-
-def check_run_name(name):
-    """A run name is one folder name of the safe character set (no '/', no '..')."""
-    if not config_rules.safe_name(name, max_len=200) or not name:
-        raise StageError(f"run name {name!r} is not allowed; use "
-                         f"{config_rules.CHECKS['run_name'][1]}.")
-    return name
-
-
-def runs_root(root=None):
-    """The folder holding one sub-folder per run: explicit root, else $MPN_RUNS_DIR, else runs/."""
-    return Path(root or os.environ.get("MPN_RUNS_DIR") or DEFAULT_RUNS_DIR)
-
-
-# Which command makes which file of a run folder ({run}: the run name). Consumers name it
-# in their errors, and the manifest records it.
-PRODUCERS = {
-    "config.json": "python multiple_task.py",
-    "checkpoint.pt": "python multiple_task.py",
-    "log.json": "python multiple_task.py",
-    "snapshots/*": "python multiple_task.py",
-    "task_variance.h5": "python multiple_task_analysis.py --run={run}",
-    "analysis.*": "python multiple_task_analysis.py --run={run}",
-    "cluster_info*": "python clustering.py --run={run}",
-    "lesion.*": "python lesion.py --run={run}",
-    "state_space.*": "python state_space_shift.py --run={run}",
-    "memory_geometry.*": "python memory_geometry.py --run={run}",
-    "fixed_points.*": "python fixed_points.py --run={run}",
-    "timescales.*": "python timescales.py --run={run}",
-    "figures/lesion_*": "python lesion_plot.py --run={run}",
-    "figures/training_*": "python multiple_task.py",
-    "pipeline.json": "python run_pipeline.py",
-}
-
-
-def producer_of(run_dir, relpath):
-    """The command that (re)makes `relpath` of the run folder `run_dir`, or None."""
-    for pattern, command in PRODUCERS.items():
-        if fnmatch.fnmatch(relpath, pattern):
-            return command.format(run=Path(run_dir).name)
-    return None
-
-
-class RunPaths:
-    """Every artifact of one run, under runs/<aname>/ (a safe name: the folder lies inside
-    the runs root, whatever the name)."""
-
-    def __init__(self, aname, root=None):
-        self.name = check_run_name(aname)
-        self.dir = runs_root(root) / aname
-        self.config = self.dir / "config.json"
-        self.checkpoint = self.dir / "checkpoint.pt"
-        self.log = self.dir / "log.json"
-        self.snapshots = self.dir / "snapshots"
-        self.figures = self.dir / "figures"
-        self.variance = self.dir / "task_variance.h5"
-        self.analysis = self.dir / "analysis.pkl"
-        self.cluster_info = self.dir / "cluster_info.h5"
-        self.cluster_info_mod = self.dir / "cluster_info_mod.h5"
-        self.lesion = self.dir / "lesion.h5"
-        self.state_space = self.dir / "state_space.h5"
-        self.memory_geometry = self.dir / "memory_geometry.h5"
-        self.fixed_points = self.dir / "fixed_points.h5"
-        self.timescales = self.dir / "timescales.h5"
-        self.manifest = self.dir / MANIFEST
-        self.lock = self.dir / LOCK
-
-    def producer(self, path):
-        """The command that remakes one of this run's files (see PRODUCERS)."""
-        return producer_of(self.dir, Path(path).relative_to(self.dir).as_posix())
-
-    def snapshot(self, step):
-        return self.snapshots / f"weights_step{step:07d}.pt"
-
-    def figure(self, name, ext="png"):
-        return self.figures / f"{name}.{ext}"
-
-    def __repr__(self):
-        return f"RunPaths({str(self.dir)!r})"
-
-
-def run_paths(aname_or_cfg, root=None):
-    aname = aname_or_cfg if isinstance(aname_or_cfg, str) else run_name(aname_or_cfg)
-    if root is None and not isinstance(aname_or_cfg, str):
-        root = aname_or_cfg.get("runs_dir")
-    return RunPaths(aname, root)
-
-
-def find_runs(pattern, root=None, need="checkpoint"):
-    """Runs whose folder name matches a glob; a clear error when none has the needed file."""
-    base = runs_root(root)
-    matches = sorted(p for p in base.glob(pattern) if p.is_dir())
-    runs = [RunPaths(p.name, root) for p in matches]
-    runs = [r for r in runs if getattr(r, need).exists()]
-    if not runs:
-        raise StageError(f"no run matching {pattern!r} with a {need} under {str(base)!r}; "
-                         f"train one with `python multiple_task.py` first.")
-    return runs
+# A stage over its runs; artifacts that combine several runs
 
 
 def each_run(cfg, analyze, save):
@@ -353,414 +249,6 @@ def summary_dir(root=None):
 
 def summary_paths(root=None):
     return SummaryPaths(root)
-
-
-# ----------------------------------------------------------------------------------------
-# Atomic I/O: write to a temporary file in the same folder, then rename over the target.
-# A temporary file is named .<target>.<writer pid>.<random>.tmp, so that the next writer of
-# the folder can tell the litter of a dead writer from the work of a live one.
-
-MIN_FREE_BYTES = 50 * 2**20  # refuse to start writing a run folder with less free space
-
-
-def _write_failed(path, err):
-    reason = err.strerror or str(err) or type(err).__name__
-    return StageError(f"could not write {str(path)!r} ({reason}); the previous version of the "
-                      f"file (if any) is kept; free disk space or fix the folder's "
-                      f"permissions, then rerun.")
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path next to `path`; on success it replaces `path` atomically. A
-    failed write (disk full, no permission) is one sentence and leaves `path` as it was."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                                   suffix=".tmp")
-        os.close(fd)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # ENOSPC, EDQUOT, EACCES, EROFS, or h5py's own write errors
-        raise _write_failed(path, err) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
-
-
-def clean_temp_files(folder, old_s=600):
-    """Remove the temporary files of dead writers under `folder` (two levels deep): those whose
-    writer PID is gone, and unnamed ones older than `old_s`. Returns the removed paths."""
-    folder, removed = Path(folder), []
-    for tmp in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
-        match = _TMP_NAME.match(tmp.name)
-        with contextlib.suppress(FileNotFoundError):
-            if (not _pid_alive(int(match.group(1))) if match
-                    else time.time() - tmp.stat().st_mtime > old_s):
-                tmp.unlink()
-                removed.append(tmp)
-    return removed
-
-
-def check_writable(folder, min_free=None):
-    """Before a long computation: the folder can be created and written, with free space."""
-    folder = Path(folder)
-    min_free = MIN_FREE_BYTES if min_free is None else min_free
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise StageError(f"{str(folder)!r} is not writable ({err.strerror or err}); fix its "
-                         f"permissions or choose another runs folder (--runs_dir or "
-                         f"MPN_RUNS_DIR).") from None
-    free = shutil.disk_usage(folder).free
-    if free < min_free:
-        raise StageError(f"only {free / 2**20:.0f} MB are free for {str(folder)!r} (at least "
-                         f"{min_free / 2**20:.0f} MB needed); free some disk space first.")
-
-
-# ----------------------------------------------------------------------------------------
-# One writer per run folder: an exclusive flock on runs/<aname>/.lock, holder PID inside.
-
-LOCK = ".lock"
-MANIFEST = "manifest.json"
-_HELD = {}  # resolved run folder -> [lock file descriptor, nesting depth]
-
-
-def _lock_holder(lock_path):
-    with contextlib.suppress(OSError):
-        return Path(lock_path).read_text().strip() or "unknown"
-    return "unknown"
-
-
-@contextlib.contextmanager
-def run_lock(run_dir, wait_s=0.0):
-    """Hold the exclusive writer lock of a run folder (re-entrant within a process). Checks
-    that the folder is writable first and removes the temp files of dead writers. Another
-    process holding it (after `wait_s` seconds of retrying) is one sentence naming its PID."""
-    run_dir = Path(run_dir)
-    key = str(run_dir.resolve())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield run_dir
-        finally:
-            _HELD[key][1] -= 1
-        return
-    check_writable(run_dir)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.time() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.time() >= deadline:
-                os.close(fd)
-                raise StageError(f"{str(run_dir)!r} is being written by another process (PID "
-                                 f"{_lock_holder(run_dir / LOCK)}); wait for it to finish or "
-                                 f"stop it, then rerun.") from None
-            time.sleep(0.05)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD[key] = [fd, 1]
-    try:
-        clean_temp_files(run_dir)
-        if not (run_dir / MANIFEST).exists():  # marks the folder as a run folder (run_dir_of)
-            with atomic_path(run_dir / MANIFEST) as tmp:
-                tmp.write_text("{}")
-        yield run_dir
-    finally:
-        del _HELD[key]
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------
-# The manifest of a run folder: relative path -> sha256, producer, command, config hash,
-# the sha256 of the inputs it was computed from, time. Written under the lock with each file
-# that save_json / save_h5 / save_torch put in a run folder; checked by their loaders.
-
-
-def run_dir_of(path):
-    """The run folder holding `path` directly or in a sub-folder (a folder with a manifest or
-    a config.json), or None when `path` lies in no run folder."""
-    for folder in list(Path(path).parents)[:2]:
-        if (folder / MANIFEST).exists() or (folder / "config.json").exists():
-            return folder
-    return None
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(run_dir):
-    path = Path(run_dir) / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-        return manifest
-    except (ValueError, UnicodeDecodeError) as err:
-        raise StageError(f"{str(path)!r} is unreadable ({type(err).__name__}); restore it, or "
-                         f"delete it to stop verifying this run's files.") from None
-
-
-def _record(run_dir, path, written, cfg, inputs):
-    """Enter a file about to replace `path` (its new content is `written`) in the manifest;
-    the caller holds the lock. The entry keeps the sha256 of the version it replaces, so that a
-    writer killed between the manifest and the rename leaves a consistent folder."""
-    manifest = read_manifest(run_dir)
-    rel = path.relative_to(run_dir).as_posix()
-    entry = {"sha256": sha256(written),
-             "replaces": manifest.get(rel, {}).get("sha256"),
-             "producer": producer_of(run_dir, rel),
-             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if cfg is not None:
-        entry["config_hash"] = config_hash(cfg)
-    inside = [Path(item) for item in inputs or () if run_dir in Path(item).parents]
-    if inside:  # inputs outside the run folder have no manifest entry to compare with later
-        entry["inputs"] = {}
-        for item in inside:
-            item_rel = item.relative_to(run_dir).as_posix()
-            known = manifest.get(item_rel, {}).get("sha256")
-            entry["inputs"][item_rel] = known or (sha256(item) if item.exists() else None)
-    manifest[rel] = entry
-    with atomic_path(run_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-
-@contextlib.contextmanager
-def guarded_write(path, cfg=None, inputs=None):
-    """atomic_path, plus, inside a run folder, the writer lock and the manifest entry."""
-    path = Path(path)
-    run_dir = run_dir_of(path)
-    if run_dir is None:
-        with atomic_path(path) as tmp:
-            yield tmp
-        return
-    with run_lock(run_dir, wait_s=10.0), atomic_path(path) as tmp:
-        yield tmp
-        _record(run_dir, path, tmp, cfg, inputs)
-
-
-def verify(path, producer):
-    """Refuse a run-folder file whose sha256 differs from its manifest entry."""
-    path, run_dir = Path(path), run_dir_of(path)
-    entry = read_manifest(run_dir).get(path.relative_to(run_dir).as_posix()) if run_dir else None
-    if entry and sha256(path) not in (entry["sha256"], entry.get("replaces")):
-        raise StageError(f"{str(path)!r} differs from the version its producer wrote (its "
-                         f"sha256 in {MANIFEST} does not match: altered or corrupt); rerun "
-                         f"`{entry.get('producer') or producer}`.")
-    return entry
-
-
-def check_fresh(path, obj=None, producer="the stage that writes it", expect_hash=None,
-                inputs=None):
-    """The one freshness check. `path` is stale when it was computed from another config
-    (`expect_hash` differs from the hash stamped in `obj["_provenance"]` or in its manifest
-    entry), from an older version of an input (the sha256 recorded at writing differs from
-    the input's manifest entry now), or, for files without recorded inputs, when one of
-    `inputs` is newer than it."""
-    path, run_dir = Path(path), run_dir_of(path)
-    manifest = read_manifest(run_dir) if run_dir else {}
-    entry = manifest.get(path.relative_to(run_dir).as_posix(), {}) if run_dir else {}
-    stamp = obj.get("_provenance", {}) if isinstance(obj, dict) else {}
-    found = stamp.get("config_hash") or entry.get("config_hash")
-    if expect_hash is not None and found != expect_hash:
-        raise StageError(f"{str(path)!r} was computed from another configuration "
-                         f"(hash {found}, expected {expect_hash}); rerun `{producer}`.")
-    for rel, sha in entry.get("inputs", {}).items():
-        now = manifest.get(rel, {}).get("sha256")
-        if sha is not None and now is not None and now != sha:
-            raise StageError(f"{str(path)!r} was computed from an older {rel} (rewritten "
-                             f"since); rerun `{producer}`.")
-    if "inputs" not in entry and path.exists():
-        for item in inputs or ():
-            if Path(item).exists() and Path(item).stat().st_mtime > path.stat().st_mtime:
-                raise StageError(f"{str(path)!r} is older than {str(item)!r}, which it was "
-                                 f"computed from; rerun `{producer}`.")
-
-
-def _missing(path, producer):
-    return StageError(f"{str(path)!r} is missing; run `{producer}` first.")
-
-
-def _corrupt(path, producer, err):
-    return StageError(f"{str(path)!r} is unreadable ({type(err).__name__}); "
-                      f"it is corrupt or incomplete, rerun `{producer}`.")
-
-
-_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError,
-                AttributeError, UnicodeDecodeError, EOFError)
-
-
-def _open_checked(path, producer, inputs=None):
-    """Existence, manifest checksum and freshness of a file about to be read."""
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, producer)
-    verify(path, producer)
-    check_fresh(path, None, producer, inputs=inputs)
-    return path
-
-
-def save_json(path, obj, cfg=None, inputs=None):
-    text = json.dumps(obj, indent=1, default=_json_default)
-    with guarded_write(path, cfg, inputs) as tmp:
-        tmp.write_text(text)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
-def load_json(path, producer="the stage that writes it", keys=None, inputs=None):
-    """Read a JSON file; refuse a missing, corrupt, altered or stale one, and, with `keys`, one
-    that is not a JSON object holding those keys."""
-    path = _open_checked(path, producer, inputs)
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _corrupt(path, producer, err) from err
-    if keys is not None and (not isinstance(obj, dict) or set(keys) - set(obj)):
-        raise StageError(f"{str(path)!r} is not the file `{producer}` writes (expected a JSON "
-                         f"object with the keys {sorted(keys)}); restore it, or move it away "
-                         f"and rerun `{producer}`.")
-    return obj
-
-
-def provenance(cfg):
-    return {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def load_pickle(path, producer, expect_hash=None):
-    """Refuse a .pkl file: unpickling runs whatever code the file names, and a run folder
-    received from someone else must be safe to open. Never unpickles."""
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, producer)
-    raise StageError(f"{str(path)!r} is an old-format pickle, which is never opened (loading a "
-                     f"pickle can run code); rerun `{producer}` to rewrite it as HDF5/JSON.")
-
-
-def save_h5(path, arrays, attrs=None, cfg=None, inputs=None):
-    """HDF5 with Blosc(zstd) compression and the fletcher32 checksum on every array dataset;
-    nested dicts become groups, attrs go on the root. `inputs`: files it was computed from
-    (their sha256 goes in the run's manifest, for check_fresh)."""
-    import h5py
-    import hdf5plugin
-
-    def write(group, data):
-        for key, value in data.items():
-            if isinstance(value, dict):
-                write(group.create_group(key), value)
-                continue
-            value = np.asarray(value)
-            if value.dtype.kind == "U":
-                value = value.astype("S")
-            if value.size > 1 and value.dtype.kind != "S":
-                group.create_dataset(key, data=value, fletcher32=True,
-                                     **hdf5plugin.Blosc(cname="zstd", clevel=5))
-            elif value.ndim > 0:
-                group.create_dataset(key, data=value, fletcher32=True, chunks=True)
-            else:
-                group.create_dataset(key, data=value)
-
-    attrs = dict(attrs or {})
-    if cfg is not None:
-        attrs.update(provenance(cfg))
-    with guarded_write(path, cfg, inputs) as tmp:
-        with h5py.File(tmp, "w") as f:
-            write(f, arrays)
-            for key, value in attrs.items():
-                f.attrs[key] = json.dumps(value, default=_json_default)
-
-
-def load_h5(path, producer, expect_hash=None, inputs=None):
-    """Read a file written by `save_h5` back into (nested dict of arrays, attrs); a missing,
-    corrupt (checksums), altered (manifest) or stale file is one sentence."""
-    import h5py
-    import hdf5plugin  # noqa: F401  (registers the Blosc filter)
-
-    def read(group):
-        out = {}
-        for key, item in group.items():
-            if isinstance(item, h5py.Group):
-                out[key] = read(item)
-            else:
-                value = item[()]
-                if isinstance(value, np.ndarray) and value.dtype.kind == "S":
-                    value = value.astype("U")
-                elif isinstance(value, bytes):  # a scalar string
-                    value = value.decode()
-                out[key] = value
-        return out
-
-    path = _open_checked(path, producer, inputs)
-    try:
-        with h5py.File(path, "r") as f:
-            arrays = read(f)
-            attrs = {k: json.loads(v) for k, v in f.attrs.items()}
-    except _READ_ERRORS as err:
-        raise _corrupt(path, producer, err) from err
-    check_fresh(path, {"_provenance": attrs}, producer, expect_hash)
-    return arrays, attrs
-
-
-def save_torch(path, obj, cfg=None, inputs=None):
-    import torch
-    with guarded_write(path, cfg, inputs) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as err:  # torch reports a failed write (disk full) this way
-            raise _write_failed(path, OSError(errno.EIO, str(err).split("\n")[0])) from None
-
-
-def load_torch(path, producer, inputs=None):
-    """torch.load with weights_only=True; a missing, truncated or altered file is a clear
-    StageError."""
-    import pickle  # torch's own unpickler (weights_only) reports a foreign file with this
-    import torch
-    path = _open_checked(path, producer, inputs)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (*_READ_ERRORS, pickle.UnpicklingError) as err:
-        raise _corrupt(path, producer, err) from err
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ Experiments (select them with --experiments):
               weight ‖W‖_F/√(N·N_pre)), `n_draws` draws per level.
 
 Test set (SPEC §6.1), one per run, reused by every condition: per rule the complete condition
-set (mpn_tasks.condition_set) at duration quantiles spread over `test_quantiles` (more of them
-for rules whose set is small), with the run's training input noise, `n_test` trials taken at
+set (mpn_tasks.condition_set) at duration quantiles spread over `epoch_quantile_range` (more of
+them for rules whose set is small), with the run's training input noise (or `input_noise`),
+`trials_per_rule` trials taken at
 an even stride. Per condition and rule: both accuracy measures and the failure kinds
 (mpn_tasks.failure_kind: broke fixation / wrong or no response on go / responded on no-go).
 
@@ -62,11 +63,16 @@ Example:
 """
 import time
 import zlib
+from collections import namedtuple
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
+import net_helpers
 from lesion_engine import (ConditionTable, evaluate_conditions, family_name,
                            net_shapes, plastic_weight, save_result)
 
@@ -74,13 +80,13 @@ CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     experiments=["single", "combined", "modulation", "prune", "robust"],  # any subset {each single | each combined | each modulation | each prune | each robust}
-    n_test=128,  # test trials per rule: binomial s.e. of a per-rule accuracy a is √(a(1−a)/n), ≤ 0.03 for a ≥ 0.87 {>= 8}
-    test_quantiles=[0.25, 0.75],  # epoch durations spread over this range of quantiles (more quantiles where a rule's condition set is small) {@increasing_pair}
-    sigma_x=None,  # input-noise std of the test trials; None: the run's training sigma_x {None | >= 0}
+    trials_per_rule=128,  # test trials per rule: binomial s.e. of a per-rule accuracy a is √(a(1−a)/n), ≤ 0.03 for a ≥ 0.87 {>= 8}
+    epoch_quantile_range=[0.25, 0.75],  # epoch durations spread over this range of quantiles (more quantiles where a rule's condition set is small) {@increasing_pair}
+    input_noise=None,  # sigma_x of the test trials; None: the run's training sigma_x {None | >= 0}
     n_random=20,  # size-matched random controls per cluster (single and modulation lesions); significance needs 2 {>= 1}
     n_random_combined=5,  # random controls per (input, hidden) cluster pair (400 pairs at k=20); significance needs 2 {>= 1}
     alpha=0.05,  # false-discovery rate of the Benjamini–Hochberg control over each heatmap {> 0, < 1}
-    fixed_k=None,  # the fixed number of clusters (SPEC §6.1); None: cluster_info's fixed_k (20); nearest available k if absent {None | >= 2}
+    fixed_cut_k=None,  # k of the "fixed" cuts (SPEC §6.1); None: the clustering's fixed_k (cluster_info, 20); nearest available k if absent {None | >= 2}
     unit_reps=["input", "hidden"],  # unit clusterings lesioned alone (single) {each input | each hidden}
     k_cuts=["fixed", "selected"],  # unit clusterings cut at the fixed k and/or the selected k {each fixed | each selected}
     forms=["normalized", "unnormalized"],  # variance forms whose clusterings are lesioned {each normalized | each unnormalized}
@@ -94,13 +100,11 @@ CONFIG = dict(
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre) {each >= 0}
     n_draws=30,  # random draws per robustness level {>= 1}
     memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
-    torch_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
+    num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
 )
 
-CLUSTER_PRODUCER = "python clustering.py"
-EXPERIMENTS = ("single", "combined", "modulation", "prune", "robust")
 MEASURES = ("trial", "angle")
 # Seed streams (second entry of the numpy seed list, after the run seed).
 TEST_STREAM, CONTROL_STREAM, ROBUST_STREAM = 70, 71, 72
@@ -200,16 +204,18 @@ def readout_share(W_out, labels, clusters):
     return np.stack([sq[:, labels == c].sum(axis=1) / total for c in clusters])
 
 
-def single_experiments(table, ci, variance, cfg, run_seed, n_units, W_out=None):
+def single_experiments(table, d):
     """SPEC §6.1 items 1-2: every input/hidden clustering asked for; hidden clusterings
     carry each cluster's readout share."""
+    ci, variance, cfg, run_seed, n_units, W_out = (d.ci, d.variance, d.cfg, d.run_seed,
+                                                   d.n_units, d.W_out)
     out = {}
     for rep, field in (("input", "in_units"), ("hidden", "hid_units")):
         if rep not in cfg["unit_reps"]:
             continue
         for form in cfg["forms"]:
             for cut in _cuts(ci[rep][form], cfg["k_cuts"], f"{rep} {form}"):
-                t = cluster_table(ci[rep][form], cut, cfg["fixed_k"], n_units[rep])
+                t = cluster_table(ci[rep][form], cut, cfg["fixed_cut_k"], n_units[rep])
                 if rep == "hidden" and W_out is not None:
                     t["readout_share"] = readout_share(W_out, t["labels"], t["clusters"])
                 t["lesion"], t["control"] = _lesion_and_controls(
@@ -222,14 +228,15 @@ def single_experiments(table, ci, variance, cfg, run_seed, n_units, W_out=None):
     return out
 
 
-def combined_experiments(table, ci, cfg, run_seed, n_units):
+def combined_experiments(table, d):
     """SPEC §6.1 item 3: every (input cluster, hidden cluster) pair at the fixed k; control d
     pairs the d-th random controls of the two single clusters."""
+    ci, cfg, run_seed, n_units = d.ci, d.cfg, d.run_seed, d.n_units
     out = {}
     n_rand = cfg["n_random_combined"]
     for form in cfg["combined_forms"]:
-        tin = cluster_table(ci["input"][form], "fixed", cfg["fixed_k"], n_units["input"])
-        thid = cluster_table(ci["hidden"][form], "fixed", cfg["fixed_k"], n_units["hidden"])
+        tin = cluster_table(ci["input"][form], "fixed", cfg["fixed_cut_k"], n_units["input"])
+        thid = cluster_table(ci["hidden"][form], "fixed", cfg["fixed_cut_k"], n_units["hidden"])
         res = {"form": form, "k_input": tin["k"], "k_hidden": thid["k"],
                "input_clusters": tin["clusters"], "hidden_clusters": thid["clusters"],
                "input_sizes": tin["sizes"], "hidden_sizes": thid["sizes"]}
@@ -251,9 +258,10 @@ def combined_experiments(table, ci, cfg, run_seed, n_units):
     return out
 
 
-def modulation_experiments(table, ci_mod, variance, cfg, run_seed, n_syn):
+def modulation_experiments(table, d):
     """SPEC §6.1 item 4: zero_W and freeze_M on every synapse cluster, with shared random
     synapse-set controls."""
+    ci_mod, variance, cfg, run_seed, n_syn = d.ci_mod, d.variance, d.cfg, d.run_seed, d.W.size
     out = {}
     for rep in cfg["mod_reps"]:
         # W⊙M normalized equals M normalized (SPEC §5.2): never lesioned twice
@@ -261,7 +269,7 @@ def modulation_experiments(table, ci_mod, variance, cfg, run_seed, n_syn):
                  (rep, f) != ("modulation_weighted", "normalized")]
         for form in forms:
             for cut in _cuts(ci_mod[rep][form], cfg["mod_k_cuts"], f"{rep} {form}"):
-                t = cluster_table(ci_mod[rep][form], cut, cfg["fixed_k"], n_syn)
+                t = cluster_table(ci_mod[rep][form], cut, cfg["fixed_cut_k"], n_syn)
                 for kind, field in (("zero_W", "w_zero"), ("freeze_M", "m_freeze")):
                     t[kind] = np.array([table.add({field: m}) for m in t["members"]])
                     t[f"{kind}_control"] = np.full((len(t["members"]), cfg["n_random"]), -1)
@@ -278,16 +286,17 @@ def modulation_experiments(table, ci_mod, variance, cfg, run_seed, n_syn):
     return out
 
 
-def prune_experiment(table, W, cfg):
+def prune_experiment(table, d):
     """SPEC §6.1 item 5: zero the smallest |W| entries at each sparsity."""
-    order = np.argsort(np.abs(W).ravel(), kind="stable")
-    levels = np.asarray(cfg["prune_sparsity"], dtype=float)
+    order = np.argsort(np.abs(d.W).ravel(), kind="stable")
+    levels = np.asarray(d.cfg["prune_sparsity"], dtype=float)
     ids = [table.add({"w_zero": order[:int(round(s * order.size))]}) for s in levels]
     return {"sparsity": levels, "cond": np.array(ids)}
 
 
-def robust_experiments(table, W, cfg, run_seed):
+def robust_experiments(table, d):
     """SPEC §6.1 item 6: (levels, (n_levels, n_draws) condition ids) per battery."""
+    W, cfg, run_seed = d.W, d.cfg, d.run_seed
     n_hidden, n_pre = W.shape
     rms = float(np.linalg.norm(W) / np.sqrt(W.size))
     batteries = {
@@ -313,34 +322,53 @@ def robust_experiments(table, W, cfg, run_seed):
     return out
 
 
+@dataclass
+class Design:
+    """What the experiment builders read: the stage config (fixed_cut_k resolved), the run
+    seed, the weights W (N_hidden, N_pre) that synapse lesions act on, the readout W_out
+    (n_out, N_hidden), the cluster files as nested dicts (or None) and variance(rep, form)."""
+    cfg: dict
+    run_seed: int
+    W: np.ndarray
+    W_out: np.ndarray = None
+    ci: dict = None
+    ci_mod: dict = None
+    variance: object = None
+
+    @property
+    def n_units(self):
+        return {"input": self.W.shape[1], "hidden": self.W.shape[0]}
+
+
+# The experiments, in run order: name -> (builder(table, Design) -> its tables of condition
+# ids, the cluster file it reads (a RunPaths attribute) or None, the Perturbation field a
+# network must apply to run it or None). Adding one = its builder, a line here, and its name
+# in CONFIG["experiments"]'s allowed values.
+Experiment = namedtuple("Experiment", "build clusters needs")
+EXPERIMENTS = {
+    "single": Experiment(single_experiments, "cluster_info", None),
+    "combined": Experiment(combined_experiments, "cluster_info", "in_mask"),
+    "modulation": Experiment(modulation_experiments, "cluster_info_mod", "m_freeze"),
+    "prune": Experiment(prune_experiment, None, None),
+    "robust": Experiment(robust_experiments, None, None),
+}
+
 
 # ----------------------------------------------------------------------------------------
 # Loading
 
 
-def load_network(paths, cfg):
-    """(net in eval mode, training config, checkpoint step)."""
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    net = net_helpers.model_from_checkpoint(ckpt, device=helper.get_device(cfg["device"]))
-    if hasattr(net, "mp"):
-        net.mp.engine = cfg["engine"]
-    return net.eval(), ckpt["config"], int(ckpt["step"])
-
-
 def load_clusters(paths, experiments):
     """cluster_info (and cluster_info_mod when needed) as nested dicts <rep>/<form>/...,
     refused when missing or stale; plus the fixed k they were written with (or None)."""
-    producer = f"{CLUSTER_PRODUCER} --run={paths.name}"
     out, fixed_k = {}, None
-    needs = [("cluster_info", {"single", "combined"}), ("cluster_info_mod", {"modulation"})]
-    for attr, users in needs:
-        if not users & set(experiments):
+    for attr in ("cluster_info", "cluster_info_mod"):
+        if not any(EXPERIMENTS[e].clusters == attr for e in experiments):
             out[attr] = None
             continue
         path = getattr(paths, attr)
-        out[attr], attrs = helper.load_h5(path, producer)
-        check_clusters_fresh(paths, path, out[attr], producer)
+        out[attr], attrs = helper.load_h5(path)
+        check_clusters_fresh(paths, attr, out[attr])
         fixed_k = attrs.get("fixed_k", fixed_k)
     return out["cluster_info"], out["cluster_info_mod"], variance_reader(paths), fixed_k
 
@@ -350,23 +378,20 @@ def _text(value):
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def check_clusters_fresh(paths, path, info, producer):
-    """A cluster file is stale when it (or the task_variance.h5 it came from) was computed
-    from an older checkpoint, or from another task_variance.h5 than the one now in the run
-    folder. The manifest's input hashes decide; file times only for files it lacks, so a
-    copied run folder (new times) stays usable."""
+def check_clusters_fresh(paths, attr, info):
+    """A cluster file (RunPaths attribute `attr`) is stale when it was computed from another
+    task_variance.h5 than the one now in the run folder (the variance hash it records), or
+    when it or the variance file is older than its input (RunPaths.check_fresh: the
+    manifest's input hashes, file times only for files without them, so a copied run folder
+    with new times stays usable)."""
+    path = getattr(paths, attr)
     hashes = {_text(R["variance_hash"]) for forms in info.values() if isinstance(forms, dict)
               for R in forms.values() if isinstance(R, dict) and "variance_hash" in R}
     if hashes and paths.variance.exists():
-        _, vattrs = helper.load_h5(paths.variance, f"python multiple_task_analysis.py --run={paths.name}")
-        current = vattrs.get("config_hash")
-        if hashes != {current}:
+        if hashes != {helper.load_h5(paths.variance)[1].get("config_hash")}:
             raise helper.StageError(f"{str(path)!r} was computed from another "
-                                    f"{paths.variance.name}; rerun `{producer}`.")
-    if paths.variance.exists():
-        helper.check_fresh(paths.variance, producer=f"python multiple_task_analysis.py "
-                           f"--run={paths.name}", inputs=[paths.checkpoint])
-    helper.check_fresh(path, producer=producer, inputs=[paths.variance, paths.checkpoint])
+                                    f"{paths.variance.name}; rerun `{paths.producer(path)}`.")
+    paths.check_fresh(attr)
 
 
 def variance_reader(paths):
@@ -376,17 +401,9 @@ def variance_reader(paths):
 
     def variance(rep, form):
         if "arrays" not in cache:
-            cache["arrays"] = (helper.load_h5(paths.variance, "python multiple_task_analysis.py")[0]
-                               if paths.variance.exists() else {})
+            cache["arrays"] = helper.load_h5(paths.variance)[0] if paths.variance.exists() else {}
         return cache["arrays"].get(rep, {}).get(form)
     return variance
-
-
-def run_rules(train_cfg):
-    import mpn_tasks
-    if train_cfg.get("rules"):
-        return list(train_cfg["rules"])
-    return list(mpn_tasks.RULESETS[train_cfg.get("ruleset", "everything")])
 
 
 # ----------------------------------------------------------------------------------------
@@ -395,21 +412,21 @@ def run_rules(train_cfg):
 
 def condition_batch(rule, quantile, rng, sigma_x, io_mode):
     """The complete condition set of one rule at one duration quantile."""
-    import mpn_tasks
     return mpn_tasks.condition_set(rule, rng=rng, quantile=quantile, sigma_x=sigma_x,
                                    io_mode=io_mode)
 
 
 def rule_test_parts(rule, cfg, rng, sigma_x, io_mode):
     """One rule's test trials as parts of equal duration (no padding): its condition set at
-    max(3, ⌈n_test / set size⌉) quantiles evenly spaced over test_quantiles, of which n_test
-    trials are taken at an even stride through the concatenated sets. Returns
-    [(quantile, batch)]."""
-    lo, hi = cfg["test_quantiles"]
+    max(3, ⌈n / set size⌉) quantiles evenly spaced over epoch_quantile_range, of which
+    n = trials_per_rule trials are taken at an even stride through the concatenated sets.
+    Returns [(quantile, batch)]."""
+    lo, hi = cfg["epoch_quantile_range"]
+    n = cfg["trials_per_rule"]
     first = condition_batch(rule, lo, rng, sigma_x, io_mode)
     size = len(first.rule)
-    quantiles = np.linspace(lo, hi, max(3, -(-cfg["n_test"] // size)))
-    pick = (np.arange(cfg["n_test"]) * (size * len(quantiles))) // cfg["n_test"]
+    quantiles = np.linspace(lo, hi, max(3, -(-n // size)))
+    pick = (np.arange(n) * (size * len(quantiles))) // n
     parts = []
     for j, q in enumerate(quantiles):
         batch = first if j == 0 else condition_batch(rule, q, rng, sigma_x, io_mode)
@@ -422,12 +439,13 @@ def rule_test_parts(rule, cfg, rng, sigma_x, io_mode):
 def make_test_set(rules, cfg, run_seed, io_mode, sigma_x):
     """The fixed test set: a list of parts (batches of one rule and one duration) with the
     rule index of each part; seeded from the run seed."""
-    if cfg["n_test"] < 8:
-        raise helper.StageError(f"n_test must be at least 8, not {cfg['n_test']}.")
-    lo, hi = cfg["test_quantiles"]
+    if cfg["trials_per_rule"] < 8:
+        raise helper.StageError(f"trials_per_rule must be at least 8, not "
+                                f"{cfg['trials_per_rule']}.")
+    lo, hi = cfg["epoch_quantile_range"]
     if not 0 <= lo <= hi <= 1:
-        raise helper.StageError(f"test_quantiles must be two quantiles 0 <= lo <= hi <= 1, "
-                                f"not {cfg['test_quantiles']}.")
+        raise helper.StageError(f"epoch_quantile_range must be two quantiles 0 <= lo <= hi <= "
+                                f"1, not {cfg['epoch_quantile_range']}.")
     rng = np.random.default_rng([run_seed, TEST_STREAM])
     parts, part_rule, quantiles = [], [], []
     for r, rule in enumerate(rules):
@@ -441,7 +459,6 @@ def make_test_set(rules, cfg, run_seed, io_mode, sigma_x):
 def part_weights(test):
     """Per part: its trial count (weights of trial-based scores) and its scored response
     steps (weights of the angle measure, which pools a rule's scored steps)."""
-    import mpn_tasks
     n = np.array([len(b.rule) for b in test["parts"]], dtype=float)
     steps = np.array([mpn_tasks.score_angle(b.targets, b)[1].sum() for b in test["parts"]],
                      dtype=float)
@@ -465,8 +482,6 @@ def merge_parts(scores, test, n_rules):
 def baseline_accuracy(net, test, rules):
     """Per-rule accuracy of the intact network under both measures (one plain evaluate of
     each rule's trials) with its s.e.: binomial for `trial`, over trials for `angle`."""
-    import mpn_tasks
-    import net_helpers
     out = {k: np.zeros(len(rules)) for k in ("angle", "trial", "se_angle", "se_trial")}
     for r, rule in enumerate(rules):
         parts = [b for b, pr in zip(test["parts"], test["part_rule"]) if pr == r]
@@ -594,23 +609,15 @@ def describe_strongest(result, t, measure):
 
 
 def build_conditions(cfg, net, ci, ci_mod, variance, run_seed):
+    """(the ConditionTable, {experiment: its tables}) of the experiments cfg selects, built in
+    EXPERIMENTS order (so condition ids do not depend on the order of cfg["experiments"])."""
     n_hidden, n_pre = net_shapes(net)
-    W = plastic_weight(net)
     table = ConditionTable({"in_units": n_pre, "hid_units": n_hidden,
                             "w_zero": n_hidden * n_pre, "m_freeze": n_hidden * n_pre})
-    n_units = {"input": n_pre, "hidden": n_hidden}
-    W_out = net.W_out.detach().cpu().numpy()
-    ex = cfg["experiments"]
-    tables = {
-        "single": single_experiments(table, ci, variance, cfg, run_seed, n_units, W_out)
-        if "single" in ex else {},
-        "combined": combined_experiments(table, ci, cfg, run_seed, n_units)
-        if "combined" in ex else {},
-        "modulation": modulation_experiments(table, ci_mod, variance, cfg, run_seed,
-                                             n_hidden * n_pre) if "modulation" in ex else {},
-        "prune": prune_experiment(table, W, cfg) if "prune" in ex else None,
-        "robust": robust_experiments(table, W, cfg, run_seed) if "robust" in ex else {},
-    }
+    design = Design(cfg, run_seed, plastic_weight(net), net.W_out.detach().cpu().numpy(),
+                    ci, ci_mod, variance)
+    tables = {name: ex.build(table, design) for name, ex in EXPERIMENTS.items()
+              if name in cfg["experiments"]}
     return table, tables
 
 
@@ -624,9 +631,8 @@ def check_config(cfg, net):
     if cfg["n_random"] < 1 or cfg["n_random_combined"] < 1:
         raise helper.StageError("n_random and n_random_combined must be at least 1 (2 for "
                                 "significance: a control spread needs two controls).")
-    needs = {"combined": "in_mask", "modulation": "m_freeze"}
-    dropped = [name for name, field in needs.items()
-               if name in cfg["experiments"] and field not in net.perturbable]
+    dropped = [name for name, ex in EXPERIMENTS.items() if name in cfg["experiments"]
+               and ex.needs is not None and ex.needs not in net.perturbable]
     unit_reps = [r for r in cfg["unit_reps"] if r != "input" or "in_mask" in net.perturbable]
     experiments = [e for e in cfg["experiments"] if e not in dropped
                    and not (e == "single" and not unit_reps)]
@@ -654,27 +660,30 @@ def run_experiments(net, tables_and_conditions, test, rules, desc):
 def lesion_run(paths, cfg):
     """Every selected experiment on one run; writes lesion.h5 and returns its dict."""
     t0 = time.time()
-    net, train_cfg, step = load_network(paths, cfg)
+    net, train_cfg, step = mpn.load_run(paths, helper.get_device(cfg["device"]), cfg["engine"])
     cfg = check_config(cfg, net)
     ci, ci_mod, variance, fixed_k = load_clusters(paths, cfg["experiments"])
-    cfg_k = dict(cfg, fixed_k=int(cfg["fixed_k"] or fixed_k or 20))
+    cfg_k = dict(cfg, fixed_cut_k=int(cfg["fixed_cut_k"] or fixed_k or 20))
     run_seed = int(train_cfg["seed"])
-    rules = run_rules(train_cfg)
-    sigma_x = float(train_cfg.get("sigma_x", 0.0) if cfg["sigma_x"] is None else cfg["sigma_x"])
+    rules = mpn_tasks.run_rules(train_cfg)
+    sigma_x = float(train_cfg.get("sigma_x", 0.0) if cfg["input_noise"] is None
+                    else cfg["input_noise"])
     test = make_test_set(rules, cfg, run_seed, train_cfg.get("io_mode", "low_dim"), sigma_x)
     table, tables = build_conditions(cfg_k, net, ci, ci_mod, variance, run_seed)
     print(f"[{paths.name}] {len(table.conditions)} distinct conditions x {len(rules)} rules x "
-          f"{cfg['n_test']} trials ({len(test['parts'])} test parts, sigma_x {sigma_x:g})")
+          f"{cfg['trials_per_rule']} trials ({len(test['parts'])} test parts, sigma_x "
+          f"{sigma_x:g})")
     scores = run_experiments(net, (table, tables), test, rules,
                              desc=f"{paths.name} lesion conditions")
     n_hidden, n_pre = net_shapes(net)
     result = dict(tables, run=paths.name, checkpoint_step=step, rules=rules,
-                  n_trials=np.full(len(rules), cfg["n_test"]), conditions=table.conditions,
+                  n_trials=np.full(len(rules), cfg["trials_per_rule"]),
+                  conditions=table.conditions,
                   scores=scores, baseline=baseline_accuracy(net, test, rules),
                   shapes={"n_hidden": n_hidden, "n_pre": n_pre},
                   test={"seed": [run_seed, TEST_STREAM], "sigma_x": sigma_x,
                         "part_rule": test["part_rule"], "part_quantile": test["quantile"]},
-                  config=dict(cfg), fixed_k=cfg_k["fixed_k"])
+                  config=dict(cfg), fixed_k=cfg_k["fixed_cut_k"])
     add_statistics(result, cfg["alpha"])
     result["seconds"] = time.time() - t0
     save_result(paths.lesion, result, cfg,
@@ -686,7 +695,7 @@ def lesion_run(paths, cfg):
 def main(cfg):
     """Lesion every run matching cfg["run"]; returns {aname: lesion dict}."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["torch_threads"] or threads)
+    torch.set_num_threads(cfg["num_threads"] or threads)
     out = {}
     try:
         for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
+import net_helpers
+from variance_core import FORM_SHORT, REP_SHORT
 
-PRODUCER = "python lesion.py"  # the command that writes lesion.h5
 FIELDS = ("in_units", "hid_units", "w_zero", "m_freeze")  # index-set fields of a condition
-REP_SHORT = {"input": "input", "hidden": "hidden", "modulation": "M",
-             "modulation_weighted": "W⊙M"}
-FORM_SHORT = {"normalized": "norm", "unnormalized": "unnorm"}
 
 
 def family_name(t, kind="lesion"):
@@ -99,7 +99,6 @@ def noise_matrix(seed, sigma, shape):
 
 def condition_perturbation(cond, n_pre, n_hidden):
     """The net_helpers.Perturbation of one stored condition (shared across trials)."""
-    import net_helpers
     kw = {}
     shape = (n_hidden, n_pre)
     if "in_units" in cond:
@@ -153,7 +152,6 @@ def score_conditions(outputs, batch, K):
     accuracy, pooled over the condition's trials exactly as mpn_tasks.accuracy_by_rule pools
     a rule's trials, and the fraction of trials failing by each mpn_tasks.failure_kind (the
     three fractions sum to 1 - trial accuracy)."""
-    import mpn_tasks
     y = np.asarray(outputs, dtype=np.float64)
     n_correct, n_scored = mpn_tasks.score_angle(y, batch)
     n_correct = np.asarray(n_correct, dtype=float).reshape(K, -1).sum(1)
@@ -175,7 +173,7 @@ def kernel_takes_per_trial_w(net):
     (mpn_cpp) takes only a W shared by the batch and otherwise falls back to the slower
     "fast" engine; stacking conditions that change W would then cost more than it saves."""
     p = next(net.parameters())
-    if p.is_cuda or not hasattr(net, "mp"):
+    if p.is_cuda or not net.plastic:
         return True
     try:
         import mpn_cpp
@@ -184,7 +182,7 @@ def kernel_takes_per_trial_w(net):
     n_hidden, n_pre = net_shapes(net)
     x, W = p.new_zeros(2, 1, n_pre), p.new_zeros(2, n_hidden, n_pre)
     return (mpn_cpp.kernel() is None
-            or mpn_cpp.unsupported(x, W, net.mp.b, net.mp.eta, net.mp.lam) is None)
+            or mpn_cpp.unsupported(x, W, *net.plastic_coefficients()) is None)
 
 
 def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
@@ -197,7 +195,7 @@ def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
     if memory_mb is None:
         memory_mb = 2048 if net.W_out.is_cuda else 32
     bar = helper.progress(total=len(conditions), desc=desc, unit="cond")
-    if rows_independent(net):
+    if net.rows_independent():
         evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar)
     else:
         evaluate_stacked(net, tests, conditions, memory_mb, acc, bar)
@@ -234,7 +232,6 @@ def evaluate_stacked(net, tests, conditions, memory_mb, acc, bar):
 
 def _run_stacked(net, tests, conds, acc, ids):
     """K conditions x n copies of each rule's n test trials, one forward pass per rule."""
-    import net_helpers
     n_hidden, n_pre = net_shapes(net)
     perts = [condition_perturbation(c, n_pre, n_hidden) for c in conds]
     for r, batch in enumerate(tests):
@@ -247,8 +244,6 @@ def _run_stacked(net, tests, conds, acc, ids):
 
 def _run_over_rules(net, tests, cond, acc, cid):
     """One condition, its perturbation shared by the whole test set (all rules, padded)."""
-    import mpn_tasks
-    import net_helpers
     n_hidden, n_pre = net_shapes(net)
     batch = mpn_tasks.concat_batches(tests)
     res = net_helpers.evaluate(net, batch, perturbation=condition_perturbation(cond, n_pre,
@@ -277,14 +272,6 @@ def _run_over_rules(net, tests, cond, acc, cid):
 # the condition's own forward pass up to float rounding (tested).
 
 
-def rows_independent(net):
-    """Whether each hidden unit runs independently of the others given the plastic layer's
-    input: a dmpn without W_rec, with the Hebbian update η h_i x_j (under hebb_pre the update
-    constant 1/√N_post depends on how many rows run together)."""
-    return (hasattr(net, "mp") and getattr(net.mp, "W_rec", None) is None
-            and net.mp.m_update == "hebb_assoc")
-
-
 def touched_rows(cond, n_pre, n_hidden):
     """Sorted hidden units whose own row a condition changes (W, noise or frozen M), minus
     the units it silences."""
@@ -308,13 +295,12 @@ def virtual_layer(net, conds, rows_of):
     """(W, b, eta, lam, m_freeze) of the stacked touched rows (tensors) of several
     conditions: the rows of condition k follow those of condition k - 1, each with its own W
     mask and noise."""
-    import mpn
     n_hidden, n_pre = net_shapes(net)
-    mp = net.mp
+    W_net = net.synapse_weight().detach()
     Ws, freeze, index = [], [], []
     for cond, rows_t in zip(conds, rows_of):
-        pert = condition_perturbation(cond, n_pre, n_hidden).to(mp.W.device, mp.W.dtype)
-        Ws.append(mpn.perturbed_weight(mp.W.detach(), pert)[rows_t])
+        pert = condition_perturbation(cond, n_pre, n_hidden).to(W_net.device, W_net.dtype)
+        Ws.append(mpn.perturbed_weight(W_net, pert)[rows_t])
         freeze.append(None if pert.m_freeze is None else pert.m_freeze[rows_t])
         index.append(rows_t)
     index = torch.cat(index)
@@ -322,8 +308,8 @@ def virtual_layer(net, conds, rows_of):
     if any(f is not None for f in freeze):
         m_freeze = torch.cat([torch.zeros_like(W_k) if f is None else f
                               for f, W_k in zip(freeze, Ws)])
-    return (torch.cat(Ws), mp.b.detach()[index], _row_coef(mp.eta.detach(), index),
-            _row_coef(mp.lam.detach(), index), m_freeze)
+    b, eta, lam = net.plastic_coefficients()
+    return torch.cat(Ws), b[index], _row_coef(eta, index), _row_coef(lam, index), m_freeze
 
 
 def _hidden_keep(conds, n_hidden, device, dtype):
@@ -340,7 +326,6 @@ def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
     """Conditions grouped by their input-unit set: one base forward pass per set (several
     sets stacked per pass, their recorded x and h kept for every rule), then per chunk of the
     group's conditions one virtual-layer pass over the touched rows, and the outputs."""
-    import net_helpers
     n_hidden, n_pre = net_shapes(net)
     p0 = net.W_out
     n_test = max(b.inputs.shape[0] for b in tests)
@@ -394,7 +379,6 @@ class TiledScorer:
 def _base_runs(net, torch_tests, firsts):
     """Per rule, the recorded x and h (n_sets, n, T, N) of the network with only each set's
     input lesion (the first condition of each group carries the group's in_units)."""
-    import net_helpers
     n_hidden, n_pre = net_shapes(net)
     perts = [condition_perturbation({"in_units": c["in_units"]} if "in_units" in c else {},
                                     n_pre, n_hidden) for c in firsts]
@@ -432,7 +416,6 @@ def _chunk_outputs(net, xs, hs, conds, rows_np):
     base x and h and one virtual-layer pass over the rows the conditions touch (rows_np,
     from touched_rows): y = h_base @ (W_out with silenced and touched units' columns
     zeroed)ᵀ + h_touched @ W_out[:, touched]ᵀ, never a (K, n_test, T, N) activity tensor."""
-    mp = net.mp
     n_hidden = net.W_out.shape[1]
     rows_of = [torch.from_numpy(r).to(hs[0].device) for r in rows_np]
     layer = virtual_layer(net, conds, rows_of) if sum(r.numel() for r in rows_of) else None
@@ -449,8 +432,7 @@ def _chunk_outputs(net, xs, hs, conds, rows_np):
         # one (n T, N) x (N, K n_out) product; a broadcast matmul would copy h_base K times
         y = (h_base.reshape(n * T, n_hidden) @ W_keep).reshape(n * T, K, n_out).transpose(0, 1)
         if layer is not None:
-            W, b, eta, lam, m_freeze = layer
-            h_rows, _ = mpn_engine_forward(mp, x, W, b, eta, lam, m_freeze)
+            h_rows, _ = net.forward_rows(x, *layer)
             h_rows = h_rows.reshape(n * T, -1)
             for k, rows in enumerate(rows_of):
                 if rows.numel():
@@ -459,34 +441,18 @@ def _chunk_outputs(net, xs, hs, conds, rows_np):
     return ys
 
 
-def mpn_engine_forward(mp, x, W, b, eta, lam, m_freeze):
-    """The plastic layer's own engine and options on a virtual layer."""
-    import mpn
-    import mpn_engine
-    return mpn_engine.plastic_forward(
-        x, W, b, eta, lam, mp_type=mp.mp_type, m_update=mp.m_update, m_bounds=mp.m_bounds,
-        m_freeze=m_freeze, engine=mpn.resolve_engine(mp.engine))
-
-
 # ----------------------------------------------------------------------------------------
-# Loading
+# The weight matrix that synapse perturbations act on
 
 
 def net_shapes(net):
     """(N_hidden, N_pre) of the weight matrix that synapse perturbations act on."""
-    if hasattr(net, "mp"):
-        return tuple(net.mp.W.shape)
-    n = net.W_out.shape[1]
-    return n, n
+    return net.synapse_shape()
 
 
 def plastic_weight(net):
-    """The (N_hidden, N_pre) weights pruned and perturbed, as numpy."""
-    if hasattr(net, "mp"):
-        return net.mp.W.detach().cpu().numpy().copy()
-    n = net.W_out.shape[1]
-    return net.W_rec.detach().cpu().numpy()[-n:].copy()  # vanilla: W_rec; GRU: candidate block
-
+    """The (N_hidden, N_pre) weights pruned and perturbed, as numpy (net.synapse_weight)."""
+    return net.synapse_weight().detach().cpu().numpy().copy()
 
 
 # ----------------------------------------------------------------------------------------
@@ -564,7 +530,7 @@ def save_result(path, result, cfg, inputs=None):
     helper.save_h5(path, arrays, attrs={"meta": meta}, cfg=cfg, inputs=inputs)
 
 
-def load_result(path, producer, expect_hash=None):
+def load_result(path, producer=None, expect_hash=None):
     """The dict save_result wrote."""
     arrays, attrs = helper.load_h5(path, producer, expect_hash)
     result = _merge(arrays, attrs["meta"])

@@ -32,12 +32,13 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 import helper
-from lesion_engine import FORM_SHORT, PRODUCER, family_name, load_result
+from lesion_engine import family_name, load_result
+from variance_core import FORM_SHORT
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
-    acc_measure="trial",  # accuracy behind every effect: "trial" (strict) or "angle" {trial | angle}
+    effect_measure="trial",  # accuracy behind every effect: "trial" (strict) or "angle" {trial | angle}
 )
 
 EFFECT_CMAP = "RdBu_r"  # diverging, centred on zero effect; NaN (no control possible) in grey
@@ -568,23 +569,22 @@ def make_figures(result, paths, measure):
 
 
 def load_fresh(paths):
-    """The lesion results, refused when older than the checkpoint or the cluster files."""
-    producer = f"{PRODUCER} --run={paths.name}"
-    helper.check_fresh(paths.lesion, producer=producer,
-                       inputs=[paths.checkpoint, paths.cluster_info, paths.cluster_info_mod])
-    return load_result(paths.lesion, producer)
+    """The lesion results, refused when they (or a file upstream: cluster files, variance)
+    are older than what they were computed from."""
+    return load_result(paths.check_fresh("lesion"))
 
 
 def main(cfg):
     """Figures for every run matching cfg["run"]; returns {aname: [figure paths]}."""
-    if cfg["acc_measure"] not in ("trial", "angle"):
-        raise helper.StageError(f"acc_measure must be 'trial' or 'angle', not {cfg['acc_measure']!r}.")
+    if cfg["effect_measure"] not in ("trial", "angle"):
+        raise helper.StageError(f"effect_measure must be 'trial' or 'angle', not "
+                                f"{cfg['effect_measure']!r}.")
     helper.set_style()
     out = {}
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
         with helper.run_lock(paths.dir):
             result = load_fresh(paths)
-            out[paths.name] = make_figures(result, paths, cfg["acc_measure"])
+            out[paths.name] = make_figures(result, paths, cfg["effect_measure"])
         print(f"[{paths.name}] {len(out[paths.name])} lesion figures in {paths.figures}")
     return out
 

@@ -42,6 +42,10 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
+from mpn_tasks import DT_MS, N_DIRS
+from variance_core import REP_TITLES
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -59,33 +63,15 @@ CONFIG = dict(
     n_shuffles=200,  # label permutations of the decoding null {>= 0}
     untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights) {@bool}
     figures=True,  # draw the figures {@bool}
-    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {auto | cpu | cuda}
+    device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
 )
 
-PRODUCER = "python memory_geometry.py"
 PAIRS = {"dmc": ("dmcgo", "dmcnogo"), "delaydm": ("delaydm1", "delaydm2")}
-REP_LABELS = {"hidden": "hidden h", "WM": "W ⊙ M"}
+REP_LABELS = {"hidden": REP_TITLES["hidden"], "WM": REP_TITLES["modulation_weighted"]}
 # (label, held-out grouping) per pair: what is decoded, and what a CV fold leaves out
 DECODINGS = {"dmc": (("category", "direction"), ("rule", "direction"),
                      ("category_x_rule", "direction")),
              "delaydm": (("direction", "repeat"), ("direction", "rule"))}
-N_DIRS = 8
-
-
-# ----------------------------------------------------------------------------------------
-# Loading (the pattern of state_space_shift.py; a later refactor unifies run loading)
-
-
-def load_networks(paths, device, untrained):
-    """{"trained": net, ["untrained": the same architecture at its seeded step-0 weights]},
-    the training config and the checkpoint step."""
-    import mpn
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    nets = {"trained": net_helpers.model_from_checkpoint(ckpt, device=device).eval()}
-    if untrained:
-        nets["untrained"] = mpn.build_model(ckpt["net_type"], **ckpt["init_args"]).to(device).eval()
-    return nets, ckpt["config"], int(ckpt["step"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,7 +83,6 @@ def probe_batch(pair, cfg, io_mode, sigma_x):
     category, repeat), with the delay1 window [start, stop) the trials share. Each rule draws
     from its own seeded Generator, conditions before noise, so every sigma_x gives the same
     conditions."""
-    import mpn_tasks
     batches, labels = [], {"rule": [], "direction": [], "repeat": []}
     for r, rule in enumerate(PAIRS[pair]):
         n_dirs = len(mpn_tasks.TASKS[rule].stim1_dirs)
@@ -107,8 +92,7 @@ def probe_batch(pair, cfg, io_mode, sigma_x):
                                         long_delay=cfg["delay_ms"])
         batches.append(batch)
         labels["rule"].append(np.full(n, r))
-        labels["direction"].append(np.round(batch.stim1_dir / (2 * np.pi / N_DIRS)).astype(int)
-                                   % N_DIRS)
+        labels["direction"].append(mpn_tasks.direction_index(batch.stim1_dir))
         labels["repeat"].append(np.arange(n) // n_dirs)
     batch = mpn_tasks.concat_batches(batches)
     labels = {k: np.concatenate(v) for k, v in labels.items()}
@@ -485,7 +469,7 @@ def figure_convergence(result, cfg, path):
 def check_config(cfg):
     if cfg["n_pcs"] < 2:
         raise helper.StageError(f"n_pcs must be at least 2 (the plane is PC1-PC2), got {cfg['n_pcs']}.")
-    if cfg["delay_ms"] < 40 * (cfg["converge_window"] + 2):
+    if cfg["delay_ms"] < DT_MS * (cfg["converge_window"] + 2):
         raise helper.StageError(f"delay_ms = {cfg['delay_ms']} leaves fewer than converge_window"
                                 f" + 2 = {cfg['converge_window'] + 2} delay steps; lengthen it.")
     if cfg["trials_per_direction"] < 1 or cfg["n_shuffles"] < 0:
@@ -494,8 +478,7 @@ def check_config(cfg):
 
 def run_pairs(paths, train_cfg):
     """The sibling pairs whose two rules the run was trained on (a clear error if none)."""
-    import mpn_tasks
-    rules = set(mpn_tasks.RULESETS[train_cfg["ruleset"]])
+    rules = set(mpn_tasks.run_rules(train_cfg))
     pairs = [pair for pair, siblings in PAIRS.items() if set(siblings) <= rules]
     if not pairs:
         raise helper.StageError(f"run {paths.name!r} was trained on ruleset "
@@ -507,7 +490,8 @@ def run_pairs(paths, train_cfg):
 def analyze_run(paths, cfg):
     """Geometry, convergence and decoding of every network and sibling pair of one run."""
     device = helper.get_device(cfg["device"])
-    nets, train_cfg, step = load_networks(paths, device, cfg["untrained_baseline"])
+    net, train_cfg, step = mpn.load_run(paths, device)
+    nets = mpn.with_untrained(net, cfg["untrained_baseline"])
     pairs = run_pairs(paths, train_cfg)
     result = {"run": paths.name, "step": step, "pairs": pairs, "networks": list(nets),
               "labels": {}, "delay_window": {}, "delay_s": cfg["delay_ms"] / 1000}

@@ -5,6 +5,7 @@ Axis order: trials x time x units, (B, T, N). Weights are (N_post, N_pre); M is
 (B, N_post, N_pre) and is reset to zero at the start of every trial.
 
 Example:
+    net, train_cfg, step = load_run(helper.run_paths(aname), device="cpu")  # a trained run
     net = build_model("dmpn", n_hidden=300, seed=749)
     out = net(inputs)                      # inputs (B, T, 21) -> out["y"] (B, T, 3), out["h"]
     out = net(inputs, record=("x", "M"))   # also x (B, T, N) and M_{t-1} (B, T, N, N)
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 
 import mpn_engine
+import net_helpers
+from mpn_tasks import DT_MS
 from net_helpers import BaseNetwork, bias_normal, make_generator, per_trial, xavier_uniform
 
-DT_MS = 40  # simulation step (SPEC: dt = 40 ms)
 COEF_TYPES = ("scalar", "pre_vector", "post_vector", "matrix")
 
 
@@ -107,6 +109,7 @@ class DeepMultiPlasticNet(BaseNetwork):
     M_t = clip(λ M_{t-1} + η h_t x_tᵀ, −1, 1). Options as SPEC §1.1."""
     net_type = "dmpn"
     perturbable = ("in_mask", "hid_mask", "w_mask", "m_freeze", "w_noise")
+    plastic = True
 
     def __init__(self, n_input=21, n_hidden=300, n_output=3, *, mp_type="mult",
                  m_update="hebb_assoc", eta_type="scalar", lam_type="scalar", eta_train=True,
@@ -142,6 +145,36 @@ class DeepMultiPlasticNet(BaseNetwork):
 
     def clamp_parameters(self):
         self.mp.clamp_parameters()
+
+    # ------------------------------------------------------------------------------------
+    # What the analysis and lesion stages read of the plastic layer (BaseNetwork)
+
+    def synapse_weight(self):
+        return self.mp.W
+
+    def set_engine(self, engine):
+        self.mp.engine = engine
+
+    def rows_independent(self):
+        """Without W_rec and under hebb_assoc each hidden unit reads only its own row of W, b,
+        η, λ and M (under hebb_pre the update constant 1/√N_post depends on how many rows run
+        together)."""
+        return self.mp.W_rec is None and self.mp.m_update == "hebb_assoc"
+
+    def plastic_coefficients(self):
+        """(b (N_post,), η, λ) of the plastic layer, detached (η, λ as their eta_type /
+        lam_type shapes)."""
+        return self.mp.b.detach(), self.mp.eta.detach(), self.mp.lam.detach()
+
+    def forward_rows(self, x, W, b, eta, lam, m_freeze=None):
+        """The plastic layer's equations, options and engine on a "virtual" layer of stacked
+        rows sharing the presynaptic input x (B, T, N_pre): W (K, N_pre), b (K,), η and λ
+        scalar or one row each, m_freeze (K, N_pre) or None -> (h (B, T, K), final M).
+        Valid when rows_independent(): each row then runs as it would in the whole layer."""
+        mp = self.mp
+        return mpn_engine.plastic_forward(
+            x, W, b, eta, lam, mp_type=mp.mp_type, m_update=mp.m_update, m_bounds=mp.m_bounds,
+            m_freeze=m_freeze, engine=resolve_engine(mp.engine))
 
     def forward(self, inputs, perturbation=None, record=(), m_reduce=None):
         pert = self._perturbation(perturbation, inputs)
@@ -325,6 +358,9 @@ class VanillaRNN(HiddenStateDynamics, BaseNetwork):
     def weight_params(self):
         return [self.W_in, self.W_rec, self.W_out]
 
+    def synapse_weight(self):
+        return self.W_rec
+
     def forward(self, inputs, perturbation=None, record=(), m_reduce=None):
         pert = self._perturbation(perturbation, inputs)
         B, T, _ = inputs.shape
@@ -372,6 +408,10 @@ class GRUNet(HiddenStateDynamics, BaseNetwork):
 
     def weight_params(self):
         return [self.W_in, self.W_rec, self.W_out]
+
+    def synapse_weight(self):
+        """The candidate (n) gate block of W_rec; w_mask / w_noise act on all three blocks."""
+        return self.W_rec[-self.W_out.shape[1]:]
 
     def forward(self, inputs, perturbation=None, record=(), m_reduce=None):
         pert = self._perturbation(perturbation, inputs)
@@ -424,3 +464,38 @@ def build_model(net, **kwargs):
     if net not in MODELS:
         raise ValueError(f"unknown net {net!r}; choose one of {sorted(MODELS)}")
     return MODELS[net](**kwargs)
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """The one function that rebuilds any model from a checkpoint dict (or its path)."""
+    if not isinstance(ckpt, dict):
+        ckpt = net_helpers.load_checkpoint(ckpt)
+    net = build_model(ckpt["net_type"], **ckpt["init_args"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net.to(device)
+
+
+def load_run(paths, device="cpu", engine=None):
+    """The one way a stage loads a trained run (a helper.RunPaths): (network in eval mode on
+    `device`, its training config, the checkpoint step). `engine` (mpn_engine) replaces the
+    plastic-layer engine it was trained with; None keeps it."""
+    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
+    net = model_from_checkpoint(ckpt, device=device).eval()
+    if engine is not None:
+        net.set_engine(engine)
+    return net, ckpt["config"], int(ckpt["step"])
+
+
+def untrained_twin(net):
+    """The same architecture at its seeded initial weights (the run's step-0 weights: training
+    draws them from the same seed), on the device and dtype of `net`, in eval mode, its
+    parameters requiring gradients as those of `net` do."""
+    p = next(net.parameters())
+    twin = build_model(net.net_type, **net.init_args)
+    return twin.to(device=p.device, dtype=p.dtype).eval().requires_grad_(p.requires_grad)
+
+
+def with_untrained(net, untrained=True):
+    """{"trained": net} and, when `untrained`, {"untrained": its untrained_twin}: the networks
+    a dynamics stage analyses, the untrained one as its baseline."""
+    return {"trained": net, **({"untrained": untrained_twin(net)} if untrained else {})}

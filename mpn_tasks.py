@@ -6,7 +6,8 @@ steps. Angles are radians in [0, 2π).
 
 Provides
 - RULES (SPEC order = rule index), RULESETS, RULE_GROUPS, TASKS (the registry: one short
-  declaration per rule; rules differing by a flag share a family), epoch_names(rule);
+  declaration per rule; rules differing by a flag share a family), epoch_names(rule),
+  run_rules(train_cfg), direction_index(angle) (DT_MS and N_DIRS are defined here alone);
 - n_inputs(io_mode), n_outputs(io_mode) for io_mode "low_dim" (21 in, 3 out) or "ring"
   (1 + 2·32 + 15 in, 1 + 32 out);
 - Batch, random_batch (training: every trial draws its own durations and conditions),
@@ -45,6 +46,8 @@ RULESETS = {
     "decision": RULES[6:11],
     "match": RULES[11:],
 }
+SIBLINGS = (("dmcgo", "dmcnogo"), ("delaydm1", "delaydm2"),
+            ("contextdelaydm1", "contextdelaydm2"))  # rule pairs that differ by one flag
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,6 +98,11 @@ TASKS = {
     "dmcgo": _DMC, "dmcnogo": replace(_DMC, nogo=True),
 }
 RULE_GROUPS = {rule: TASKS[rule].group for rule in RULES}
+
+
+def run_rules(train_cfg):
+    """The rules a run was trained on (its training config's ruleset), in SPEC order."""
+    return list(RULESETS[train_cfg["ruleset"]])
 
 
 def epoch_names(rule):
@@ -621,11 +629,15 @@ def _response_window(batch):
     return (t >= start[:, None]) & (t < batch.length[:, None])
 
 
+def direction_index(angle):
+    """Index 0..N_DIRS-1 of the grid direction nearest each angle (radians; finite)."""
+    return np.round(np.asarray(angle) / (2 * np.pi / N_DIRS)).astype(np.int64) % N_DIRS
+
+
 def _grid_index(vectors):
     """Nearest of the 8 directions after zeroing components below ANGLE_ZERO (0 vector -> 0)."""
     v = np.where(np.abs(vectors) < ANGLE_ZERO, 0.0, vectors)
-    angle = np.arctan2(v[..., 0], v[..., 1])
-    return np.round(angle / (2 * np.pi / N_DIRS)).astype(np.int64) % N_DIRS
+    return direction_index(np.arctan2(v[..., 0], v[..., 1]))
 
 
 def score_angle(outputs, batch):

@@ -90,7 +90,6 @@ CONFIG = dict(
 # test_training.py checks both).
 RESUMABLE_KEYS = ("max_steps", "max_minutes", "target_acc", "patience_evals", "ckpt_every",
                   "device", "engine", "num_threads", "runs_dir", "resume", "figures")
-PRODUCER = "python multiple_task.py"
 CONFIG_ID_KEYS = ("ruleset", "net", "n_hidden", "batch_size", "seed")  # in every config.json
 
 
@@ -192,7 +191,7 @@ def check_run_folder(cfg, paths):
                                 f"continue it.")
     if not has_ckpt:
         return False
-    old = helper.load_json(paths.config, PRODUCER, keys=CONFIG_ID_KEYS) \
+    old = helper.load_json(paths.config, keys=CONFIG_ID_KEYS) \
         if paths.config.exists() else net_helpers.load_checkpoint(paths.checkpoint)["config"]
     new, absent = normalised(cfg), "<absent>"
     changed = sorted(k for k in set(old) | set(new)
@@ -243,7 +242,7 @@ def restore(paths, net, opt, sched, sampler, rng, state):
     torch.set_rng_state(extra["torch_rng"])
     state.update(extra["state"])
     state["step"] = ckpt["step"]
-    log = helper.load_json(paths.log, PRODUCER, keys=("meta", "evals"))["evals"] \
+    log = helper.load_json(paths.log, keys=("meta", "evals"))["evals"] \
         if paths.log.exists() else []
     if not isinstance(log, list) or not all(isinstance(e, dict) and "step" in e for e in log):
         raise helper.StageError(f"{str(paths.log)!r} is not a training log (its evals are not "

@@ -15,23 +15,17 @@ Axis order: trials x time x units, (B, T, N). A modulation tensor M is (B, N_pos
 a synapse column is its flattened post-major index `post * N_pre + pre`.
 
 Trials: per rule its complete condition set (`mpn_tasks.condition_set`, SPEC §5.1): fixed by
-the rule, noise-free, every epoch at `quantile` of its range; nothing is sampled, so the
+the rule, noise-free, every epoch at `epoch_quantile` of its range; nothing is sampled, so the
 matrices are a function of the network alone (two analyses give bit-identical files).
 
-A *task-period* is one (rule, epoch) with epoch in PERIOD_EPOCHS, named like `dmcgo-delay1`.
-For a representation z and one task-period with step window [start, stop) shared by all the
-rule's trials, the task variance of unit n is (variance="per_step", Yang et al. 2019) the
-variance of z[:, t, n] across the rule's conditions at each step t, averaged over the
-period's steps; (variance="pooled", the reference's definition) the variance of the
-stim1-direction means m[k, t, n] pooled over (k, t). Both are population variances (ddof 0).
-
-Representations: input = x (the embedding output, N_pre columns), hidden = h, modulation = M
-(N_post*N_pre synapses, streamed: the M history is never held), modulation_weighted = W ⊙ M.
-Vanilla-RNN and GRU runs have no embedding and no M: only hidden.
+Task-periods, the two variance modes (`variance`: per_step or pooled), the representations
+(input x, hidden h, modulation M, W ⊙ M) and forms are defined in variance_core.py, the
+numerical core this stage shares with clustering.py. Vanilla-RNN and GRU runs have no
+embedding and no M: only hidden.
 
 Stability designs (SPEC §5.3): the same condition sets with input noise sigma_x =
-`stability_sigma_x` (one design per seed in range(`stability_seeds`)) and noise-free at each of
-`stability_quantiles`; only input and hidden are recomputed (clustering re-chooses k on them).
+`stability_input_noise` (one design per seed in range(`stability_seeds`)) and noise-free at each
+of `stability_epoch_quantiles`; only input and hidden are recomputed (clustering re-chooses k on them).
 
 Example:
     python multiple_task_analysis.py --run=everything_dmpn_seed749_L21e4_h300_b128
@@ -42,358 +36,41 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
+from mpn_tasks import N_DIRS, direction_index
+from variance_core import (
+    FORMS, MODULATION_STREAMS, REP_FORMS, REP_TITLES, check_variance_mode,
+    normalize_columns, rule_windows, task_periods, task_variance_matrix, variance_provenance)
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
     runs_dir=None,  # runs root; None = $MPN_RUNS_DIR, else runs/ {None | @path}
     variance="per_step",  # "per_step": Yang's variance across conditions per step, averaged over the period; "pooled": the reference's direction means pooled over (direction, t) {per_step | pooled}
-    quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
+    epoch_quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
     stability_seeds=5,  # stability designs: input-noise seeds of the condition set (0: none) {>= 0}
-    stability_sigma_x=0.01,  # input noise of those designs (SPEC §2.3 analysis noise) {> 0}
-    stability_quantiles=[0.25, 0.5, 0.75],  # stability designs: noise-free, durations at these quantiles {each >= 0, <= 1}
+    stability_input_noise=0.01,  # sigma_x of those designs (SPEC §2.3 analysis noise) {> 0}
+    stability_epoch_quantiles=[0.25, 0.5, 0.75],  # stability designs: noise-free, durations at these quantiles {each >= 0, <= 1}
     chunk_size=64,  # trials per forward pass (M stream: 64 x N^2 floats per step) {>= 1}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
-    torch_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s {>= 0}
+    num_threads=1,  # torch CPU threads (0: default); N=300, shared 2 cores: 1 -> 28 s, 2 -> 380 s {>= 0}
     figures=True,  # draw the figures (the HDF5 file is written either way) {@bool}
 )
 
-PRODUCER = "python multiple_task_analysis.py"
-ANALYSIS_KEYS = ("variance", "quantile", "stability_seeds", "stability_sigma_x",
-                 "stability_quantiles")  # what the variance file depends on
-VARIANCE_MODES = ("per_step", "pooled")
+ANALYSIS_KEYS = ("variance", "epoch_quantile", "stability_seeds", "stability_input_noise",
+                 "stability_epoch_quantiles")  # what the variance file depends on
 TRIAL_STREAM = 60  # second entry of the noise designs' numpy seed list, after the run seed
-UNIT_REPS = ("input", "hidden")  # representations whose columns are units
-SYNAPSE_REPS = ("modulation", "modulation_weighted")  # columns are synapses (post-major)
-FORMS = ("normalized", "unnormalized")
-REP_FORMS = {"input": FORMS, "hidden": FORMS, "modulation": FORMS,
-             "modulation_weighted": ("unnormalized",)}  # W ⊙ M normalized = M normalized
-SIBLINGS = (("dmcgo", "dmcnogo"), ("delaydm1", "delaydm2"), ("contextdelaydm1", "contextdelaydm2"))
-
-PERIOD_EPOCHS = ("stim1", "delay1", "stim2", "delay2", "go1")  # row epochs, in trial order
-N_DIRS = 8  # stimulus directions 0, 45, ..., 315 degrees
-
-
-# ---------------------------------------------------------------------------------------
-# Numerical core: task-periods, task variance, streamed modulation variance, normalisation
-# ---------------------------------------------------------------------------------------
-
-def rule_windows(batch):
-    """{epoch: (start, stop) steps} of the PERIOD_EPOCHS an aligned batch's trials have.
-
-    Every trial of an aligned batch shares its epoch boundaries; a batch whose trials disagree
-    is refused, because task variance averages trials step by step.
-    """
-    windows = {}
-    for epoch in PERIOD_EPOCHS:
-        ep = batch.epochs.get(epoch)
-        if ep is None or (ep[:, 0] < 0).all():
-            continue
-        if not (ep == ep[0]).all():
-            raise ValueError(f"epoch {epoch!r} is not aligned across trials; use an aligned batch")
-        windows[epoch] = (int(ep[0, 0]), int(ep[0, 1]))
-    return windows
-
-
-def task_periods(epochs_by_rule):
-    """Row names `rule-epoch` in the fixed order used by every variance matrix.
-
-    epochs_by_rule: {rule: epochs the rule has} in rule order (e.g. {rule: rule_windows(b)};
-    any iterable of epoch names works). Order: rule-major in the mapping's order (RULES
-    order for the stage), then epochs in PERIOD_EPOCHS order (stim1, delay1, stim2, delay2,
-    go1). For ruleset `everything` this gives the 49 rows of SPEC §5.1.
-    """
-    return [f"{rule}-{epoch}" for rule, epochs in epochs_by_rule.items()
-            for epoch in PERIOD_EPOCHS if epoch in epochs]
-
-
-def direction_index(angle, n_dirs=N_DIRS):
-    """Nearest of the n_dirs stimulus directions (int index) for angles in radians."""
-    return np.rint(np.asarray(angle) / (2 * np.pi / n_dirs)).astype(np.int64) % n_dirs
-
-
-def task_variance(z, window, stim1_dir_idx=None, mode="per_step"):
-    """Task variance (units,) of z (trials, steps, units) within window = (start, stop) steps.
-
-    mode "per_step": variance across trials at each step, averaged over the window's steps;
-    "pooled": variance of the stim1-direction means (stim1_dir_idx (trials,)) pooled over
-    (direction, step). z may be numpy or torch; the result is a float64 numpy array.
-    """
-    check_variance_mode(mode)
-    if isinstance(z, torch.Tensor):
-        z = z.detach().cpu().numpy()
-    if len(z) == 0:
-        raise helper.StageError("task variance needs at least one condition; the rule's "
-                                "condition set is empty.")
-    start, stop = window
-    zw = np.asarray(z[:, start:stop], dtype=np.float64)
-    if mode == "per_step":
-        return zw.var(axis=0).mean(axis=0)
-    dirs = np.asarray(stim1_dir_idx)
-    m = np.stack([zw[dirs == k].mean(axis=0) for k in np.unique(dirs)])  # (K, steps, units)
-    return m.reshape(-1, m.shape[-1]).var(axis=0)
-
-
-def check_variance_mode(mode):
-    if mode not in VARIANCE_MODES:
-        raise helper.StageError(f"unknown variance mode {mode!r}; use one of "
-                                f"{', '.join(VARIANCE_MODES)}.")
-
-
-def task_variance_matrix(z_by_rule, windows_by_rule, dirs_by_rule=None, mode="per_step"):
-    """(n_periods, units) task-variance matrix of in-memory activity, rows as task_periods."""
-    rows = []
-    for rule, windows in windows_by_rule.items():
-        dirs = None if dirs_by_rule is None else dirs_by_rule[rule]
-        for epoch in PERIOD_EPOCHS:
-            if epoch in windows:
-                rows.append(task_variance(z_by_rule[rule], windows[epoch], dirs, mode))
-    return np.stack(rows)
-
-
-def _period_rows(row_names, rule, windows):
-    """[(row, start, stop, offset into a per-step buffer)] of a rule's periods; buffer steps."""
-    periods, offset = [], 0
-    for epoch in PERIOD_EPOCHS:
-        if epoch in windows:
-            start, stop = windows[epoch]
-            periods.append((row_names.index(f"{rule}-{epoch}"), start, stop, offset))
-            offset += stop - start
-    return periods, offset
-
-
-def _variance_of(m2, count, done, weight):
-    """(n_rows, C) float64 numpy from (n_rows, C) M2 and (n_rows,) counts; NaN rows not done;
-    weight W (N_post, N_pre) -> the variance of W ⊙ M, which is W² ⊙ var(M) (W is fixed)."""
-    var = (m2 / count.clamp(min=1)[:, None]).cpu().numpy()
-    var[~done] = np.nan
-    if weight is not None:
-        if isinstance(weight, torch.Tensor):
-            weight = weight.detach().cpu().numpy()
-        var = var * np.asarray(weight, dtype=np.float64).reshape(1, -1) ** 2
-    return var
-
-
-class StepModulationVariance:
-    """Per-step task variance of M (B, N_post, N_pre) across conditions, streamed (SPEC §5.2).
-
-    Same protocol as StreamingModulationVariance (start_rule, start_chunk, the m_reduce
-    callback, end_rule, variance); directions are ignored. Per step t of the rule's periods a
-    float64 accumulator holds (mean, M2) of M_{t-1} over the trials streamed so far; each
-    chunk's own (mean, M2), computed in M's dtype around the chunk mean, is merged with Chan's
-    pairwise update (the numerically stable form of sum / sum-of-squares accumulators). At
-    end_rule each period's row is the mean over its steps of M2 / n_trials.
-    Memory: 16 * C bytes per buffered step (C = N_post*N_pre; 210 MB for a delaydm rule at
-    N = 300, quantile 1) plus 8 * n_rows * C for the rows (35 MB).
-    W ⊙ M: W is fixed within a trial, so var(W ⊙ M) = W² ⊙ var(M) exactly: `variance(weight=W)`.
-    """
-
-    def __init__(self, row_names, n_post, n_pre, *, device="cpu", dtype=torch.float64):
-        self.row_names = list(row_names)
-        self.n_cols = n_post * n_pre
-        self.device, self.dtype = torch.device(device), dtype
-        self.rows = torch.zeros(len(self.row_names), self.n_cols, device=self.device, dtype=dtype)
-        self.done = np.zeros(len(self.row_names), dtype=bool)
-        self.rule = None
-
-    def start_rule(self, rule, windows, dir_counts):
-        """windows: {epoch: (start, stop)}; dir_counts: trials per direction (their sum is
-        the number of trials the rule must stream)."""
-        if self.rule is not None:
-            raise RuntimeError(f"rule {self.rule!r} not ended; call end_rule() first")
-        self.rule = rule
-        self.periods, n_steps = _period_rows(self.row_names, rule, windows)
-        self.expected, self.seen, self.n = int(np.sum(dir_counts)), 0, 0
-        self.mean = torch.zeros(n_steps, self.n_cols, device=self.device, dtype=self.dtype)
-        self.m2 = torch.zeros_like(self.mean)
-
-    def start_chunk(self, stim1_dir_idx):
-        """Declare the next chunk's trials (their number is what counts here)."""
-        self.n = self.seen
-        self.seen += len(stim1_dir_idx)
-
-    def __call__(self, t, M_prev):
-        """m_reduce callback: merge M_{t-1} (B, N_post, N_pre) of the current chunk at step t."""
-        for _, start, stop, offset in self.periods:
-            if start <= t < stop:
-                flat = M_prev.detach().reshape(M_prev.shape[0], -1)
-                n_b = flat.shape[0]
-                mean_b = flat.mean(dim=0)
-                m2_b = ((flat - mean_b) ** 2).sum(dim=0).to(self.dtype)
-                i, n_a = offset + t - start, float(self.n)
-                delta = mean_b.to(self.dtype) - self.mean[i]
-                self.mean[i] += delta * (n_b / (n_a + n_b))
-                self.m2[i] += m2_b + delta ** 2 * (n_a * n_b / (n_a + n_b))
-
-    def end_rule(self):
-        """Finalise the rule's rows (every declared trial must have been streamed)."""
-        if self.seen != self.expected:
-            raise RuntimeError(f"rule {self.rule!r}: streamed {self.seen} trials, expected "
-                               f"{self.expected}")
-        for row, start, stop, offset in self.periods:
-            self.rows[row] = (self.m2[offset:offset + stop - start] / self.seen).mean(dim=0)
-            self.done[row] = True
-        self.rule = self.mean = self.m2 = None
-
-    def variance(self, weight=None):
-        """(n_rows, N_post*N_pre) float64 numpy; rows of rules never streamed are NaN."""
-        return _variance_of(self.rows, torch.ones(len(self.rows), dtype=self.dtype,
-                                                  device=self.device), self.done, weight)
-
-
-class StreamingModulationVariance:
-    """Exact `pooled` task variance of M (B, N_post, N_pre), streamed step by step.
-
-    Use per rule:
-        acc.start_rule(rule, windows, dir_counts)
-        for each chunk of the rule's trials:
-            acc.start_chunk(stim1_dir_idx_of_chunk)
-            net(inputs, m_reduce=acc)           # calls acc(t, M_prev) at every step t
-        acc.end_rule()
-    then `acc.variance()` (n_periods, N_post*N_pre) and `acc.variance(weight=W)` for W ⊙ M.
-
-    Scheme: the direction mean m[k, t] is final only when every trial of direction k has
-    passed step t, and chunks may split a direction. So per *open* direction (seen, not yet
-    complete) a float64 buffer holds the per-step sums of M over that direction's trials, for
-    the steps of the rule's periods. When a direction's trial count reaches `dir_counts[k]`
-    (checked at each chunk boundary) its means m[k, :] are final: each period's (mean over
-    steps, sum of squared deviations) is merged into the period's running (count, mean, M2)
-    with Chan's pairwise update (numerically stable), and the buffer is freed.
-    Memory: 16 * n_periods * C bytes for the running state (C = N_post*N_pre; 70 MB at
-    N = 300, 49 rows) plus 8 * C * (sum of the rule's period steps) per open direction
-    (~100 MB per direction for a delaydm rule at the maximum quantile, N = 300). Sort a rule's
-    trials by direction before chunking so at most ~2 directions are open at once; with
-    unsorted chunks all 8 may be open (~0.8 GB).
-
-    W ⊙ M: W is constant within a trial, so its direction means are W ⊙ m and its task
-    variance is exactly W² ⊙ var(M); `variance(weight=W)` returns that (one accumulation serves
-    both matrices).
-    """
-
-    def __init__(self, row_names, n_post, n_pre, *, device="cpu", dtype=torch.float64):
-        self.row_names = list(row_names)
-        self.n_cols = n_post * n_pre
-        self.device, self.dtype = torch.device(device), dtype
-        n_rows = len(self.row_names)
-        self.count = torch.zeros(n_rows, device=self.device, dtype=dtype)  # (k, t) cells merged
-        self.mean = torch.zeros(n_rows, self.n_cols, device=self.device, dtype=dtype)
-        self.m2 = torch.zeros(n_rows, self.n_cols, device=self.device, dtype=dtype)
-        self.done = np.zeros(n_rows, dtype=bool)
-        self.rule = None
-
-    def start_rule(self, rule, windows, dir_counts):
-        """windows: {epoch: (start, stop)}; dir_counts: (n_dirs,) trials per direction."""
-        if self.rule is not None:
-            raise RuntimeError(f"rule {self.rule!r} not ended; call end_rule() first")
-        self.rule = rule
-        self.periods, self.n_buf_steps = _period_rows(self.row_names, rule, windows)
-        self.dir_counts = np.asarray(dir_counts, dtype=np.int64)
-        self.seen = np.zeros_like(self.dir_counts)
-        self.buffers = {}  # direction -> (n_buf_steps, C) per-step sums
-        self.chunk_dirs = None
-
-    def start_chunk(self, stim1_dir_idx):
-        """Declare the directions of the next chunk's trials, in trial order."""
-        self._finalise_complete()
-        dirs = np.asarray(stim1_dir_idx, dtype=np.int64)
-        self.chunk_dirs = np.unique(dirs)
-        onehot = dirs[None, :] == self.chunk_dirs[:, None]  # (K_chunk, B)
-        self.onehot = torch.as_tensor(onehot, device=self.device, dtype=self.dtype)
-        for k in self.chunk_dirs:
-            if k not in self.buffers:
-                self.buffers[k] = torch.zeros(self.n_buf_steps, self.n_cols,
-                                              device=self.device, dtype=self.dtype)
-        np.add.at(self.seen, dirs, 1)
-
-    def __call__(self, t, M_prev):
-        """m_reduce callback: add M_{t-1} (B, N_post, N_pre) of the current chunk at step t."""
-        for _, start, stop, offset in self.periods:
-            if start <= t < stop:
-                # direction sums in M's own dtype (<= chunk terms; 4x faster than casting M
-                # to float64 first), accumulated across chunks and steps in float64
-                flat = M_prev.detach().reshape(M_prev.shape[0], -1)
-                sums = (self.onehot.to(flat.dtype) @ flat).to(self.dtype)  # (K_chunk, C)
-                for i, k in enumerate(self.chunk_dirs):
-                    self.buffers[k][offset + t - start] += sums[i]
-
-    def end_rule(self):
-        """Finalise the rule's rows (every declared trial must have been streamed)."""
-        if (self.seen != self.dir_counts).any():
-            raise RuntimeError(f"rule {self.rule!r}: streamed {self.seen.tolist()} trials per "
-                               f"direction, expected {self.dir_counts.tolist()}")
-        self._finalise_complete()
-        for row, *_ in self.periods:
-            self.done[row] = True
-        self.rule = None
-
-    def _finalise_complete(self):
-        for k in [k for k in self.buffers if self.seen[k] == self.dir_counts[k]]:
-            means = self.buffers.pop(k) / float(self.dir_counts[k])
-            for row, start, stop, offset in self.periods:
-                block = means[offset:offset + stop - start]
-                n_b = float(stop - start)
-                mean_b = block.mean(dim=0)
-                m2_b = ((block - mean_b) ** 2).sum(dim=0)
-                n_a = float(self.count[row])
-                delta = mean_b - self.mean[row]
-                self.mean[row] += delta * (n_b / (n_a + n_b))
-                self.m2[row] += m2_b + delta ** 2 * (n_a * n_b / (n_a + n_b))
-                self.count[row] += n_b
-
-    def variance(self, weight=None):
-        """(n_rows, N_post*N_pre) float64 numpy; rows of rules never streamed are NaN.
-
-        weight: W (N_post, N_pre) numpy or torch -> task variance of W ⊙ M.
-        """
-        return _variance_of(self.m2, self.count, self.done, weight)
-
-
-def normalize_columns(V):
-    """Each column divided by its max over rows; all-zero columns stay 0 (`normalized` form)."""
-    V = np.asarray(V, dtype=np.float64)
-    vmax = V.max(axis=0)
-    safe = np.where(vmax > 0, vmax, 1.0)
-    return np.where(vmax > 0, V / safe, 0.0)
-
-
-def log_transform(V):
-    """The `unnormalized` form as clustered: log1p of the raw task variance."""
-    return np.log1p(np.asarray(V, dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------
 # Stage: run the trained network on the analysis trials, write the variance file
 # ---------------------------------------------------------------------------------------
 
-def run_rules(train_cfg):
-    """The rules a run was trained on, in SPEC order."""
-    import mpn_tasks
-    return list(mpn_tasks.RULESETS[train_cfg["ruleset"]])
-
-
-def load_network(paths, cfg):
-    """(net in eval mode, checkpoint dict) of one run."""
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    net = net_helpers.model_from_checkpoint(ckpt, device=helper.get_device(cfg["device"]))
-    if hasattr(net, "mp"):
-        net.mp.engine = cfg["engine"]
-    return net.eval(), ckpt
-
-
-def variance_provenance(train_cfg, step, analysis_cfg):
-    """What a variance file is computed from: the run's config and checkpoint step plus the
-    analysis keys. Its helper.config_hash is the file's provenance hash; clustering.py
-    recomputes it from the checkpoint to refuse a stale file."""
-    return {"run_config": train_cfg, "checkpoint_step": int(step),
-            **{k: analysis_cfg[k] for k in ANALYSIS_KEYS}}
-
-
 def analysis_trials(rules, run_seed=0, io_mode="low_dim", quantile=1.0, sigma_x=0.0, seed=0):
     """{rule: dict(inputs (B, T, n_in) float32, dirs (B,) stim1 direction index, windows)}:
     the rule's condition set (sorted by stim1 direction, as `pooled` streaming wants); with
     sigma_x > 0 the input noise is drawn from the seed list [run_seed, TRIAL_STREAM, seed]."""
-    import mpn_tasks
     rng = np.random.default_rng([int(run_seed), TRIAL_STREAM, int(seed)]) if sigma_x > 0 else None
     trials = {}
     for rule in rules:
@@ -408,10 +85,11 @@ def analysis_trials(rules, run_seed=0, io_mode="low_dim", quantile=1.0, sigma_x=
 
 def stability_designs(cfg):
     """{name: dict(quantile, sigma_x, seed)} of the perturbed designs (SPEC §5.3)."""
-    designs = {f"noise_seed{s}": dict(quantile=cfg["quantile"], sigma_x=cfg["stability_sigma_x"],
-                                      seed=s) for s in range(cfg["stability_seeds"])}
+    designs = {f"noise_seed{s}": dict(quantile=cfg["epoch_quantile"],
+                                      sigma_x=cfg["stability_input_noise"], seed=s)
+               for s in range(cfg["stability_seeds"])}
     designs.update({f"quantile_{q:g}": dict(quantile=float(q), sigma_x=0.0, seed=0)
-                    for q in cfg["stability_quantiles"]})
+                    for q in cfg["stability_epoch_quantiles"]})
     return designs
 
 
@@ -432,9 +110,6 @@ def run_rule(net, trials, chunk_size, acc=None):
     return np.concatenate(xs), np.concatenate(hs)
 
 
-MODULATION_STREAMS = {"per_step": StepModulationVariance, "pooled": StreamingModulationVariance}
-
-
 def compute_variances(net, trials, chunk_size, mode="per_step", modulation=True,
                       desc="task variance"):
     """(raw task-variance matrices {rep: (n_periods, n_columns)}, row names, per rule the
@@ -442,11 +117,10 @@ def compute_variances(net, trials, chunk_size, mode="per_step", modulation=True,
     history) when `modulation`; vanilla/GRU nets give hidden only."""
     check_variance_mode(mode)
     rows = task_periods({rule: t["windows"] for rule, t in trials.items()})
-    plastic = net.net_type == "dmpn"
     acc = None
-    if plastic and modulation:
-        n_post, n_pre = net.mp.W.shape
-        acc = MODULATION_STREAMS[mode](rows, n_post, n_pre, device=net.mp.W.device)
+    if net.plastic and modulation:
+        n_post, n_pre = net.synapse_shape()
+        acc = MODULATION_STREAMS[mode](rows, n_post, n_pre, device=net.synapse_weight().device)
     x_rows, h_rows, h_means = [], [], {}
     for rule, t in helper.progress(trials.items(), desc=desc, total=len(trials)):
         if acc is not None:
@@ -458,10 +132,11 @@ def compute_variances(net, trials, chunk_size, mode="per_step", modulation=True,
         x_rows.append(task_variance_matrix({rule: x}, *one))
         h_rows.append(task_variance_matrix({rule: h}, *one))
         h_means[rule] = np.stack([h[t["dirs"] == k].mean(axis=0) for k in np.unique(t["dirs"])])
-    raw = {"input": np.concatenate(x_rows)} if plastic else {}
+    raw = {"input": np.concatenate(x_rows)} if net.plastic else {}
     raw["hidden"] = np.concatenate(h_rows)
     if acc is not None:
-        raw.update(modulation=acc.variance(), modulation_weighted=acc.variance(weight=net.mp.W))
+        raw.update(modulation=acc.variance(),
+                   modulation_weighted=acc.variance(weight=net.synapse_weight()))
     return raw, rows, h_means
 
 
@@ -520,14 +195,13 @@ def analyze_run(paths, cfg):
     """Variance matrices, stability designs, PCA trajectories and figures of one run;
     returns (raw matrices, row names, pca)."""
     t0 = time.time()
-    net, ckpt = load_network(paths, cfg)
-    train_cfg = ckpt["config"]
-    rules, io_mode = run_rules(train_cfg), train_cfg.get("io_mode", "low_dim")
-    trials = analysis_trials(rules, train_cfg["seed"], io_mode, quantile=cfg["quantile"])
+    net, train_cfg, step = mpn.load_run(paths, helper.get_device(cfg["device"]), cfg["engine"])
+    rules, io_mode = mpn_tasks.run_rules(train_cfg), train_cfg.get("io_mode", "low_dim")
+    trials = analysis_trials(rules, train_cfg["seed"], io_mode, quantile=cfg["epoch_quantile"])
     raw, rows, h_means = compute_variances(net, trials, cfg["chunk_size"], cfg["variance"],
                                            desc=f"{paths.name} task variance")
     perturbed = compute_stability(net, rules, cfg, train_cfg["seed"], io_mode, paths.name)
-    attrs = dict(run=paths.name, net_type=net.net_type, checkpoint_step=int(ckpt["step"]),
+    attrs = dict(run=paths.name, net_type=net.net_type, checkpoint_step=step,
                  analysis={k: cfg[k] for k in ANALYSIS_KEYS},
                  windows={rule: t["windows"] for rule, t in trials.items()},
                  n_conditions={rule: len(t["dirs"]) for rule, t in trials.items()},
@@ -535,7 +209,7 @@ def analyze_run(paths, cfg):
                  n_columns={rep: V.shape[1] for rep, V in raw.items()})
     pca = hidden_pca(h_means)
     save_variance(paths, raw, rows, pca, trials, perturbed, attrs,
-                  variance_provenance(train_cfg, ckpt["step"], cfg))
+                  variance_provenance(train_cfg, step, {k: cfg[k] for k in ANALYSIS_KEYS}))
     print(f"[{paths.name}] {len(rows)} task-periods x "
           f"{', '.join(f'{rep} {V.shape[1]}' for rep, V in raw.items())} columns, "
           f"{sum(attrs['n_conditions'].values())} conditions, {len(perturbed)} stability "
@@ -549,10 +223,6 @@ def analyze_run(paths, cfg):
 # ---------------------------------------------------------------------------------------
 # Figures of one run (read the variance file and the network's weights)
 # ---------------------------------------------------------------------------------------
-
-REP_TITLES = {"input": "input x", "hidden": "hidden h", "modulation": "modulation M",
-              "modulation_weighted": "W ⊙ M"}
-
 
 def column_order(V):
     """Columns sorted by the task-period where they peak (row order), then by peak height."""
@@ -611,7 +281,7 @@ def weight_matrices(net):
         if w.ndim != 2 or min(w.shape) < 2:
             continue
         title, ylabel, xlabel = WEIGHT_LABELS.get(name, (name, "post", "pre"))
-        if name == "W_in" and net.net_type == "dmpn":
+        if name == "W_in" and net.plastic:
             title, ylabel = "W_in (embedding)", "embedding unit x"
         w = w.T if name == "W_out" else w
         out.append((f"{title}\n{w.shape[0]} x {w.shape[1]}", w, ylabel, xlabel))
@@ -687,7 +357,7 @@ def figure_pca(pca, windows, path):
 def make_figures(paths, net):
     """Every figure of the analysis stage, from the variance file and the weights."""
     helper.set_style()
-    arrays, attrs = helper.load_h5(paths.variance, f"{PRODUCER} --run={paths.name}")
+    arrays, attrs = helper.load_h5(paths.variance)
     figures = [figure_variance(arrays, form, paths.figure(f"variance_{form}")) for form in FORMS]
     figures.append(figure_weights(net, paths.figure("weights")))
     windows = {rule: {e: tuple(w) for e, w in ws.items()} for rule, ws in attrs["windows"].items()}
@@ -702,11 +372,11 @@ def make_figures(paths, net):
 def check_config(cfg):
     """One sentence for a setting the analysis cannot use."""
     check_variance_mode(cfg["variance"])
-    quantiles = [cfg["quantile"], *cfg["stability_quantiles"]]
+    quantiles = [cfg["epoch_quantile"], *cfg["stability_epoch_quantiles"]]
     if not all(0.0 <= q <= 1.0 for q in quantiles):
         raise helper.StageError(f"duration quantiles must lie in [0, 1], got {quantiles}.")
-    if cfg["stability_seeds"] < 0 or cfg["stability_sigma_x"] <= 0 or cfg["chunk_size"] < 1:
-        raise helper.StageError("stability_seeds must be >= 0, stability_sigma_x > 0 and "
+    if cfg["stability_seeds"] < 0 or cfg["stability_input_noise"] <= 0 or cfg["chunk_size"] < 1:
+        raise helper.StageError("stability_seeds must be >= 0, stability_input_noise > 0 and "
                                 "chunk_size >= 1.")
 
 
@@ -714,8 +384,8 @@ def main(cfg):
     """Analyse every run matching cfg["run"]; returns {aname: (raw matrices, row names, pca)}."""
     check_config(cfg)
     threads = torch.get_num_threads()
-    if cfg["torch_threads"]:
-        torch.set_num_threads(cfg["torch_threads"])
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
     try:
         out = {}
         for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import helper
+import run_folder
+import mpn_tasks
 
-CHECKPOINT_PRODUCER = "python multiple_task.py"  # the command that writes checkpoints
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,6 +150,24 @@ class BaseNetwork(nn.Module):
     """
     net_type = None
     perturbable = ()  # Perturbation fields this model can apply
+    plastic = False  # has a fast-weight matrix M (and a presynaptic layer x feeding it)
+
+    def synapse_shape(self):
+        """(N_post, N_pre) of the weight matrix that the w_mask, m_freeze and w_noise
+        perturbations act on (the plastic layer's W; W_rec of a recurrent baseline)."""
+        return tuple(self.synapse_weight().shape)
+
+    def synapse_weight(self):
+        """That weight matrix (a live parameter view: detach before editing)."""
+        raise NotImplementedError
+
+    def set_engine(self, engine):
+        """Run the plastic layer on this mpn_engine engine; a no-op for non-plastic models."""
+
+    def rows_independent(self):
+        """Whether each hidden unit runs independently of the others given the network's
+        presynaptic input x, so that a subset of rows can be rerun alone (forward_rows)."""
+        return False
 
     def weight_params(self):
         """The tensors the L2 weight penalty applies to."""
@@ -235,7 +253,6 @@ def evaluate(net, batch, *, weight_reg=1e-4, activity_reg=1e-4, perturbation=Non
     acc={"angle": {rule: acc}, "trial": {rule: acc}}, mean_angle, mean_trial (means over the
     rules present), outputs (B, T, n_out) numpy).
     """
-    import mpn_tasks
     p0 = next(net.parameters())
     batch_t = batch_to_torch(batch, p0.device, p0.dtype)
     B = batch_t["inputs"].shape[0]
@@ -282,27 +299,19 @@ def save_checkpoint(path, net, cfg, step, extra=None):
         "step": int(step),
         "extra": extra if extra is not None else {},
     }
-    helper.save_torch(path, ckpt, cfg=cfg)
+    run_folder.save_torch(path, ckpt, cfg=cfg)
 
 
-def load_checkpoint(path, producer=CHECKPOINT_PRODUCER):
-    """Read a checkpoint; a missing, truncated or foreign file is a helper.StageError."""
-    ckpt = helper.load_torch(path, producer)
+def load_checkpoint(path, producer=None):
+    """Read a checkpoint (or a snapshot); a missing, truncated or foreign file is a
+    StageError naming the training command."""
+    producer = producer or run_folder.PRODUCERS["checkpoint.pt"]
+    ckpt = run_folder.load_torch(path, producer)
     needed = ("net_type", "init_args", "state_dict", "config", "step")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise helper.StageError(f"{str(path)!r} is not a model checkpoint (it lacks "
+        raise run_folder.StageError(f"{str(path)!r} is not a model checkpoint (it lacks "
                                 f"{', '.join(needed)}); run `{producer}` to make one.")
     return ckpt
-
-
-def model_from_checkpoint(ckpt, device="cpu"):
-    """The one function that rebuilds any model from a checkpoint dict (or its path)."""
-    import mpn
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt)
-    net = mpn.build_model(ckpt["net_type"], **ckpt["init_args"])
-    net.load_state_dict(ckpt["state_dict"])
-    return net.to(device)
 
 
 def rng_state(gen):

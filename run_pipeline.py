@@ -4,11 +4,11 @@ or several, of one architecture or several (--nets), then, for several runs, the
 summary (seed_summary.py).
 
 Reads: config files (`configs/*.py`) and `--key=value` overrides. Each key is handed to every
-stage whose CONFIG has it (e.g. --n_hidden goes to training, --n_test to the lesion stage,
---device to all); a key that no stage knows is an error. `--<stage>.<key>=value` goes to that
-stage alone, for the keys several stages share (sigma_x: training and lesion test noise;
-acc_measure: training's rule sampling and lesion_plot's measure; fixed_k, engine, ...), e.g.
---lesion.sigma_x=0.1 or --train.acc_measure=angle.
+stage whose CONFIG has it (e.g. --n_hidden goes to training, --n_random to the lesion stage,
+--device and --trials_per_rule to every stage that has them: a key means one thing wherever it
+appears); a key that no stage knows is an error. `--<stage>.<key>=value`, or
+`<stage> = dict(key=value)` in a config file, goes to that stage alone and wins over the shared
+form, e.g. --lesion.trials_per_rule=64 or --train.device=cuda.
 Writes: everything each stage writes under runs/<aname>/, plus runs/<aname>/pipeline.json
 (which stages ran, with which config, how long); with several runs, seed_summary.py's
 summary under runs/summary/ (and its results page where `page` is set, as in
@@ -66,18 +66,17 @@ def stage_defaults():
 
 
 def split_overrides(argv, defaults_by_stage):
-    """Hand every override (from files and --key=value) to each stage that knows the key."""
-    pipeline_cfg, per_stage = dict(CONFIG), {name: {} for name in defaults_by_stage}
+    """Hand every override (from files and --key=value) to each stage that knows the key;
+    `--<stage>.<key>=value`, or `<stage> = dict(key=value, ...)` in a config file, to that
+    stage alone (and it wins over the shared form, in any order)."""
     merged = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            # seeds and nets stay text: "1,2,3" is a list, not a tuple literal
-            merged[key] = text if key in ("seeds", "nets") else (helper._parse_value(text) if sep else True)
-        else:
-            merged.update(helper._read_config_file(arg))
-    # stage-specific keys last, so that they win over a shared key in any order
+    for _, overrides in helper.parse_argv(argv, text_keys=("seeds", "nets")):
+        for key, value in overrides.items():
+            if key in defaults_by_stage and isinstance(value, dict):
+                merged.update({f"{key}.{bare}": v for bare, v in value.items()})
+            else:
+                merged[key] = value
+    pipeline_cfg, per_stage = dict(CONFIG), {name: {} for name in defaults_by_stage}
     for key, value in sorted(merged.items(), key=lambda kv: "." in kv[0]):
         stage, dot, bare = key.rpartition(".")
         if dot:
@@ -85,15 +84,14 @@ def split_overrides(argv, defaults_by_stage):
                 raise helper.StageError(f"unknown stage {stage!r} in --{key}; choose from "
                                         f"{sorted(defaults_by_stage)}.")
             if bare not in defaults_by_stage[stage]:
-                raise helper._unknown_key(bare, set(defaults_by_stage[stage]))
+                raise helper.unknown_key(bare, defaults_by_stage[stage], prefix=f"{stage}.")
             per_stage[stage][bare] = value
             continue
         owners = [name for name, defaults in defaults_by_stage.items() if key in defaults]
         if key in CONFIG:
             pipeline_cfg = helper.apply_overrides(pipeline_cfg, {key: value}, echo=False)
         elif not owners:
-            every = set(CONFIG).union(*defaults_by_stage.values())
-            raise helper._unknown_key(key, every)
+            raise helper.unknown_key(key, set(CONFIG).union(*defaults_by_stage.values()))
         for name in owners:
             per_stage[name][key] = value
     return pipeline_cfg, per_stage
@@ -110,15 +108,19 @@ def stage_config(name, defaults, overrides, aname, runs_dir):
 
 
 def is_up_to_date(paths, state, name, cfg, inputs, outputs):
-    """Outputs present, newer than the inputs, and made with this very config."""
+    """Outputs present, made with this very config, and fresh by the one freshness check
+    (helper.check_fresh: the input hashes the manifest recorded, else file times)."""
     if state.get(name, {}).get("config_hash") != helper.config_hash(cfg):
         return False
     out_files = [getattr(paths, attr) for attr in outputs] or [paths.figures]
     if not all(p.exists() for p in out_files):
         return False
-    in_files = [getattr(paths, attr) for attr in inputs]
-    newest_input = max((p.stat().st_mtime for p in in_files if p.exists()), default=0.0)
-    return min(p.stat().st_mtime for p in out_files) >= newest_input
+    try:
+        for out in out_files:
+            helper.check_fresh(out, inputs=[getattr(paths, attr) for attr in inputs])
+    except helper.StageError:
+        return False
+    return True
 
 
 def run_one_seed(pipeline_cfg, per_stage, defaults_by_stage):

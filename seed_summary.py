@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 
 import helper
+import mpn
+import mpn_tasks
 import similarity
+from variance_core import REP_FORMS, REP_TITLES
 
 CONFIG = dict(
     runs="everything_*_seed*",  # run-name glob of the runs summarised (quote it in the shell) {@run_pattern}
@@ -68,11 +71,8 @@ REFERENCE_SIBLINGS = {
     ("delaydm1/delaydm2", "stim1"): {"input": 0, "hidden": 0, "modulation": 0},
 }
 REFERENCE_SEEDS = 7
-SIBLINGS = (("dmcgo", "dmcnogo"), ("delaydm1", "delaydm2"), ("contextdelaydm1", "contextdelaydm2"))
 SIBLING_EPOCHS = ("stim1", "delay1")
-CLUSTER_KEYS = (("input", "normalized"), ("input", "unnormalized"), ("hidden", "normalized"),
-                ("hidden", "unnormalized"), ("modulation", "normalized"),
-                ("modulation", "unnormalized"), ("modulation_weighted", "unnormalized"))
+CLUSTER_KEYS = tuple((rep, form) for rep in REP_TITLES for form in REP_FORMS[rep])
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,32 +115,30 @@ def wilson(successes, n, z=Z95):
 # Reading the runs
 
 
-def _optional_h5(path, producer):
-    return helper.load_h5(path, producer)[0] if path.exists() else None
+def _optional_h5(path):
+    return helper.load_h5(path)[0] if path.exists() else None
 
 
 def read_run(paths):
     """Everything the tables need from one run folder (None for what the run lacks)."""
-    cfg = helper.load_json(paths.config, "python multiple_task.py")
-    log = helper.load_json(paths.log, "python multiple_task.py")
+    cfg = helper.load_json(paths.config)
+    log = helper.load_json(paths.log)
     if not log.get("evals"):
         raise helper.StageError(f"{str(paths.log)!r} has no evaluation yet; train the run "
-                                f"longer with `python multiple_task.py`.")
+                                f"longer with `{paths.producer(paths.log)}`.")
     pipeline = paths.dir / "pipeline.json"
-    run = f"--run={paths.name}"
     clusters = {}
     for attr in ("cluster_info", "cluster_info_mod"):
-        info = _optional_h5(getattr(paths, attr), f"python clustering.py {run}")
-        clusters.update(info or {})
+        clusters.update(_optional_h5(getattr(paths, attr)) or {})
     return dict(
         name=paths.name, net=cfg["net"], seed=int(cfg["seed"]), config=cfg,
         acc=log["evals"][-1]["acc"], step=int(log["evals"][-1]["step"]),
         seconds=helper.load_json(pipeline) if pipeline.exists() else {},
         clusters=clusters,
-        lesion=_optional_h5(paths.lesion, f"python lesion.py {run}"),
-        shift=_optional_h5(paths.state_space, f"python state_space_shift.py {run}"),
-        memory=_optional_h5(paths.memory_geometry, f"python memory_geometry.py {run}"),
-        timescales=_optional_h5(paths.timescales, f"python timescales.py {run}"),
+        lesion=_optional_h5(paths.lesion),
+        shift=_optional_h5(paths.state_space),
+        memory=_optional_h5(paths.memory_geometry),
+        timescales=_optional_h5(paths.timescales),
     )
 
 
@@ -202,7 +200,7 @@ def sibling_table(groups):
             if not got:
                 continue
             cells = {}
-            for a, b in SIBLINGS:
+            for a, b in mpn_tasks.SIBLINGS:
                 for epoch in SIBLING_EPOCHS:
                     shared, n = 0, 0
                     for R in got:
@@ -356,24 +354,18 @@ def wall_times(groups):
 
 def similarity_section(paths_by_name, runs, cfg):
     """CKA / Procrustes of hidden states (all runs, trained and untrained) and of M (dmpn)."""
-    import mpn_tasks
-    import net_helpers
-    import mpn
     first = runs[0]["config"]
     if any(r["config"]["ruleset"] != first["ruleset"] or
            r["config"].get("io_mode", "low_dim") != first.get("io_mode", "low_dim") for r in runs):
         raise helper.StageError("the runs differ in ruleset or io_mode, so they have no shared "
                                 "condition set to compare; narrow --runs.")
-    rules = mpn_tasks.RULESETS[first["ruleset"]]
-    batches = similarity.condition_batches(rules, dict(cfg, quantile=cfg["epoch_quantile"]),
-                                           first.get("io_mode", "low_dim"))
+    rules = mpn_tasks.run_rules(first)
+    batches = similarity.condition_batches(rules, cfg, first.get("io_mode", "low_dim"))
     states, m_states, m_kept = {}, {}, {}
     for r in runs:
-        ckpt = net_helpers.load_checkpoint(paths_by_name[r["name"]].checkpoint)
-        nets = {"trained": net_helpers.model_from_checkpoint(ckpt),
-                "untrained": mpn.build_model(ckpt["net_type"], **ckpt["init_args"])}
+        nets = mpn.with_untrained(mpn.load_run(paths_by_name[r["name"]])[0])
         for which, net in nets.items():
-            s = similarity.network_states(net.eval(), batches, SIBLING_EPOCHS + ("stim2", "delay2", "go1"),
+            s = similarity.network_states(net, batches, SIBLING_EPOCHS + ("stim2", "delay2", "go1"),
                                           cfg["steps_per_period"])
             states[(r["name"], which)] = s["h"]
             if "M" in s and which == "trained":

@@ -4,8 +4,9 @@ permutation test of whether runs of one architecture are closer to each other th
 others. The numerical core behind `seed_summary.py` (not a stage of its own).
 
 States: for every rule of the runs' rule set, the noise-free factorial condition set
-(mpn_tasks.condition_set, durations at `quantile`; at most `trials_per_rule` conditions at an
-even stride, `m_trials_per_rule` of them for M), and within each task-period (rule, epoch) `steps_per_period` evenly spaced steps.
+(mpn_tasks.condition_set, durations at `epoch_quantile`; at most `trials_per_rule` conditions
+at an even stride, `m_trials_per_rule` of them for M), and within each task-period (rule,
+epoch) `steps_per_period` evenly spaced steps.
 One task-period gives a matrix X (conditions x steps, N) per run whose rows mean the same trial
 and step in every run, so two runs compare row for row. For the dmpn, M (N x N_pre per step)
 is also compared, reduced to its leading `m_pcs` principal components per run (PCA of that
@@ -161,7 +162,7 @@ def condition_batches(rules, cfg, io_mode):
     import mpn_tasks
     out = {}
     for rule in rules:
-        batch = mpn_tasks.condition_set(rule, quantile=cfg["quantile"], io_mode=io_mode)
+        batch = mpn_tasks.condition_set(rule, quantile=cfg["epoch_quantile"], io_mode=io_mode)
         keep = _even(batch.inputs.shape[0], cfg["trials_per_rule"])
         out[rule] = (batch, keep, keep[_even(len(keep), cfg["m_trials_per_rule"])])
     return out
@@ -171,8 +172,7 @@ def condition_batches(rules, cfg, io_mode):
 def network_states(net, batches, epochs, steps_per_period):
     """{"h": {period: X}, ["M": {period: (trials x steps, N·N_pre) float32}]} of one network."""
     out = {"h": {}}
-    plastic = getattr(net, "state_name", "h") == "M"
-    if plastic:
+    if net.plastic:
         out["M"] = {}
     dtype = next(net.parameters()).dtype
     for rule, (batch, keep, keep_m) in batches.items():
@@ -180,7 +180,7 @@ def network_states(net, batches, epochs, steps_per_period):
         h = net(torch.as_tensor(batch.inputs[keep], dtype=dtype))["h"].cpu().numpy()
         for epoch, s in steps.items():
             out["h"][f"{rule}-{epoch}"] = h[:, s].reshape(-1, h.shape[-1]).astype(np.float64)
-        if plastic:
+        if net.plastic:
             all_steps = sorted({int(t) for s in steps.values() for t in s})
             M = net.states_at(torch.as_tensor(batch.inputs[keep_m], dtype=dtype), all_steps)
             M = M.reshape(len(keep_m), len(all_steps), -1).cpu().numpy().astype(np.float32)

@@ -43,6 +43,9 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
+from variance_core import REP_TITLES
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -57,40 +60,23 @@ CONFIG = dict(
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
 )
 
-PRODUCER = "python state_space_shift.py"
-REPRESENTATIONS = ("hidden", "M", "WM")  # h; M flattened; W ⊙ M flattened
-REP_LABELS = {"hidden": "hidden h", "M": "modulation M", "WM": "W ⊙ M"}
-N_DIRS = 8  # stimulus directions 0, 45, ..., 315 degrees
+# key in state_space.h5 -> its representation (variance_core): h; M and W ⊙ M flattened
+REPRESENTATIONS = {"hidden": "hidden", "M": "modulation", "WM": "modulation_weighted"}
+REP_LABELS = {key: REP_TITLES[rep] for key, rep in REPRESENTATIONS.items()}
 
 
 def family_of(rule):
     """Task family (Go/Anti, Reaction, Delay, Decision-making, Match) of a rule."""
-    import mpn_tasks
     return mpn_tasks.RULE_GROUPS[rule]
 
 
 def family_names():
     """The task families in rule order."""
-    import mpn_tasks
     return list(dict.fromkeys(mpn_tasks.RULE_GROUPS.values()))
 
 
 # ----------------------------------------------------------------------------------------
-# Loading and running a network
-
-
-def run_rules(train_cfg):
-    """The rules a run was trained on, in SPEC order."""
-    import mpn_tasks
-    return list(mpn_tasks.RULESETS[train_cfg["ruleset"]])
-
-
-def load_network(paths, device):
-    """(net in eval mode, training config, checkpoint step) of one run."""
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    net = net_helpers.model_from_checkpoint(ckpt, device=device).eval()
-    return net, ckpt["config"], int(ckpt["step"])
+# Running a network
 
 
 def onset_step(batch):
@@ -106,10 +92,10 @@ def onset_step(batch):
 
 def trial_directions(batch):
     """Stimulus-1 direction index (0..7) per trial."""
-    index = np.arange(len(batch.rule)) % N_DIRS
+    index = np.arange(len(batch.rule)) % mpn_tasks.N_DIRS
     dirs = np.asarray(batch.stim1_dir, dtype=float)
     ok = np.isfinite(dirs)
-    index[ok] = np.round(dirs[ok] / (2 * np.pi / N_DIRS)).astype(int) % N_DIRS
+    index[ok] = mpn_tasks.direction_index(dirs[ok])
     return index
 
 
@@ -148,7 +134,6 @@ def make_trials(rules, cfg, io_mode):
     """Per rule, its condition set at `epoch_quantile` with input noise, at most
     `trials_per_rule` trials at an even stride (the set varies stimulus direction slowest,
     so every direction keeps its share)."""
-    import mpn_tasks
     rng = np.random.default_rng(cfg["trial_seed"])
     batches = []
     for rule in rules:
@@ -163,7 +148,6 @@ def make_trials(rules, cfg, io_mode):
 def collect_states(net, batches, device):
     """Run every rule's trials; stack pre-onset states and displacements over rules.
     Returns (states {rep: (pre (Σ B, D), disp (Σ B, D))}, meta, per-rule h trajectories)."""
-    import mpn_tasks
     pre, disp, trajectories = {}, {}, []
     meta = {"rule": [], "direction": [], "onset_step": []}
     for r, batch in enumerate(helper.progress(batches, desc="rules", leave=False)):
@@ -185,9 +169,12 @@ def collect_states(net, batches, device):
 
 
 def effective_modulation(net, M_flat):
-    """W ⊙ M for flattened (post-major) M of shape (B, N_post·N_pre)."""
-    W = net.mp.W.detach().float().cpu().numpy().reshape(1, -1)
-    return M_flat * W
+    """W ⊙ M (the model's effective_modulation) for flattened (post-major) M of shape
+    (B, N_post·N_pre), numpy in and out."""
+    W = net.synapse_weight()
+    with torch.no_grad():
+        M = torch.as_tensor(M_flat, device=W.device, dtype=W.dtype)
+        return net.effective_modulation(M).float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------
@@ -507,21 +494,19 @@ def figure_summary(summary, path):
 
 def load_untrained(paths, device):
     """The run's step-0 snapshot as a network, or None (with a note) when it was not kept."""
-    import net_helpers
     path = paths.snapshot(0)
     if not path.exists():
         print(f"[{paths.name}] no step-0 snapshot ({path.name}): the untrained baseline of the "
               f"shift test is skipped")
         return None
-    return net_helpers.model_from_checkpoint(net_helpers.load_checkpoint(path),
-                                             device=device).eval()
+    return mpn.model_from_checkpoint(path, device=device).eval()
 
 
 def analyze_run(paths, cfg):
     """Every analysis of one run, as the dict saved to its state_space.h5."""
     device = helper.get_device(cfg["device"])
-    net, train_cfg, step = load_network(paths, device)
-    rules = run_rules(train_cfg)
+    net, train_cfg, step = mpn.load_run(paths, device)
+    rules = mpn_tasks.run_rules(train_cfg)
     batches = make_trials(rules, cfg, train_cfg.get("io_mode", "low_dim"))
     states, meta, trajectories = collect_states(net, batches, device)
     reps, context, tests = analyze_states(states, meta, net, cfg)

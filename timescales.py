@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 import helper
+import mpn
+import mpn_tasks
+from mpn_tasks import DT_MS
 
 CONFIG = dict(
     run="everything_dmpn_seed*",  # run name or glob (quote globs in the shell) {@run_pattern}
@@ -46,26 +49,7 @@ CONFIG = dict(
     figures=True,  # draw the figures {@bool}
 )
 
-PRODUCER = "python timescales.py"
-DT_MS = 40
 MAX_SYNAPSES = 20_000  # synapses whose own decay is fitted (trials x N_post x N_pre in all)
-
-
-# ----------------------------------------------------------------------------------------
-# Loading (the pattern of state_space_shift.py; a later refactor unifies run loading)
-
-
-def load_networks(paths, untrained):
-    """{"trained": net[, "untrained": its seeded step-0 twin]} in float64 on the CPU."""
-    import mpn
-    import net_helpers
-    ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    nets = {"trained": net_helpers.model_from_checkpoint(ckpt, device="cpu")}
-    if untrained:
-        nets["untrained"] = mpn.build_model(ckpt["net_type"], **ckpt["init_args"])
-    for net in nets.values():
-        net.double().eval().requires_grad_(False)
-    return nets, ckpt["config"], int(ckpt["step"]), ckpt["net_type"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -128,7 +112,6 @@ def decay_timescale(norms, dt_ms):
 def fixation_inputs(rules, cfg, io_mode, n_in_steps):
     """Noisy fixation inputs (R·trials_per_rule, T, n_in): each rule's first input step
     (fixation and rule cues), held, plus N(0, 1)·sigma_x·√(2/0.8) noise on every channel."""
-    import mpn_tasks
     rng = np.random.default_rng(cfg["trial_seed"])
     base = np.stack([mpn_tasks.aligned_batch(rule, 1, np.random.default_rng(0),
                                              io_mode=io_mode).inputs[0, 0] for rule in rules])
@@ -340,12 +323,12 @@ def figure_architectures(results, path):
 
 
 def analyze_run(paths, cfg):
-    import mpn_tasks
-    nets, train_cfg, step, net_type = load_networks(paths, cfg["untrained_baseline"])
-    rules = list(mpn_tasks.RULESETS[train_cfg["ruleset"]])
+    net, train_cfg, step = mpn.load_run(paths)
+    nets = mpn.with_untrained(net.double().requires_grad_(False), cfg["untrained_baseline"])
+    rules = mpn_tasks.run_rules(train_cfg)
     inputs = fixation_inputs(rules, cfg, train_cfg.get("io_mode", "low_dim"),
                              cfg["burn_in_steps"] + cfg["n_steps"])
-    result = {"run": paths.name, "step": step, "net_type": net_type, "networks": list(nets),
+    result = {"run": paths.name, "step": step, "net_type": net.net_type, "networks": list(nets),
               "input": unit_timescales(inputs[:, cfg["burn_in_steps"]:], cfg)}
     with helper.single_thread():
         for name, net in helper.progress(nets.items(), desc="networks", leave=False):

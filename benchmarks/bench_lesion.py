@@ -2,7 +2,7 @@
 (lesion.py, lesion_engine.py, SPEC §6.3).
 
 Both paths score the same conditions on the same fixed test set (lesion.make_test_set: all
-15 rules, condition sets at several duration quantiles, --n_test trials per rule) and must
+15 rules, condition sets at several duration quantiles, --trials_per_rule trials per rule) and must
 give the same accuracies; the script checks that and prints the wall time of each, the ratio,
 the time per experiment of the suite, and the s.e. of the intact network's per-rule accuracy:
   batched   lesion_engine.evaluate_conditions: for a dmpn, one base run per input-lesion set,
@@ -11,7 +11,7 @@ the time per experiment of the suite, and the s.e. of the intact network's per-r
             (evaluate_by_rows); other networks stack K conditions per forward pass;
   serial    one net_helpers.evaluate call per condition on the whole test set (all rules
             in one padded batch: the natural way to run one condition);
-  per-rule  one evaluate call per (condition, rule) on that rule's n_test trials.
+  per-rule  one evaluate call per (condition, rule) on that rule's trials_per_rule trials.
 It also prints the work ceiling: plastic-layer row-steps of the serial path over those of the
 batched path, the speed-up a machine bound by arithmetic can reach.
 
@@ -46,11 +46,11 @@ import net_helpers  # noqa: E402
 def load_net(args):
     """(net, training config); an untrained dmpn of --n_hidden without --run."""
     if args.run:
-        cfg = dict(lesion.CONFIG, device="cpu", engine=args.engine)
-        net, train_cfg, _ = lesion.load_network(helper.run_paths(args.run, args.runs_dir), cfg)
+        net, train_cfg, _ = mpn.load_run(helper.run_paths(args.run, args.runs_dir), "cpu",
+                                         args.engine)
         return net, train_cfg
     net = mpn.build_model("dmpn", n_hidden=args.n_hidden, seed=0, engine=args.engine)
-    return net.eval(), {"seed": 0, "rules": list(mpn_tasks.RULES)}
+    return net.eval(), {"seed": 0, "ruleset": "everything"}
 
 
 def suite_conditions(args, net, train_cfg):
@@ -59,7 +59,7 @@ def suite_conditions(args, net, train_cfg):
     paths = helper.run_paths(args.run, args.runs_dir)
     cfg = dict(lesion.CONFIG, n_random=args.n_random)
     ci, ci_mod, variance, fixed_k = lesion.load_clusters(paths, cfg["experiments"])
-    cfg["fixed_k"] = int(fixed_k or 20)
+    cfg["fixed_cut_k"] = int(fixed_k or 20)
     table, tables = lesion.build_conditions(cfg, net, ci, ci_mod, variance, int(train_cfg["seed"]))
     return table.conditions, experiment_ids(tables)
 
@@ -86,7 +86,7 @@ def work_ceiling(net, conditions):
     """Plastic-layer rows run by the serial path (every unit of every condition) over those
     of the batched path (every unit once per input-lesion set, plus each condition's touched
     rows): the speed-up at best when arithmetic bounds the time."""
-    if not engine.rows_independent(net):
+    if not net.rows_independent():
         return 1.0
     n_hidden, n_pre = engine.net_shapes(net)
     in_sets = {engine.unpack_indices(c["in_units"]).tobytes() if "in_units" in c else b""
@@ -151,11 +151,11 @@ def parse(argv):
     p.add_argument("--n_hidden", type=int, default=64)
     p.add_argument("--n_conditions", type=int, default=120, help="without --run")
     p.add_argument("--n_serial", type=int, default=40, help="with --run: serial sample size")
-    p.add_argument("--n_test", type=int, default=lesion.CONFIG["n_test"])
+    p.add_argument("--trials_per_rule", type=int, default=lesion.CONFIG["trials_per_rule"])
     p.add_argument("--n_random", type=int, default=lesion.CONFIG["n_random"])
     p.add_argument("--memory_mb", type=float, default=lesion.CONFIG["memory_mb"])
     p.add_argument("--engine", default="auto")
-    p.add_argument("--threads", type=int, default=lesion.CONFIG["torch_threads"],
+    p.add_argument("--threads", type=int, default=lesion.CONFIG["num_threads"],
                    help="torch threads (0: torch's default)")
     p.add_argument("--per_experiment", action="store_true",
                    help="with --run: also time each experiment's conditions on their own")
@@ -180,8 +180,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     net, train_cfg = load_net(args)
-    rules = lesion.run_rules(train_cfg)
-    cfg = dict(lesion.CONFIG, n_test=args.n_test)
+    rules = mpn_tasks.run_rules(train_cfg)
+    cfg = dict(lesion.CONFIG, trials_per_rule=args.trials_per_rule)
     t_test, test = timed(lesion.make_test_set, rules, cfg, int(train_cfg["seed"]), "low_dim",
                          float(train_cfg.get("sigma_x", 0.0)))
     groups = {}
@@ -197,7 +197,7 @@ def main(argv=None):
     steps = [b.inputs.shape[1] for b in test["parts"]]
     print(f"{net.net_type} N={n_hidden} (N_pre={n_pre}), engine {args.engine}, "
           f"{torch.get_num_threads()} threads; {len(conditions)} conditions x {len(rules)} rules "
-          f"x {args.n_test} trials in {len(steps)} parts; T = {min(steps)}..{max(steps)} steps "
+          f"x {args.trials_per_rule} trials in {len(steps)} parts; T = {min(steps)}..{max(steps)} steps "
           f"(mean {np.mean(steps):.0f}); test set {t_test:.1f} s, conditions built in {t_build:.1f} s")
     with torch.no_grad():
         print_baseline(net, test, rules)

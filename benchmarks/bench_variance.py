@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import multiple_task_analysis as mta  # noqa: E402
+import variance_core as vc  # noqa: E402
+from mpn_tasks import N_DIRS  # noqa: E402
 
 
 def main():
@@ -23,18 +24,18 @@ def main():
     parser.add_argument("--n_hidden", type=int, default=300)
     parser.add_argument("--n_trials", type=int, default=240)
     parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--mode", default="per_step", choices=mta.VARIANCE_MODES)
+    parser.add_argument("--mode", default="per_step", choices=vc.VARIANCE_MODES)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.n_hidden
     windows = {"stim1": (5, 45), "delay1": (45, 85), "stim2": (85, 125), "delay2": (125, 132),
                "go1": (132, 149)}  # delaydm at the maximum quantile, steps
-    acc = mta.MODULATION_STREAMS[args.mode](mta.task_periods({"delaydm1": windows}), n, n)
-    dirs = np.sort(np.arange(args.n_trials) % mta.N_DIRS)  # sorted: few open directions
+    acc = vc.MODULATION_STREAMS[args.mode](vc.task_periods({"delaydm1": windows}), n, n)
+    dirs = np.sort(np.arange(args.n_trials) % N_DIRS)  # sorted: few open directions
     M = torch.rand(args.chunk, n, n, generator=torch.Generator().manual_seed(0))
     t0, c0 = time.perf_counter(), time.process_time()
-    acc.start_rule("delaydm1", windows, np.bincount(dirs, minlength=mta.N_DIRS))
+    acc.start_rule("delaydm1", windows, np.bincount(dirs, minlength=N_DIRS))
     for start in range(0, args.n_trials, args.chunk):
         chunk_dirs = dirs[start:start + args.chunk]
         acc.start_chunk(chunk_dirs)

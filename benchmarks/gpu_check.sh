@@ -86,8 +86,8 @@ ROWS+=("c  paper preset training|$LAST_STATUS|$LAST_SECONDS|$RATE")
 
 # (d) a tiny run through the lesion stage on CUDA
 part d_lesion 80 env MPN_RUNS_DIR="$OUT/tiny" $PY run_pipeline.py configs/tiny.py --device=$DEV \
-    --stages=train,analyze,cluster,lesion --stability_seeds=1 --stability_quantiles=[0.5] \
-    --n_groups=20 --n_restarts=2 --n_random=2 --n_random_combined=1 --n_draws=2 --n_test=8 \
+    --stages=train,analyze,cluster,lesion --stability_seeds=1 --stability_epoch_quantiles=[0.5] \
+    --n_groups=20 --n_restarts=2 --n_random=2 --n_random_combined=1 --n_draws=2 --trials_per_rule=8 \
     --figures=False
 LES=$($PY - "$OUT/tiny" <<'EOF'
 import json, sys, pathlib

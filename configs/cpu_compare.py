@@ -26,12 +26,9 @@ device = "cpu"
 num_threads = 1
 run_tag = "cmp"  # keeps these runs apart from cpu_quick's
 # lesions: single-cluster lesions (the specificity measure) and synapse-cluster lesions of the
-# dmpn at the fixed k, with fewer trials and controls than the full suite
-experiments = ["single", "modulation"]
-forms = ["normalized"]
-k_cuts = ["fixed"]
-mod_reps = ["modulation"]
-n_test = 64
-n_random = 10
+# dmpn at the fixed k, with fewer trials and controls than the full suite (a dict named after
+# a stage holds keys for that stage alone: trials_per_rule is every analysis stage's key)
+lesion = dict(experiments=["single", "modulation"], forms=["normalized"], k_cuts=["fixed"],
+              mod_reps=["modulation"], trials_per_rule=64, n_random=10)
 # the cross-run summary run_pipeline calls at the end (seed_summary.py)
 page = "docs/results.md"

@@ -13,9 +13,10 @@ import mpn
 import multiple_task
 import multiple_task_analysis as mta
 import net_helpers
+import variance_core as vc
 
 SEEDS = (749, 750)
-ANALYSIS = dict(mta.CONFIG, stability_seeds=1, stability_quantiles=[0.5], chunk_size=100,
+ANALYSIS = dict(mta.CONFIG, stability_seeds=1, stability_epoch_quantiles=[0.5], chunk_size=100,
                 device="cpu", figures=False)
 CLUSTER = dict(clustering.CONFIG, n_groups=40, n_restarts=3, figures=False)
 R_KEYS = {"k", "k_argmax", "above_null", "col_labels", "col_labels_by_k", "matrix",
@@ -67,12 +68,12 @@ def test_both_stages_write_every_artifact_in_the_format_lesion_reads(runs):
     assert len(arrays["row_names"]) == 49 and arrays["row_names"][0] == "fdgo-stim1"
     n_cols = {"input": 16, "hidden": 16, "modulation": 256, "modulation_weighted": 256}
     for rep, n in n_cols.items():
-        assert tuple(arrays[rep]) == mta.REP_FORMS[rep]
-        for form in mta.REP_FORMS[rep]:
+        assert tuple(arrays[rep]) == vc.REP_FORMS[rep]
+        for form in vc.REP_FORMS[rep]:
             assert arrays[rep][form].shape == (49, n)
     assert "normalized" not in arrays["modulation_weighted"]  # equals modulation's exactly
     np.testing.assert_allclose(arrays["modulation"]["normalized"],
-                               mta.normalize_columns(arrays["modulation"]["unnormalized"]),
+                               vc.normalize_columns(arrays["modulation"]["unnormalized"]),
                                atol=1e-6)
     assert set(arrays["perturbed"]) == {"noise_seed0", "quantile_0.5"}
     for design in arrays["perturbed"].values():
@@ -87,13 +88,13 @@ def test_both_stages_write_every_artifact_in_the_format_lesion_reads(runs):
     ci, ci_attrs = helper.load_h5(paths.cluster_info, "clustering")
     ci_mod, _ = helper.load_h5(paths.cluster_info_mod, "clustering")
     assert ci_attrs["fixed_k"] == 20 and ci_attrs["variance_hash"] == attrs["config_hash"]
-    assert set(ci) == set(mta.UNIT_REPS) and set(ci_mod) == set(mta.SYNAPSE_REPS)
+    assert set(ci) == set(vc.UNIT_REPS) and set(ci_mod) == set(vc.SYNAPSE_REPS)
     assert set(ci_mod["modulation_weighted"]) == {"unnormalized"}
-    for info, reps in ((ci, mta.UNIT_REPS), (ci_mod, mta.SYNAPSE_REPS)):
+    for info, reps in ((ci, vc.UNIT_REPS), (ci_mod, vc.SYNAPSE_REPS)):
         for rep in reps:
-            for form in mta.REP_FORMS[rep]:
+            for form in vc.REP_FORMS[rep]:
                 check_entry(info[rep][form], n_cols[rep], form, attrs["config_hash"])
-    for rep in mta.UNIT_REPS:
+    for rep in vc.UNIT_REPS:
         st = ci[rep]["normalized"]["stability"]
         assert st["design"].tolist() == ["noise_seed0", "quantile_0.5"]
         assert st["ari"].shape == (2,) and np.all(st["ari"] <= 1)
@@ -104,8 +105,8 @@ def test_both_stages_write_every_artifact_in_the_format_lesion_reads(runs):
         ci["hidden"]["normalized"]["col_labels"].max() + 1)
     figures = ["k_selection", "k_stability"] + [
         f"{kind}_{rep}_{form}" for kind, reps in (("clusters", n_cols),
-                                                  ("over_membership", mta.SYNAPSE_REPS))
-        for rep in reps for form in mta.REP_FORMS[rep]]
+                                                  ("over_membership", vc.SYNAPSE_REPS))
+        for rep in reps for form in vc.REP_FORMS[rep]]
     for figure in figures:
         assert paths.figure(figure).exists(), figure
     assert not list(paths.dir.glob("*.pkl"))
@@ -138,7 +139,7 @@ def test_analysis_twice_gives_bit_identical_matrices(runs):
     again, _ = helper.load_h5(paths.variance, "analysis")
     for rep in first:
         np.testing.assert_array_equal(first[rep], second[rep])
-        for form in mta.REP_FORMS[rep]:
+        for form in vc.REP_FORMS[rep]:
             np.testing.assert_array_equal(saved[rep][form], again[rep][form])
     for design, reps in saved["perturbed"].items():
         for rep, V in reps.items():
@@ -150,9 +151,9 @@ def test_analysis_twice_gives_bit_identical_matrices(runs):
 
 def test_streamed_modulation_variance_equals_recorded_m_history(runs):
     paths = helper.run_paths(runs[0])
-    net, ckpt = mta.load_network(paths, ANALYSIS)
+    net, train_cfg, _ = mpn.load_run(paths, "cpu", ANALYSIS["engine"])
     # one rule per family shape (the whole set would only repeat them, slowly)
-    trials = mta.analysis_trials(["fdgo", "contextdelaydm1", "dmsnogo"], ckpt["config"]["seed"])
+    trials = mta.analysis_trials(["fdgo", "contextdelaydm1", "dmsnogo"], train_cfg["seed"])
     raw, rows, _ = mta.compute_variances(net, trials, chunk_size=50)  # unequal chunks
     ref = {rep: [] for rep in raw}
     W = net.mp.W.detach().double()
@@ -163,7 +164,7 @@ def test_streamed_modulation_variance_equals_recorded_m_history(runs):
             z = {"input": out["x"], "hidden": out["h"], "modulation": M.flatten(2),
                  "modulation_weighted": (M * W).flatten(2)}
             for rep, value in z.items():
-                ref[rep].append(mta.task_variance_matrix({rule: value.double().numpy()},
+                ref[rep].append(vc.task_variance_matrix({rule: value.double().numpy()},
                                                          {rule: t["windows"]}))
     assert len(rows) == 2 + 5 + 3
     for rep, V in raw.items():
@@ -182,7 +183,7 @@ def test_missing_stale_or_bad_inputs_stop_with_one_sentence(runs):
     analyse(name)
     paths = helper.run_paths(name)
     ckpt = net_helpers.load_checkpoint(paths.checkpoint)
-    net = net_helpers.model_from_checkpoint(ckpt)
+    net = mpn.model_from_checkpoint(ckpt)
     net_helpers.save_checkpoint(paths.checkpoint, net, ckpt["config"], ckpt["step"] + 10)
     with pytest.raises(helper.StageError, match=f"rerun `python multiple_task_analysis.py "
                                                 f"--run={name}`"):
@@ -190,7 +191,7 @@ def test_missing_stale_or_bad_inputs_stop_with_one_sentence(runs):
     with torch.no_grad():  # an embedding that ignores its input: every x column is silent
         net.W_in.zero_()
     net_helpers.save_checkpoint(paths.checkpoint, net, ckpt["config"], ckpt["step"] + 20)
-    analyse(name, stability_seeds=0, stability_quantiles=[])
+    analyse(name, stability_seeds=0, stability_epoch_quantiles=[])
     with pytest.raises(helper.StageError, match="every column of input .* is unresponsive"):
         cluster(name)
 
@@ -207,4 +208,4 @@ def test_vanilla_run_has_hidden_only(runs_dir):
     assert paths.figure("weights").exists()
     ci, ci_mod = cluster(paths.name)[paths.name]
     assert "hidden" in ci and "input" not in ci
-    assert not set(ci_mod) & set(mta.SYNAPSE_REPS)
+    assert not set(ci_mod) & set(vc.SYNAPSE_REPS)

@@ -18,6 +18,7 @@ import pytest
 
 import helper
 import multiple_task as mt
+import run_folder
 import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,10 +81,10 @@ STAGES = ["multiple_task", "multiple_task_analysis", "clustering", "lesion", "le
           "run_pipeline"]
 BAD_STAGE_VALUES = [
     ("clustering", "--k_max=0"), ("clustering", "--tol=0"), ("clustering", "--n_restarts=0"),
-    ("lesion", "--prune_sparsity=[0,1.5]"), ("lesion", "--n_test=7"), ("lesion", "--n_draws=0"),
+    ("lesion", "--prune_sparsity=[0,1.5]"), ("lesion", "--trials_per_rule=7"), ("lesion", "--n_draws=0"),
     ("lesion", "--forms=['foo']"), ("lesion", "--experiments=['single','dance']"),
     ("multiple_task_analysis", "--chunk_size=0"), ("multiple_task_analysis", "--variance=foo"),
-    ("lesion_plot", "--acc_measure=foo"), ("state_space_shift", "--epoch_quantile=2"),
+    ("lesion_plot", "--effect_measure=foo"), ("state_space_shift", "--epoch_quantile=2"),
     ("memory_geometry", "--run=../x"), ("fixed_points", "--n_eigs=0"),
     ("timescales", "--n_steps=0"), ("seed_summary", "--n_permutations=5"),
     ("run_pipeline", "--nets=dmpn,lstm"),
@@ -399,7 +400,7 @@ def test_an_unwritable_runs_folder_is_refused_before_training(tmp_path):
 
 
 def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(helper, "MIN_FREE_BYTES", shutil.disk_usage(tmp_path).free * 10)
+    monkeypatch.setattr(run_folder, "MIN_FREE_BYTES", shutil.disk_usage(tmp_path).free * 10)
     with pytest.raises(helper.StageError, match="MB are free"):
         mt.main(small_cfg(tmp_path))
 
@@ -419,7 +420,7 @@ def test_disk_full_during_a_write_keeps_the_last_good_file(run_copy, monkeypatch
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_sha(path)
 
-    monkeypatch.setattr(helper, "sha256", full)
+    monkeypatch.setattr(run_folder, "sha256", full)
     with pytest.raises(helper.StageError, match="No space left on device.*previous version"):
         save()
     monkeypatch.undo()

@@ -128,6 +128,6 @@ def test_checkpoints_move_between_devices(tmp_path):
     ckpt = net_helpers.load_checkpoint(second["paths"].checkpoint)
     u = torch.randn(4, 30, 21, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        y_cpu = net_helpers.model_from_checkpoint(ckpt, "cpu")(u)["y"]
-        y_dev = net_helpers.model_from_checkpoint(ckpt, DEVICE)(u.to(DEVICE))["y"].cpu()
+        y_cpu = mpn.model_from_checkpoint(ckpt, "cpu")(u)["y"]
+        y_dev = mpn.model_from_checkpoint(ckpt, DEVICE)(u.to(DEVICE))["y"].cpu()
     torch.testing.assert_close(y_dev, y_cpu, rtol=1e-4, atol=1e-5)

@@ -173,7 +173,7 @@ def test_stage_on_a_tiny_trained_run(tiny_run):
     out = fp.main(stage_cfg(root, name))
     paths = helper.run_paths(name, root)
     assert len(out["figures"]) == 2 and all(p.stat().st_size > 10_000 for p in out["figures"])
-    data, attrs = helper.load_h5(paths.fixed_points, fp.PRODUCER,
+    data, attrs = helper.load_h5(paths.fixed_points,
                                  expect_hash=helper.config_hash(stage_cfg(root, name)))
     assert attrs["state"] == "M" and attrs["networks"] == ["trained", "untrained"]
     res = data["trained"]

@@ -47,6 +47,27 @@ def test_config_file_overrides_and_is_strict(tmp_path):
         helper.load_config(DEFAULTS, [str(tmp_path / "nope.py")])
 
 
+def test_parse_argv_gives_each_file_and_override_in_order(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("n_hidden = 32\n")
+    assert helper.parse_argv([str(preset), "--lr=5e-3", "--seeds=1,2", "--resume"],
+                             text_keys=("seeds",)) == [
+        (f" ({preset})", {"n_hidden": 32}), ("", {"lr": 5e-3}), ("", {"seeds": "1,2"}),
+        ("", {"resume": True})]
+
+
+def test_a_renamed_key_is_one_line_naming_its_new_name(tmp_path):
+    defaults = dict(DEFAULTS, trials_per_rule=8)
+    with pytest.raises(helper.StageError, match="^--n_test was renamed to --trials_per_rule.$"):
+        helper.load_config(defaults, ["--n_test=3"])
+    preset = tmp_path / "preset.py"
+    preset.write_text("n_test = 3\n")
+    with pytest.raises(helper.StageError, match="--n_test was renamed to --trials_per_rule"):
+        helper.load_config(defaults, [str(preset)])
+    with pytest.raises(helper.StageError, match="unknown config key 'n_test'"):
+        helper.load_config(DEFAULTS, ["--n_test=3"])  # a stage without the new name
+
+
 CONFIG = dict(
     n_hidden=300,  # hidden units N of the plastic layer
     lr=1e-3,  # Adam learning rate
@@ -154,3 +175,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_run_paths_check_fresh_names_the_stalest_file_upstream(runs_dir):
+    paths = helper.run_paths("a_run", runs_dir)
+    helper.save_json(paths.config, {})
+    helper.save_json(paths.checkpoint, {"v": 1})
+    helper.save_json(paths.variance, {}, inputs=[paths.checkpoint])
+    helper.save_json(paths.cluster_info, {}, inputs=[paths.variance])
+    helper.save_json(paths.lesion, {}, inputs=[paths.checkpoint, paths.cluster_info])
+    assert paths.check_fresh("lesion") == paths.lesion
+    helper.save_json(paths.checkpoint, {"v": 2})  # retrained: everything downstream is stale
+    with pytest.raises(helper.StageError, match="task_variance.h5' was computed from an older "
+                       "checkpoint.pt .*; rerun `python multiple_task_analysis.py --run=a_run`"):
+        paths.check_fresh("lesion")
+    paths.lesion.unlink()
+    with pytest.raises(helper.StageError, match="lesion.h5' is missing; run `python lesion.py "
+                       "--run=a_run` first"):
+        paths.check_fresh("lesion")
+    assert helper.producer_for(paths.cluster_info_mod) == "python clustering.py --run=a_run"

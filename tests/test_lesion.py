@@ -113,7 +113,7 @@ def test_stacked_outputs_equal_single_condition_outputs(net, tests):
 def test_no_lesion_equals_the_unperturbed_network(net):
     """Condition 0 on a test set of several parts per rule, merged, equals one plain
     evaluate of each rule's trials."""
-    cfg = dict(lesion.CONFIG, n_test=24, test_quantiles=[0.0, 0.5])
+    cfg = dict(lesion.CONFIG, trials_per_rule=24, epoch_quantile_range=[0.0, 0.5])
     test = lesion.make_test_set(RULES, cfg, run_seed=5, io_mode="low_dim", sigma_x=0.05)
     table = table_for()
     parts = lesion_engine.evaluate_conditions(net, test["parts"], table.conditions, memory_mb=64)
@@ -175,7 +175,7 @@ def test_shared_rows_give_every_condition_its_own_forward_pass(tests, options):
         gen = torch.Generator().manual_seed(0)
         for p in (net.mp.eta, net.mp.lam):
             p.copy_(p * (0.9 + 0.1 * torch.rand(p.shape, generator=gen)))
-    assert lesion_engine.rows_independent(net)
+    assert net.rows_independent()
     n_hidden, n_pre = lesion_engine.net_shapes(net)
     conditions = conditions_for(net, np.random.default_rng(2))
     inputs = net_helpers.batch_to_torch(tests[1])["inputs"]
@@ -216,7 +216,7 @@ def test_coupled_units_run_stacked_and_still_equal_one_at_a_time(tests, options)
     """With W_rec (units coupled) or hebb_pre (the update constant depends on N_post) rows
     cannot be shared: conditions are stacked instead, with the same results."""
     net = mpn.build_model("dmpn", n_hidden=N_HIDDEN, seed=3, **options).eval()
-    assert not lesion_engine.rows_independent(net)
+    assert not net.rows_independent()
     conditions = conditions_for(net, np.random.default_rng(3))
     acc = lesion_engine.evaluate_conditions(net, tests, conditions, memory_mb=64)
     for i, cond in enumerate(conditions):
@@ -238,7 +238,8 @@ def assert_same_outputs(net, batch, pert):
 def test_pruning_at_zero_and_noise_at_zero_change_nothing(net, tests):
     table = table_for()
     W = lesion_engine.plastic_weight(net)
-    prune = lesion.prune_experiment(table, W, dict(lesion.CONFIG, prune_sparsity=[0, 0.5]))
+    prune = lesion.prune_experiment(table, lesion.Design(dict(lesion.CONFIG,
+                                                              prune_sparsity=[0, 0.5]), 1, W))
     assert prune["cond"][0] == 0 and table.conditions[0] == {}
     zeroed = lesion_engine.unpack_indices(table.conditions[prune["cond"][1]]["w_zero"])
     assert zeroed.size == W.size // 2
@@ -246,7 +247,7 @@ def test_pruning_at_zero_and_noise_at_zero_change_nothing(net, tests):
         np.arange(W.size), zeroed)].min()  # the smallest |W| go first
     cfg = dict(lesion.CONFIG, n_draws=2, zero_fractions=[0], silence_fractions=[0],
                noise_sigmas=[0, 0.01], noise_rel_sigmas=[0])
-    robust = lesion.robust_experiments(table, W, cfg, run_seed=1)
+    robust = lesion.robust_experiments(table, lesion.Design(cfg, 1, W))
     for name in ("w_zero", "hid_silence", "w_noise_rel"):
         assert np.all(robust[name]["cond"] == 0), name
     assert np.all(robust["w_noise"]["cond"][0] == 0)
@@ -337,10 +338,10 @@ def write_cluster_files(paths, n_hidden, n_pre, seed=0, variance_hash="h"):
 def test_random_controls_are_outside_the_cluster_and_size_matched():
     ci, ci_mod = synthetic_cluster_info(N_HIDDEN, N_HIDDEN)
     t = table_for()
-    cfg = dict(lesion.CONFIG, n_random=4, fixed_k=6, n_random_combined=3)
-    n_units = {"input": N_HIDDEN, "hidden": N_HIDDEN}
-    single = lesion.single_experiments(t, ci, None, cfg, run_seed=2, n_units=n_units)
-    mod = lesion.modulation_experiments(t, ci_mod, None, cfg, 2, N_HIDDEN * N_HIDDEN)
+    cfg = dict(lesion.CONFIG, n_random=4, fixed_cut_k=6, n_random_combined=3)
+    design = lesion.Design(cfg, 2, np.zeros((N_HIDDEN, N_HIDDEN)), ci=ci, ci_mod=ci_mod)
+    single = lesion.single_experiments(t, design)
+    mod = lesion.modulation_experiments(t, design)
     checked = 0
     for tab, field, kinds in [(s, s["field"], [("lesion", "control")]) for s in single.values()] + \
             [(m, None, [("zero_W", "zero_W_control"), ("freeze_M", "freeze_M_control")])
@@ -437,19 +438,20 @@ def planted_network():
 @pytest.fixture(scope="module")
 def planted():
     net = planted_network()
-    cfg = dict(lesion.CONFIG, n_test=32, test_quantiles=[0.25, 0.75])
+    cfg = dict(lesion.CONFIG, trials_per_rule=32, epoch_quantile_range=[0.25, 0.75])
     test = lesion.make_test_set(PLANTED_RULES, cfg, run_seed=1, io_mode="low_dim", sigma_x=0.0)
     return net, test
 
 
-def lesion_groups(net, test, groups, run_seed, n_random=20, rules=PLANTED_RULES, n_test=32):
+def lesion_groups(net, test, groups, run_seed, n_random=20, rules=PLANTED_RULES,
+                  trials_per_rule=32):
     """Scores and significance (trial measure) of lesioning each unit group alone."""
     table = table_for(N_PLANTED, N_PLANTED)
     lesion_ids, control_ids = lesion._lesion_and_controls(table, "hid_units", groups, N_PLANTED,
                                                           n_random, run_seed)
     parts = lesion_engine.evaluate_conditions(net, test["parts"], table.conditions, memory_mb=64)
     scores = lesion.merge_parts(parts, test, len(rules))
-    n_trials = np.full(len(rules), float(n_test))
+    n_trials = np.full(len(rules), float(trials_per_rule))
     return scores, lesion_ids, lesion.significance(scores["trial"], lesion_ids, control_ids,
                                                    n_trials, alpha=0.05)
 
@@ -474,13 +476,13 @@ def test_random_unit_groups_are_rarely_significant(planted):
     significant in at most 5% of cells over 20 seeds (the four solved rules, 16 trials each)."""
     net, _ = planted
     rules = PLANTED_RULES[:4]
-    cfg = dict(lesion.CONFIG, n_test=16, test_quantiles=[0.25, 0.75])
+    cfg = dict(lesion.CONFIG, trials_per_rule=16, epoch_quantile_range=[0.25, 0.75])
     test = lesion.make_test_set(rules, cfg, run_seed=2, io_mode="low_dim", sigma_x=0.0)
     called, cells = 0, 0
     for seed in range(20):
         order = np.random.default_rng(seed).permutation(N_PLANTED)
         _, _, stats = lesion_groups(net, test, np.split(order, 8), run_seed=seed, rules=rules,
-                                    n_test=16)
+                                    trials_per_rule=16)
         called += int(stats["significant"].sum())
         cells += int(np.isfinite(stats["p"]).sum())
     assert cells == 20 * 8 * 4
@@ -491,9 +493,9 @@ def test_random_unit_groups_are_rarely_significant(planted):
 # End to end
 
 
-FAST = dict(n_test=8, test_quantiles=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
+FAST = dict(trials_per_rule=8, epoch_quantile_range=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
             zero_fractions=[0, 0.5, 1.0], silence_fractions=[0, 0.5], noise_sigmas=[0, 0.03],
-            noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_k=None,
+            noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_cut_k=None,
             device="cpu")
 
 

@@ -28,7 +28,7 @@ def test_max_minutes_stop_says_how_to_continue_and_resumes(runs_dir, capsys):
 def test_pipeline_runs_later_stages_after_a_max_minutes_stop(runs_dir, capsys):
     threads = torch.get_num_threads()
     paths = run_pipeline.main([TINY, CAP, "--figures=False", "--stability_seeds=1",
-                               "--stability_quantiles=[0.5]", "--stages=train,analyze",
+                               "--stability_epoch_quantiles=[0.5]", "--stages=train,analyze",
                                f"--num_threads={threads + 1}"])
     assert paths.variance.exists()
     assert torch.get_num_threads() == threads  # training's num_threads stayed with training

@@ -149,7 +149,7 @@ def test_stage_on_a_tiny_trained_run(runs_dir):
     out = mg.main(stage_cfg(runs_dir, name))
     assert len(out["figures"]) == 3 and all(p.stat().st_size > 10_000 for p in out["figures"])
     paths = helper.run_paths(name, runs_dir)
-    data, attrs = helper.load_h5(paths.memory_geometry, mg.PRODUCER,
+    data, attrs = helper.load_h5(paths.memory_geometry,
                                  expect_hash=helper.config_hash(stage_cfg(runs_dir, name)))
     assert attrs["pairs"] == ["dmc", "delaydm"] and attrs["representations"] == ["hidden", "WM"]
     for net in ("trained", "untrained"):

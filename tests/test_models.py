@@ -407,7 +407,7 @@ def test_checkpoint_round_trip(tmp_path, kind):
     path = tmp_path / "ckpt.pt"
     nh.save_checkpoint(path, net, {"net": kind, "lr": 1e-3}, step=42, extra=extra)
     ckpt = nh.load_checkpoint(path)
-    again = nh.model_from_checkpoint(ckpt)
+    again = mpn.model_from_checkpoint(ckpt)
     u = torch.randn(2, 9, 21)
     assert torch.equal(net(u)["y"], again(u)["y"])
     assert ckpt["step"] == 42 and ckpt["config"]["lr"] == 1e-3
@@ -415,6 +415,38 @@ def test_checkpoint_round_trip(tmp_path, kind):
     restored = np.random.default_rng(0)
     nh.set_rng_state(restored, ckpt["extra"]["rng_numpy"])
     assert np.array_equal(restored.random(4), np_rng.random(4))
+
+
+@pytest.mark.parametrize("kind", ["dmpn", "vanilla", "gru"])
+def test_synapse_weight_is_the_matrix_synapse_perturbations_act_on(kind):
+    """w_mask zeroing every entry of synapse_weight() equals zeroing that matrix in place."""
+    net = mpn.build_model(kind, n_hidden=6, seed=1, **({"input_layer": False} if kind == "dmpn"
+                                                      else {}))
+    W = net.synapse_weight()
+    assert net.synapse_shape() == tuple(W.shape) == ((6, 21) if kind == "dmpn" else (6, 6))
+    assert net.plastic == (kind == "dmpn") and net.rows_independent() == (kind == "dmpn")
+    u = torch.randn(2, 7, 21)
+    mask = torch.ones(net.synapse_shape())
+    mask[1, :3] = 0.0
+    with torch.no_grad():
+        y = net(u, perturbation=nh.Perturbation(w_mask=mask))["y"]
+        if kind == "gru":  # the same mask on each of the three gate blocks
+            net.W_rec.mul_(torch.cat([mask] * 3))
+        else:
+            W.mul_(mask)
+        assert torch.allclose(y, net(u)["y"], atol=1e-6)
+
+
+def test_forward_rows_reruns_rows_as_the_whole_layer_runs_them():
+    net = mpn.build_model("dmpn", n_hidden=8, seed=3, engine="reference")
+    u = torch.randn(3, 9, 21)
+    with torch.no_grad():
+        out = net(u, record=("x",))
+        rows = torch.tensor([6, 1, 4])
+        b, eta, lam = net.plastic_coefficients()
+        h, M = net.forward_rows(out["x"], net.synapse_weight()[rows], b[rows], eta, lam)
+    assert torch.allclose(h, out["h"][:, :, rows], atol=1e-6)
+    assert torch.allclose(M, out["M_final"][:, rows], atol=1e-6)
 
 
 def test_bad_checkpoint_files_give_one_clear_sentence(tmp_path):

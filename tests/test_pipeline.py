@@ -7,9 +7,9 @@ import helper
 import run_pipeline
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-CHEAP = ["--stability_seeds=1", "--stability_quantiles=[0.5]", "--n_groups=20", "--n_restarts=2",
-         "--n_random=2",
-         "--n_random_combined=1", "--n_draws=2", "--n_test=8", "--trials_per_rule=8",
+CHEAP = ["--stability_seeds=1", "--stability_epoch_quantiles=[0.5]", "--n_groups=20",
+         "--n_restarts=2", "--n_random=2", "--n_random_combined=1", "--n_draws=2",
+         "--trials_per_rule=8",
          "--memory_geometry.delay_ms=800", "--memory_geometry.n_shuffles=5",
          "--fixed_points.rules=['dmcgo']", "--fixed_points.trials_per_rule=2",
          "--fixed_points.n_relax=200", "--timescales.trials_per_rule=1",
@@ -37,6 +37,16 @@ def test_every_stage_runs_then_everything_is_skipped(runs_dir, capsys):
     assert "lesion: running" in out
 
 
+def test_stages_read_and_write_what_run_paths_declares():
+    """STAGES (what the pipeline runs) and helper.RUN_FILES (what each file is computed from)
+    agree, and each written file's producer is the stage's script."""
+    paths = helper.run_paths("a_run")
+    for name, module, reads, writes in run_pipeline.STAGES:
+        for attr in writes:
+            assert set(helper.RUN_FILES[attr][1]) <= set(reads), (name, attr)
+            assert paths.producer(getattr(paths, attr)).startswith(f"python {module}.py")
+
+
 def test_unknown_keys_and_stages_are_refused(runs_dir):
     with pytest.raises(helper.StageError, match="Did you mean n_hidden"):
         run_pipeline.main([TINY, "--n_hiden=3"])
@@ -44,18 +54,25 @@ def test_unknown_keys_and_stages_are_refused(runs_dir):
         run_pipeline.main([TINY, "--stages=train,dance"])
 
 
-def test_stage_prefixed_keys_go_to_that_stage_alone():
+def test_stage_prefixed_keys_go_to_that_stage_alone(tmp_path):
     defaults = run_pipeline.stage_defaults()
     _, per_stage = run_pipeline.split_overrides(
-        ["--lesion.sigma_x=0.1", "--sigma_x=0.05", "--train.acc_measure='angle'"], defaults)
-    assert per_stage["lesion"]["sigma_x"] == 0.1  # the stage's own key wins, in any order
-    assert per_stage["train"]["sigma_x"] == 0.05
+        ["--lesion.input_noise=0.1", "--input_noise=0.05", "--train.acc_measure='angle'"],
+        defaults)
+    assert per_stage["lesion"]["input_noise"] == 0.1  # the stage's own key wins, in any order
+    assert per_stage["state_space"]["input_noise"] == 0.05
+    assert "input_noise" not in per_stage["train"]  # training's input noise is sigma_x
     assert per_stage["train"]["acc_measure"] == "angle"
-    assert "acc_measure" not in per_stage["lesion_plot"]
+    assert "acc_measure" not in per_stage["lesion_plot"]  # its measure is effect_measure
+    preset = tmp_path / "preset.py"  # in a config file, a dict named after a stage
+    preset.write_text("trials_per_rule = 16\nlesion = dict(trials_per_rule=64, n_random=3)\n")
+    _, per_stage = run_pipeline.split_overrides([str(preset)], defaults)
+    assert per_stage["lesion"] == {"trials_per_rule": 64, "n_random": 3}
+    assert per_stage["fixed_points"]["trials_per_rule"] == 16
     with pytest.raises(helper.StageError, match="unknown stage 'lesions'"):
-        run_pipeline.split_overrides(["--lesions.n_test=8"], defaults)
-    with pytest.raises(helper.StageError, match="Did you mean n_test"):
-        run_pipeline.split_overrides(["--lesion.n_tset=8"], defaults)
+        run_pipeline.split_overrides(["--lesions.trials_per_rule=8"], defaults)
+    with pytest.raises(helper.StageError, match="Did you mean trials_per_rule"):
+        run_pipeline.split_overrides(["--lesion.trials_per_rle=8"], defaults)
     with pytest.raises(helper.StageError, match="unknown config key 'n_hidden'"):
         run_pipeline.split_overrides(["--lesion.n_hidden=8"], defaults)
 
@@ -80,3 +97,16 @@ def test_several_nets_and_seeds_run_as_processes_then_one_summary(monkeypatch, r
     (cfg,) = summaries
     assert cfg["runs"] == "everything_*_seed*_L21e4_h16_b16" and cfg["page"] == "x.md"
     assert cfg["preset"] == TINY
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--n_test=8", "--n_test was renamed to --trials_per_rule"),
+    ("--lesion.sigma_x=0.1", "--lesion.sigma_x was renamed to --lesion.input_noise"),
+    ("--lesion_plot.acc_measure=angle", "--lesion_plot.acc_measure was renamed to "
+                                        "--lesion_plot.effect_measure"),
+    ("--torch_threads=2", "--torch_threads was renamed to --num_threads"),
+    ("--quantile=0.5", "--quantile was renamed to --epoch_quantile"),
+])
+def test_renamed_keys_name_their_new_name(arg, message):
+    with pytest.raises(helper.StageError, match=message):
+        run_pipeline.split_overrides([arg], run_pipeline.stage_defaults())

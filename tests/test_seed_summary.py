@@ -139,11 +139,11 @@ def tiny_run(root, net, seed):
     multiple_task.main(cfg)
     name = helper.run_name(cfg)
     common = dict(run=name, runs_dir=str(root))
-    mta.main(dict(mta.CONFIG, **common, stability_seeds=0, stability_quantiles=[],
+    mta.main(dict(mta.CONFIG, **common, stability_seeds=0, stability_epoch_quantiles=[],
                   device="cpu", figures=False))
     clustering.main(dict(clustering.CONFIG, **common, n_groups=40, n_restarts=2, figures=False,
                          stability=False))
-    lesion.main(dict(lesion.CONFIG, **common, experiments=["single"], n_test=8, n_random=2,
+    lesion.main(dict(lesion.CONFIG, **common, experiments=["single"], trials_per_rule=8, n_random=2,
                      forms=["normalized"], k_cuts=["fixed"], unit_reps=["hidden"], device="cpu"))
     state_space_shift.main(dict(state_space_shift.CONFIG, **common, trials_per_rule=8,
                                 n_permutations=20, device="cpu"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import helper
+import mpn_tasks
 import state_space_shift as sss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,9 +24,9 @@ def constructed_states(slope_deg, n_rules=5, trials_per_dir=2, seed=0):
     displacement angle is exactly slope x the distance between pre-onset states."""
     rng = np.random.default_rng(seed)
     positions = np.sort(rng.uniform(0.0, 2.0, n_rules))
-    n = sss.N_DIRS * trials_per_dir
+    n = mpn_tasks.N_DIRS * trials_per_dir
     rule = np.repeat(np.arange(n_rules), n)
-    direction = np.tile(np.arange(n) % sss.N_DIRS, n_rules)
+    direction = np.tile(np.arange(n) % mpn_tasks.N_DIRS, n_rules)
     pre = np.zeros((rule.size, 4))
     pre[:, 0] = positions[rule]
     theta = np.radians(slope_deg * positions[rule])
@@ -180,7 +181,6 @@ def stage_cfg(root, run, **overrides):
 def test_streamed_m_matches_the_recorded_history():
     """The two M states captured through m_reduce equal the full recorded history there."""
     import mpn
-    import mpn_tasks
     net = mpn.build_model("dmpn", n_hidden=6, seed=3).eval()
     batch = mpn_tasks.aligned_batch("fdgo", 4, np.random.default_rng(0), quantile=0.0,
                                     sigma_x=0.01)
@@ -196,7 +196,6 @@ def test_streamed_m_matches_the_recorded_history():
 
 
 def test_react_rules_use_the_go_onset():
-    import mpn_tasks
     batch = mpn_tasks.aligned_batch("reactgo", 8, np.random.default_rng(0))
     assert sss.onset_step(batch) == batch.epochs["go1"][0, 0]
     assert list(sss.trial_directions(batch)) == list(range(8))
@@ -231,7 +230,7 @@ def test_stage_on_tiny_trained_runs(runs_dir):
         for name in ("state_space_context_pca", "state_space_shift_test",
                      "state_space_subspace_angles"):
             assert paths.figure(name).stat().st_size > 10_000
-        res, _ = helper.load_h5(paths.state_space, sss.PRODUCER,
+        res, _ = helper.load_h5(paths.state_space,
                                 expect_hash=helper.config_hash(result["config"]))
         n_rules = len(res["rules"])
         assert n_rules == 15 and list(res["representations"]) == ["hidden", "M", "WM"]

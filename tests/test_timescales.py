@@ -114,7 +114,7 @@ def test_stage_on_tiny_runs_of_each_architecture(runs_dir):
     assert len(out["figures"]) == 4 and out["figures"][-1].name == "timescales_by_architecture.png"
     for result in out["results"]:
         paths = helper.run_paths(result["run"], runs_dir)
-        data, attrs = helper.load_h5(paths.timescales, ts.PRODUCER,
+        data, attrs = helper.load_h5(paths.timescales,
                                      expect_hash=helper.config_hash(dict(cfg, run=paths.name)))
         assert data["trained"]["hidden"]["tau_ms"].shape == (16,)
         assert ("M" in data["trained"]) == (attrs["net_type"] == "dmpn")

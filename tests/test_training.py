@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import helper
+import mpn
 import mpn_tasks
 import multiple_task as mt
 import net_helpers
@@ -94,7 +95,7 @@ def test_tiny_run_writes_every_artifact(reference_run):
     assert ckpt["step"] == cfg["max_steps"]
     for key in ("optimizer", "scheduler", "sampler", "rng", "torch_rng"):
         assert key in ckpt["extra"]
-    net = net_helpers.model_from_checkpoint(ckpt)
+    net = mpn.model_from_checkpoint(ckpt)
     assert net.n_trainable() > 0
     log = helper.load_json(paths.log)["evals"]
     assert [e["step"] for e in log] == list(range(0, cfg["max_steps"] + 1, cfg["eval_every"]))
@@ -111,6 +112,20 @@ def test_tiny_run_writes_every_artifact(reference_run):
                  "training_example_trials"):
         assert paths.figure(name).stat().st_size > 1000
     assert reference_run["final"]["step"] == cfg["max_steps"]
+
+
+def test_load_run_gives_the_trained_net_and_its_twin_the_step0_weights(reference_run):
+    paths = reference_run["paths"]
+    net, train_cfg, step = mpn.load_run(paths, "cpu", engine="reference")
+    assert step == TINY["max_steps"] and train_cfg["n_hidden"] == TINY["n_hidden"]
+    assert not net.training and net.mp.engine == "reference"
+    snap = mpn.model_from_checkpoint(paths.snapshot(0))
+    twin = mpn.untrained_twin(net.double())
+    assert next(twin.parameters()).dtype == torch.float64 and not twin.training
+    for key, value in snap.state_dict().items():  # seeded initial weights = the step-0 snapshot
+        assert torch.equal(value.double(), twin.state_dict()[key]), key
+    assert set(mpn.with_untrained(net)) == {"trained", "untrained"}
+    assert set(mpn.with_untrained(net, untrained=False)) == {"trained"}
 
 
 def test_loss_decreases_on_a_fixed_batch():
