@@ -247,7 +247,10 @@ def leading_eigenvalues(net, F, u, s, k):
     cluster around λ from the rank-one term of each unit), so ARPACK gets a random start, a
     wide Krylov space (60 vectors: on the CPU-preset run every point then matched the dense
     eigenvalues to 1e-9, where 40 vectors or a constant start missed some) and a bounded
-    number of restarts; eigenvalues it has not converged are nan (counted in the output)."""
+    number of restarts; eigenvalues it has not converged are nan (counted in the output).
+    On the untrained N = 64 net ~5% of points still miss (or leave nan) an eigenvalue of a
+    cluster within 1e-5 of λ (checked against the per-unit closed form λ + η(1 − h_i²)
+    Σ_free W_ij x_j²); at N = 300 none of 18 points checked did."""
     J, D = linear_map(net, u, s), s.numel()
     free = torch.as_tensor(np.flatnonzero(moving_coordinates(J, D)))
     n = len(free)

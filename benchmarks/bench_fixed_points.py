@@ -57,7 +57,8 @@ def main():
     parser.add_argument("--n_hidden", type=int, default=300)
     parser.add_argument("--net", default="dmpn")
     parser.add_argument("--rules", default="all", help="comma-separated rules, or all")
-    parser.add_argument("--max_eigs", type=int, default=0, help="time only this many eigensolves (0: all)")
+    parser.add_argument("--max_eigs", type=int, default=0,
+                        help="time only this many eigensolves (0: all)")
     args = parser.parse_args()
     cfg = dict(fp.CONFIG)
     clock, steps = Clock(), [0]
@@ -84,7 +85,8 @@ def main():
           f"condition, at most {cfg['n_relax']}); RMS step median {np.median(speed0):.1e} -> "
           f"{np.median(speed):.1e}, {100 * np.mean(speed < cfg['fixed_tol']):.0f}% fixed")
     for name in clock.cpu:
-        per = f", {clock.cpu[name] / n_eig:.2f} s CPU per solve ({n_eig})" if name == "eigenvalues" else ""
+        per = (f", {clock.cpu[name] / n_eig:.2f} s CPU per solve ({n_eig})"
+               if name == "eigenvalues" else "")
         print(f"  {name:14s} CPU {clock.cpu[name]:7.1f} s, wall {clock.wall[name]:7.1f} s{per}")
     print(f"(load average {os.getloadavg()[0]:.1f}; torch {torch.get_num_threads()} threads)")
 

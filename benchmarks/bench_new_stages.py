@@ -64,8 +64,8 @@ def main():
         for stage in args.stages.split(","):
             load = os.getloadavg()[0]
             wall, cpu, peak = run_stage(SCRIPTS[stage], paths, root, args.extra.split())
-            print(f"{stage:16s} {args.net} N={args.n_hidden}: wall {wall:6.1f} s, CPU {cpu:6.1f} s, "
-                  f"peak RSS {peak:6.0f} MB (load average {load:.1f} before, "
+            print(f"{stage:16s} {args.net} N={args.n_hidden}: wall {wall:6.1f} s, "
+                  f"CPU {cpu:6.1f} s, peak RSS {peak:6.0f} MB (load average {load:.1f} before, "
                   f"{os.getloadavg()[0]:.1f} after)", flush=True)
         sizes = {p.name: p.stat().st_size / 2**20 for p in paths.dir.iterdir() if p.is_file()}
         print("files: " + ", ".join(f"{k} {v:.2f} MB" for k, v in sorted(sizes.items())))
