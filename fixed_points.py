@@ -7,14 +7,21 @@ RNN and the GRU (F(h) = one step of the cell). For every rule of the run, every 
 (task period) and every stim1 direction of `trials_per_rule` noise-free aligned trials:
   1. u = the period's input (constant within a period without noise) and s_0 = the state the
      trial reaches at the period's end;
-  2. s_0 is run forward under F for `n_relax` steps (a stable point attracts it), then q(s) =
-     ½‖F(s) − s‖² is minimised by L-BFGS (`polish_iters`); the point's speed is the RMS step
-     ‖F(s) − s‖ / √D, and it is "fixed" when the speed is below `fixed_tol`, else "slow";
+  2. s_0 is run forward under F for at most `n_relax` steps (a stable point attracts it; a
+     condition stops early once its RMS step is below `relax_tol`), in float32 by default;
+     conditions still above `polish_tol` are then polished in float64 by L-BFGS on q(s) =
+     ½‖F(s) − s‖² (`polish_iters`); the point's speed is the RMS step ‖F(s) − s‖ / √D, and it
+     is "fixed" when the speed is below `fixed_tol`, else "slow";
   3. the `n_eigs` eigenvalues of ∂F/∂s of largest modulus, matrix-free: Jacobian-vector
-     products (torch.func.jvp) handed to ARPACK (scipy.sparse.linalg.eigs); D = N² for M;
-  4. baselines: the same for the untrained network (the run's seeded step-0 weights), and, for
-     M, λ itself (at zero presynaptic input every eigenvalue equals λ).
-Everything runs on the CPU in float64 (ARPACK is a CPU library).
+     products (the model's linearized_step: closed form for M, forward-mode autodiff for h)
+     handed to ARPACK (scipy.sparse.linalg.eigs), on the coordinates whose Jacobian row is
+     not zero (clipped synapses add only zeros to the spectrum); D = N² for M;
+  4. baselines: the same for the untrained network (the run's seeded step-0 weights, on
+     `untrained_trials_per_rule` trials per rule), and, for M, λ itself (at zero
+     presynaptic input every eigenvalue equals λ).
+Polishing and eigenvalues run in float64 on the CPU (ARPACK is a CPU library). Cost at
+N = 300 (D = 90,000): ~0.35 s of relaxing and ~0.75 s of ARPACK per point (see
+benchmarks/bench_fixed_points.py).
 
 Reads:  runs/<aname>/checkpoint.pt.
 Writes: runs/<aname>/fixed_points.h5 (per network: rule, epoch, direction of every point, its
@@ -26,8 +33,14 @@ Axis order: conditions x state, (K, D); M flattened post-major.
 Example:
     python fixed_points.py --run=everything_dmpn_seed749_L21e4_h64_b32
 """
+import copy
+
 import numpy as np
 import torch
+# Loaded before helper.single_thread() limits the BLAS thread pools: threadpoolctl limits only
+# the libraries already loaded, and ARPACK's (scipy's own OpenBLAS) otherwise runs 2 spinning
+# threads on a busy machine (measured at N = 300: 3-6 s of CPU per eigensolve instead of 0.7).
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 
 import helper
 import mpn
@@ -39,12 +52,16 @@ CONFIG = dict(
     rules=None,  # rules analysed: None = the run's ruleset, or a list of its rules, e.g. ["dmcgo"] {None | @rules}
     trials_per_rule=8,  # noise-free aligned trials per rule; trial i has direction i % 8 {>= 1}
     epoch_quantile=1.0,  # epoch durations at this quantile of their ranges (1.0 = longest) {>= 0, <= 1}
-    n_relax=2000,  # steps of the dynamics from the period-end state before polishing (2000 = 80 s) {>= 0}
-    polish_iters=50,  # L-BFGS iterations minimising q = ½‖F(s) − s‖² {>= 0}
+    n_relax=2000,  # at most this many steps of the dynamics from the period-end state before polishing (2000 = 80 s) {>= 0}
+    relax_tol=1e-7,  # a condition stops relaxing once its RMS step is below this: it then sits at a fixed point (fixed_tol / 10; above relax_float32's rounding floor, ~1e-8) {>= 0}
+    relax_float32=True,  # relax in float32 (3x faster per step at N = 300), then polish and take eigenvalues in float64 {@bool}
+    polish_iters=50,  # at most this many L-BFGS iterations minimising q = ½‖F(s) − s‖² {>= 0}
+    polish_tol=1e-6,  # polishing leaves out conditions whose RMS step is already below this and stops once all are (= fixed_tol: on the N = 64 net 50 L-BFGS iterations took relaxed points' median RMS step only from 7.7e-8 to 5.5e-8) {>= 0}
     fixed_tol=1e-6,  # a point whose RMS step ‖F(s) − s‖/√D is below this is "fixed" {> 0}
     n_eigs=10,  # leading Jacobian eigenvalues (largest modulus) per point {>= 1}
-    chunk=64,  # conditions relaxed together (bounds memory: chunk x D float64 values) {>= 1}
+    batch_values=2**18,  # state values relaxed together (conditions per batch = batch_values // D, at least 1): 1 MB of float32 stays in cache (per value 2-3x faster than 2-8 MB batches; 64 x 90,000 float64 took 25x longer per condition than 16 x 90,000) {>= 1}
     untrained_baseline=True,  # also analyse the untrained network (the run's step-0 weights) {@bool}
+    untrained_trials_per_rule=2,  # trials per rule for the untrained network: its points are one pooled baseline distribution, never matched condition by condition, and 2 instead of 8 cut its cost ~4x (at N = 300 ~1 s per point) {>= 1}
     figures=True,  # draw the figures {@bool}
 )
 
@@ -112,31 +129,66 @@ def step_map(net, state_shape):
     return F
 
 
-def relax(F, u, s, n_steps):
-    """s after n_steps of s <- F(s, u)."""
+def constant_input_map(net, u):
+    """s -> F(s, u) on flattened states (K, D) under the fixed inputs u (K, n_in), by the
+    model's constant_input_step (the terms of u alone computed once)."""
+    step, shape = net.constant_input_step(u), net.state_shape()
+    return lambda s: step(s.reshape(len(s), *shape)).reshape(len(s), -1)
+
+
+def relax(net, u, s, n_steps, tol=0.0, check_every=50):
+    """s after n_steps of s <- F(s, u). With tol > 0 a condition stops as soon as its RMS
+    step ‖F(s) − s‖/√D is below tol (checked every `check_every` steps): it then sits at a
+    fixed point to tol, and the batch shrinks to the conditions still moving."""
+    s = s.clone()
+    idx, s_a, u_a = torch.arange(len(s)), s, u
+    G = constant_input_map(net, u)
     with torch.no_grad():
-        for _ in range(n_steps):
-            s = F(s, u)
+        for t in range(1, n_steps + 1):
+            new = G(s_a)
+            if tol > 0 and t % check_every == 0:
+                moving = ((new - s_a) ** 2).mean(1).sqrt() >= tol
+                if not moving.all():
+                    s[idx[~moving]] = new[~moving]
+                    idx, new, u_a = idx[moving], new[moving], u_a[moving]
+                    if not len(idx):
+                        return s
+                    G = constant_input_map(net, u_a)
+            s_a = new
+        s[idx] = s_a
     return s
 
 
-def polish(F, u, s, iters):
+def polish(F, u, s, iters, tol=0.0, round_iters=10):
     """Minimise q(s) = ½‖F(s) − s‖² (summed over conditions, which are independent) by
-    L-BFGS with a strong-Wolfe line search."""
-    if iters == 0:
+    L-BFGS with a strong-Wolfe line search, at most `iters` iterations. With tol > 0 the
+    conditions whose RMS step is already below tol are left as they are, and the others stop
+    once all of them are below tol (checked every `round_iters` iterations; L-BFGS keeps its
+    history from round to round)."""
+    todo = torch.ones(len(s), dtype=torch.bool) if tol <= 0 else \
+        torch.as_tensor(rms_speed(F, u, s) >= tol)
+    if iters == 0 or not todo.any():
         return s
-    s = s.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([s], max_iter=iters, tolerance_grad=1e-14, tolerance_change=1e-16,
-                            history_size=20, line_search_fn="strong_wolfe")
+    round_iters = iters if tol <= 0 else round_iters
+    x, u_x = s[todo].clone().requires_grad_(True), u[todo]
+    opt = torch.optim.LBFGS([x], max_iter=round_iters, tolerance_grad=1e-14,
+                            tolerance_change=1e-16, history_size=20,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        q = 0.5 * ((F(s, u) - s) ** 2).sum()
+        q = 0.5 * ((F(x, u_x) - x) ** 2).sum()
         q.backward()
         return q
 
-    opt.step(closure)
-    return s.detach()
+    for done in range(0, iters, round_iters):
+        opt.param_groups[0]["max_iter"] = min(round_iters, iters - done)
+        opt.step(closure)
+        if tol > 0 and rms_speed(F, u_x, x.detach()).max() < tol:
+            break
+    s = s.clone()
+    s[todo] = x.detach()
+    return s
 
 
 def rms_speed(F, u, s):
@@ -151,17 +203,23 @@ def jvp(net, u, s, v):
     return net.step_jvp(s.reshape(shape), u[None], v.reshape(shape))[1].reshape(-1)
 
 
-def jacobian_operator(net, u, s):
-    """∂F/∂s at one state s (D,) under input u (n_in,), as a real scipy LinearOperator whose
-    matvec is one Jacobian-vector product."""
-    from scipy.sparse.linalg import LinearOperator
-    D = s.numel()
+def linear_map(net, u, s):
+    """v (D,) -> ∂F/∂s (s) · v at one flattened state s (D,) under input u (n_in,): the
+    model's linearized_step, whose terms that do not depend on v are computed once (at
+    N = 300 a product then costs 0.2 ms instead of 1-2 ms)."""
+    shape = (1, *net.state_shape())
+    _, tangent = net.linearized_step(s.reshape(shape), u[None])
+    return lambda v: tangent(v.reshape(shape)).reshape(-1)
 
-    def matvec(v):
-        v = torch.as_tensor(np.asarray(v, dtype=np.float64).ravel())
-        return jvp(net, u, s, v).numpy()
 
-    return LinearOperator((D, D), matvec=matvec, dtype=np.float64)
+def moving_coordinates(J, D):
+    """Mask (D,) of the coordinates whose row of the Jacobian J (a function v -> J v) is not
+    zero, from two products with random vectors: a zero row (a clipped synapse, whose next
+    value is the bound whatever the state) gives exactly 0 in both, a non-zero row gives an
+    exact 0 with probability zero."""
+    rng = np.random.default_rng(1)
+    probes = [J(torch.as_tensor(rng.standard_normal(D))) for _ in range(2)]
+    return ((probes[0] != 0) | (probes[1] != 0)).numpy()
 
 
 def dense_jacobian(F, u, s):
@@ -170,22 +228,40 @@ def dense_jacobian(F, u, s):
 
 
 def leading_eigenvalues(net, F, u, s, k):
-    """The k eigenvalues of ∂F/∂s of largest modulus, in decreasing modulus: ARPACK on the
-    matrix-free operator, or a dense eigensolve when D is too small for ARPACK (D < k + 2).
-    M's spectrum is highly degenerate (λ on free synapses, 0 on clipped ones, a cluster just
-    above λ), so ARPACK gets a random start, a wide Krylov space (60 vectors: on the CPU-preset
-    run every point then matched the dense eigenvalues to 1e-9, where 40 vectors or a constant
-    start missed some) and a bounded number of restarts; eigenvalues it has not converged are
-    nan (counted in the stage's output)."""
-    from scipy.sparse.linalg import ArpackNoConvergence, eigs
-    D = s.numel()
-    if D < k + 2:
-        vals = np.linalg.eigvals(dense_jacobian(F, u, s))
+    """The k eigenvalues of ∂F/∂s of largest modulus, in decreasing modulus.
+
+    Coordinates whose Jacobian row is zero (clipped synapses: 30-60% of M at the points)
+    are left out: with the others first, J = [[J_ff, J_fc], [0, 0]], so J's eigenvalues are
+    J_ff's and zeros, and the k largest in modulus are J_ff's (zeros fill in when J_ff has
+    fewer than k). J_ff's come from ARPACK on the matrix-free operator, or from a dense
+    eigensolve when it is too small for ARPACK (fewer than k + 2 coordinates; its columns are
+    products with unit vectors). M's spectrum is highly degenerate (λ on free synapses, a
+    cluster around λ from the rank-one term of each unit), so ARPACK gets a random start, a
+    wide Krylov space (60 vectors: on the CPU-preset run every point then matched the dense
+    eigenvalues to 1e-9, where 40 vectors or a constant start missed some) and a bounded
+    number of restarts; eigenvalues it has not converged are nan (counted in the output).
+    On the untrained N = 64 net ~5% of points still miss (or leave nan) an eigenvalue of a
+    cluster within 1e-5 of λ (checked against the per-unit closed form λ + η(1 − h_i²)
+    Σ_free W_ij x_j²); at N = 300 none of 18 points checked did."""
+    J, D = linear_map(net, u, s), s.numel()
+    free = torch.as_tensor(np.flatnonzero(moving_coordinates(J, D)))
+    n = len(free)
+
+    full = s.new_zeros(D)  # its other coordinates stay 0
+
+    def matvec(v):
+        full[free] = torch.as_tensor(np.asarray(v, dtype=np.float64).ravel())
+        return J(full)[free].numpy()
+
+    if n < k + 2:
+        J_ff = np.stack([matvec(e) for e in np.eye(n)], 1) if n else np.zeros((0, 0))
+        vals = np.concatenate([np.linalg.eigvals(J_ff), np.zeros(min(D - n, k))])
     else:
         try:
-            v0 = np.random.default_rng(0).standard_normal(D)  # a structured v0 missed some
-            vals = eigs(jacobian_operator(net, u, s), k=k, which="LM", v0=v0, tol=1e-6,
-                        return_eigenvectors=False, ncv=min(D - 1, max(6 * k, 60)), maxiter=100)
+            v0 = np.random.default_rng(0).standard_normal(n)  # a structured v0 missed some
+            vals = eigs(LinearOperator((n, n), matvec=matvec, dtype=np.float64), k=k,
+                        which="LM", v0=v0, tol=1e-6, return_eigenvectors=False,
+                        ncv=min(n - 1, max(6 * k, 60)), maxiter=100)
         except ArpackNoConvergence as err:
             vals = np.asarray(err.eigenvalues)
     vals = vals[np.lexsort((-vals.imag, -np.abs(vals)))][:k]
@@ -210,13 +286,20 @@ def unique_rows(*arrays, decimals=9):
     return np.array(first), np.array(inverse)
 
 
-def relax_and_polish(F, u, s0, cfg):
-    """Relaxed, then polished, points of every condition, `chunk` conditions at a time."""
+def relax_and_polish(net, u, s0, cfg):
+    """Relaxed, then polished, points of every condition, batch_values state values at a
+    time. With relax_float32 the relaxing runs on a float32 copy of the network (its fixed
+    points lie within ~1e-4 of float64's, rounding floor ~1e-8 in RMS step) and polishing in
+    float64 takes the points the rest of the way."""
+    F = step_map(net, net.state_shape())
+    relax_net = copy.deepcopy(net).float() if cfg["relax_float32"] else net
+    dtype = torch.float32 if cfg["relax_float32"] else s0.dtype
+    size = max(1, cfg["batch_values"] // s0.shape[1])
     points = []
-    for start in helper.progress(range(0, len(u), cfg["chunk"]), desc="relaxing", leave=False):
-        sl = slice(start, start + cfg["chunk"])
-        points.append(polish(F, u[sl], relax(F, u[sl], s0[sl], cfg["n_relax"]),
-                             cfg["polish_iters"]))
+    for start in helper.progress(range(0, len(u), size), desc="relaxing", leave=False):
+        sl = slice(start, start + size)
+        s = relax(relax_net, u[sl].to(dtype), s0[sl].to(dtype), cfg["n_relax"], cfg["relax_tol"])
+        points.append(polish(F, u[sl], s.to(s0.dtype), cfg["polish_iters"], cfg["polish_tol"]))
     return torch.cat(points)
 
 
@@ -226,7 +309,7 @@ def find_points(net, u, s0, cfg):
     point under the same input (e.g. every direction's delay) share one eigensolve."""
     F = step_map(net, net.state_shape())
     first, inverse = unique_rows(u.numpy(), s0.numpy(), decimals=12)
-    s = relax_and_polish(F, u[first], s0[first], cfg)
+    s = relax_and_polish(net, u[first], s0[first], cfg)
     speed = rms_speed(F, u[first], s)
     first_p, inverse_p = unique_rows(u[first].numpy(), s.numpy())
     eigvals = np.array([leading_eigenvalues(net, F, u[first][k], s[k], cfg["n_eigs"])
@@ -297,12 +380,14 @@ def plot_leading_modulus(ax, results, lam):
     for name, color in (("trained", "tab:blue"), ("untrained", "0.5")):
         if name in results:
             top = np.abs(results[name]["eigenvalues"][:, 0])
-            ax.hist(top[np.isfinite(top)], bins=40, color=color, alpha=0.6, label=name)
+            top = top[np.isfinite(top)]  # fractions: the untrained net has fewer points
+            ax.hist(top, bins=40, weights=np.full(len(top), 1 / max(len(top), 1)),
+                    color=color, alpha=0.6, label=f"{name} ({len(top)})")
     if lam is not None:
         ax.axvline(lam, color="tab:red", ls="--", lw=1, label="λ")
     ax.axvline(1.0, color="k", lw=0.8, label="1 (stability edge)")
     ax.set_xlabel("largest |eigenvalue| at the point")
-    ax.set_ylabel("points")
+    ax.set_ylabel("fraction of points")
     ax.set_title("leading eigenvalue of every point")
     ax.legend(fontsize=7)
 
@@ -378,7 +463,10 @@ def analyze_run(paths, cfg):
               "state": nets["trained"].state_name}
     with helper.single_thread():
         for name, net in nets.items():
-            result[name] = analyze_network(net, rules, cfg, train_cfg.get("io_mode", "low_dim"))
+            net_cfg = cfg if name == "trained" else \
+                dict(cfg, trials_per_rule=cfg["untrained_trials_per_rule"])
+            result[name] = analyze_network(net, rules, net_cfg,
+                                           train_cfg.get("io_mode", "low_dim"))
     return result
 
 
@@ -412,8 +500,10 @@ def save_run(result, paths, cfg):
 
 
 def main(cfg):
-    if cfg["trials_per_rule"] < 1 or cfg["n_eigs"] < 1 or cfg["chunk"] < 1:
-        raise helper.StageError("trials_per_rule, n_eigs and chunk must be at least 1.")
+    if min(cfg["trials_per_rule"], cfg["untrained_trials_per_rule"], cfg["n_eigs"],
+           cfg["batch_values"]) < 1:
+        raise helper.StageError("trials_per_rule, untrained_trials_per_rule, n_eigs and "
+                                "batch_values must be at least 1.")
     helper.set_style()
     results, figures = helper.each_run(cfg, analyze_run, save_run)
     for path in figures:

@@ -5,7 +5,9 @@ its own process with its default CONFIG (the untrained-twin baseline included).
 Builds the checkpoint with mpn.build_model + net_helpers.save_checkpoint in a temporary runs
 root, runs each stage on it and prints, per stage, wall seconds and the peak resident memory
 of the child process (getrusage, the same number as /usr/bin/time -v's "Maximum resident
-set size"), then the size of each result file.
+set size"), its CPU seconds (user + system: on a shared machine wall time is inflated by the
+other processes, CPU time much less) and the load average around it, then the size of each
+result file.
 Example: python benchmarks/bench_new_stages.py --n_hidden=300
          python benchmarks/bench_new_stages.py --stages=fixed_points --n_hidden=64
 """
@@ -37,7 +39,8 @@ def make_run(root, n_hidden, net):
 
 
 def run_stage(script, paths, root, extra):
-    """(wall seconds, peak RSS MB) of one stage run as a child process."""
+    """(wall seconds, CPU seconds (user + system), peak RSS MB) of one stage run as a child
+    process."""
     cmd = [sys.executable, os.path.join(helper.REPO_DIR, script), f"--run={paths.name}",
            f"--runs_dir={root}", *extra]
     t0 = time.perf_counter()
@@ -45,7 +48,8 @@ def run_stage(script, paths, root, extra):
     _, status, usage = os.wait4(pid, 0)
     if status != 0:
         raise SystemExit(f"{script} failed (status {status})")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    return (time.perf_counter() - t0, usage.ru_utime + usage.ru_stime,
+            usage.ru_maxrss / 1024)
 
 
 def main():
@@ -58,9 +62,11 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         paths = make_run(root, args.n_hidden, args.net)
         for stage in args.stages.split(","):
-            wall, peak = run_stage(SCRIPTS[stage], paths, root, args.extra.split())
-            print(f"{stage:16s} {args.net} N={args.n_hidden}: wall {wall:6.1f} s, peak RSS "
-                  f"{peak:6.0f} MB", flush=True)
+            load = os.getloadavg()[0]
+            wall, cpu, peak = run_stage(SCRIPTS[stage], paths, root, args.extra.split())
+            print(f"{stage:16s} {args.net} N={args.n_hidden}: wall {wall:6.1f} s, "
+                  f"CPU {cpu:6.1f} s, peak RSS {peak:6.0f} MB (load average {load:.1f} before, "
+                  f"{os.getloadavg()[0]:.1f} after)", flush=True)
         sizes = {p.name: p.stat().st_size / 2**20 for p in paths.dir.iterdir() if p.is_file()}
         print("files: " + ", ".join(f"{k} {v:.2f} MB" for k, v in sorted(sizes.items())))
     print(f"(machine load: {os.getloadavg()[0]:.1f}; this process peak "

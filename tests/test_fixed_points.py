@@ -35,13 +35,54 @@ def test_step_matches_the_forward_pass_for_every_model():
             np.testing.assert_allclose(net.states_at(u, [6])[:, 0], s, atol=1e-12)
 
 
+@pytest.mark.parametrize("name,options", [
+    ("dmpn", {}), ("dmpn", {"mp_type": "add"}), ("dmpn", {"m_update": "hebb_pre"}),
+    ("dmpn", {"eta_type": "matrix", "lam_type": "pre_vector"}), ("dmpn", {"m_bounds": None}),
+    ("vanilla", {}), ("gru", {})])
+def test_constant_input_step_equals_step(name, options):
+    """The precomputed one-input map (split drive, baddbmm, in-place clip) against `step`,
+    with the clip binding on many synapses."""
+    net = mpn.build_model(name, n_hidden=7, seed=8, **options).double().eval()
+    gen = torch.Generator().manual_seed(9)
+    u = 2.0 * torch.randn(3, 21, dtype=torch.float64, generator=gen)
+    s = 1.6 * torch.rand(3, *net.state_shape(), dtype=torch.float64, generator=gen) - 0.8
+    with torch.no_grad():
+        np.testing.assert_allclose(net.constant_input_step(u)(s.clone()), net.step(s, u),
+                                   atol=1e-14)
+
+
+def test_relax_stops_each_condition_once_its_step_is_below_tol():
+    """At zero input M_t = λ^t M_0 exactly, with RMS step (1 − λ) λ^(t−1) rms(M_0): each
+    condition stops at the first check (every 50 steps) where that is below tol, and keeps
+    its state from there."""
+    net = dmpn64()
+    lam, tol = float(net.mp.lam), 1e-5
+    s0 = torch.stack([0.5 * torch.ones(36), 0.01 * torch.ones(36)]).double()
+    s = fp.relax(net, torch.zeros(2, 21, dtype=torch.float64), s0, 1000, tol)
+    stops = []
+    for k, scale in enumerate((0.5, 0.01)):
+        stops.append(next(t for t in range(50, 1001, 50)
+                          if (1 - lam) * lam ** (t - 1) * scale < tol))
+        np.testing.assert_allclose(s[k], lam ** stops[-1] * s0[k], rtol=1e-12)
+    assert stops == [650, 250]  # both stopped early, each at its own step
+
+
+def test_polish_leaves_fixed_conditions_alone():
+    net = dmpn64()
+    F = flat_map(net)
+    u = torch.zeros(2, 21, dtype=torch.float64)
+    s = torch.stack([torch.zeros(36), 0.3 * torch.ones(36)]).double()  # fixed, and not
+    out = fp.polish(F, u, s, 20, tol=1e-8)
+    assert torch.equal(out[0], s[0]) and fp.rms_speed(F, u, out)[1] < fp.rms_speed(F, u, s)[1]
+
+
 def test_zero_input_gives_m_star_zero_and_every_eigenvalue_lambda():
     net = dmpn64()
     F = flat_map(net)
     u = torch.zeros(4, 21, dtype=torch.float64)
     s0 = torch.rand(4, 36, dtype=torch.float64) - 0.5
     with helper.single_thread():  # thousands of tiny steps
-        s = fp.polish(F, u, fp.relax(F, u, s0, 3000), 20)
+        s = fp.polish(F, u, fp.relax(net, u, s0, 3000), 20)
     assert torch.abs(s).max() < 1e-10
     for k in range(2):
         vals = fp.leading_eigenvalues(net, F, u[k], s[k], 6)
@@ -64,7 +105,7 @@ def test_pre_only_rule_matches_its_closed_form(scale):
     free = eta * x / (math.sqrt(n) * (1 - lam))
     expected = torch.clamp(free, -1, 1).expand(n, n).reshape(-1)
     with helper.single_thread():
-        s = fp.relax(F, u, torch.zeros(1, n * n, dtype=torch.float64), 4000)
+        s = fp.relax(net, u, torch.zeros(1, n * n, dtype=torch.float64), 4000)
     np.testing.assert_allclose(s[0], expected, atol=1e-10)
     clipped = (free.abs() > 1).expand(n, n).reshape(-1).numpy()
     assert clipped.any() == (scale == 0.5)  # the large input saturates some synapses
@@ -104,11 +145,41 @@ def test_matrix_free_eigenvalues_equal_the_dense_ones(name):
     v = torch.randn(D, dtype=torch.float64, generator=gen)
     J = fp.dense_jacobian(F, u[0], s[0])
     np.testing.assert_allclose(fp.jvp(net, u[0], s[0], v).numpy(), J @ v.numpy(), atol=1e-12)
+    np.testing.assert_allclose(fp.linear_map(net, u[0], s[0])(v).numpy(), J @ v.numpy(),
+                               atol=1e-12)
     dense = np.linalg.eigvals(J)
     dense = dense[np.lexsort((-dense.imag, -np.abs(dense)))][:k]
     free = fp.leading_eigenvalues(net, F, u[0], s[0], k)
     np.testing.assert_allclose(np.abs(free), np.abs(dense), atol=1e-6)
     np.testing.assert_allclose(np.sort_complex(free), np.sort_complex(dense), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_free", [3, 20])
+def test_clipped_rows_are_left_out_of_the_eigensolve(n_free):
+    """A state where all but n_free synapses clip: the coordinates found moving are exactly
+    the unclipped ones, and the leading eigenvalues (ARPACK on the moving block, or dense
+    with zeros filled in when it has fewer than k + 2 coordinates) equal the dense ones."""
+    n, k = 8, 6
+    net = dmpn64(n)
+    F = flat_map(net)
+    gen = torch.Generator().manual_seed(7)
+    u = torch.randn(21, dtype=torch.float64, generator=gen)
+    x = net.presynaptic(u[None])[0]
+    M = torch.where(x > 0, 1.0, -1.0).expand(n, n).clone()  # λM + η h x pushes past ±1 ...
+    h = torch.tanh((net.mp.W * (1 + M)) @ x + net.mp.b)
+    M = M * torch.sign(h)[:, None]  # ... when M_ij has the sign of h_i x_j
+    free = torch.randperm(n * n, generator=gen)[:n_free]
+    M.view(-1)[free] = 0.1 * torch.randn(n_free, dtype=torch.float64, generator=gen)
+    s = M.reshape(-1)
+    moving = fp.moving_coordinates(fp.linear_map(net, u, s), n * n)
+    pre = float(net.mp.lam) * M + float(net.mp.eta) * torch.tanh(
+        (net.mp.W * (1 + M)) @ x + net.mp.b)[:, None] * x[None, :]
+    np.testing.assert_array_equal(moving, (pre.abs() <= 1).reshape(-1).numpy())
+    assert moving.sum() <= n_free + 2
+    dense = np.linalg.eigvals(fp.dense_jacobian(F, u, s))
+    dense = dense[np.lexsort((-dense.imag, -np.abs(dense)))][:k]
+    free_vals = fp.leading_eigenvalues(net, F, u, s, k)
+    np.testing.assert_allclose(np.sort_complex(free_vals), np.sort_complex(dense), atol=1e-6)
 
 
 @pytest.mark.parametrize("options", [{}, {"mp_type": "add"}, {"m_update": "hebb_pre"},
@@ -164,7 +235,7 @@ def tiny_run(tmp_path_factory):
 
 def stage_cfg(root, run, **overrides):
     cfg = dict(fp.CONFIG, run=run, runs_dir=str(root), rules=["dmcgo"], trials_per_rule=2,
-               n_relax=300, polish_iters=10, n_eigs=4)
+               untrained_trials_per_rule=1, n_relax=300, polish_iters=10, n_eigs=4)
     return dict(cfg, **overrides)
 
 
@@ -183,6 +254,7 @@ def test_stage_on_a_tiny_trained_run(tiny_run):
     assert np.isfinite(res["eigenvalues"]).all() and res["pca"]["points"].shape == (n_points, 2)
     assert res["lam"] == pytest.approx(0.99)
     assert res["n_distinct"] < n_points  # both directions share one fix1 point
+    assert data["untrained"]["eigenvalues"].shape == (n_points // 2, 4)  # 1 trial per rule
 
 
 def test_stage_on_an_rnn_and_bad_input(runs_dir):
