@@ -6,7 +6,16 @@ conditions, steps relaxed (early stop at relax_tol), conditions polished, eigens
 Measures the trained network's share only (the stage runs the untrained twin as well, on
 untrained_trials_per_rule trials per rule); benchmarks/bench_new_stages.py times the whole
 stage in its own process.
-Example: python benchmarks/bench_fixed_points.py --n_hidden=300 --rules=dmcgo,delaydm1
+Example: python benchmarks/bench_fixed_points.py --n_hidden=300 --eig_every=10
+
+Measured at N = 300 (load ~2-3, the trained network): 407 distinct conditions of 512;
+conditions 4 s CPU; relax + polish 170 s CPU (1,923 of at most 2,000 steps per condition, in
+float32: the slowest modes (|eigenvalue| ~0.998) rarely let a condition stop early; 0.22 ms
+per condition-step; 94% fixed); eigenvalues 0.65 s CPU per point (41 points sampled, max
+1.06 s, none unconverged), so ~265 s for all 407. Before this version (at 933fac8) a step
+batch of 64 x 90,000 float64 values took ~7 ms per condition-step (25x the in-cache rate),
+and ARPACK's OpenBLAS, loaded after single_thread() had limited the thread pools, spun 2
+threads: 3-6 s of CPU per eigensolve.
 """
 import argparse
 import os
@@ -57,8 +66,8 @@ def main():
     parser.add_argument("--n_hidden", type=int, default=300)
     parser.add_argument("--net", default="dmpn")
     parser.add_argument("--rules", default="all", help="comma-separated rules, or all")
-    parser.add_argument("--max_eigs", type=int, default=0,
-                        help="time only this many eigensolves (0: all)")
+    parser.add_argument("--eig_every", type=int, default=1,
+                        help="time the eigensolve of every k-th distinct point only")
     args = parser.parse_args()
     cfg = dict(fp.CONFIG)
     clock, steps = Clock(), [0]
@@ -76,17 +85,22 @@ def main():
         speed0 = fp.rms_speed(F, u, s0)
         s = clock.time("relax+polish", fp.relax_and_polish, net, u, s0, cfg)
         speed = fp.rms_speed(F, u, s)
-        n_eig = len(s) if args.max_eigs == 0 else min(args.max_eigs, len(s))
-        for k in range(n_eig):
-            clock.time("eigenvalues", fp.leading_eigenvalues, net, F, u[k], s[k], cfg["n_eigs"])
+        solve_cpu, n_nan = [], 0
+        for k in range(0, len(s), args.eig_every):
+            c = time.process_time()
+            vals = clock.time("eigenvalues", fp.leading_eigenvalues, net, F, u[k], s[k],
+                              cfg["n_eigs"])
+            solve_cpu.append(time.process_time() - c)
+            n_nan += bool(np.isnan(vals).any())
     D = s0.shape[1]
     print(f"{args.net} N={args.n_hidden} (D={D}), {len(rules)} rules: {len(first)} distinct "
           f"conditions; relaxed {steps[0]} condition-steps ({steps[0] / len(first):.0f} per "
           f"condition, at most {cfg['n_relax']}); RMS step median {np.median(speed0):.1e} -> "
           f"{np.median(speed):.1e}, {100 * np.mean(speed < cfg['fixed_tol']):.0f}% fixed")
     for name in clock.cpu:
-        per = (f", {clock.cpu[name] / n_eig:.2f} s CPU per solve ({n_eig})"
-               if name == "eigenvalues" else "")
+        per = (f"; per solve ({len(solve_cpu)} solves) CPU median {np.median(solve_cpu):.2f} s, "
+               f"mean {np.mean(solve_cpu):.2f} s, max {np.max(solve_cpu):.2f} s, {n_nan} with "
+               f"unconverged eigenvalues" if name == "eigenvalues" else "")
         print(f"  {name:14s} CPU {clock.cpu[name]:7.1f} s, wall {clock.wall[name]:7.1f} s{per}")
     print(f"(load average {os.getloadavg()[0]:.1f}; torch {torch.get_num_threads()} threads)")
 
