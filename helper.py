@@ -230,25 +230,9 @@ def each_run(cfg, analyze, save):
     return results, figures
 
 
-class SummaryPaths:
-    """Artifacts that combine several runs, under runs/summary/."""
-
-    def __init__(self, root=None):
-        self.dir = runs_root(root) / "summary"
-        self.figures = self.dir
-        self.state_space = self.dir / "state_space_summary.json"
-        self.seeds = self.dir / "seed_summary.json"
-
-    def figure(self, name, ext="png"):
-        return self.figures / f"{name}.{ext}"
-
-
 def summary_dir(root=None):
-    return SummaryPaths(root).dir
-
-
-def summary_paths(root=None):
-    return SummaryPaths(root)
+    """runs/summary/: what combines several runs (seed_summary.py's tables and figures)."""
+    return runs_root(root) / "summary"
 
 
 # ----------------------------------------------------------------------------------------

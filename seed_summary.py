@@ -60,8 +60,6 @@ CONFIG = dict(
 )
 
 ARCH_ORDER = ("dmpn", "vanilla", "gru")
-ARCH_TITLES = {"dmpn": "dmpn", "vanilla": "leaky RNN", "gru": "GRU"}
-ARCH_COLORS = {"dmpn": "tab:red", "vanilla": "tab:blue", "gru": "tab:green"}
 Z95 = 1.959963984540054
 # The published reference's hand-made summary over 7 seeds of one dmpn architecture:
 # (sibling pair, epoch) -> {representation: seeds sharing a row cluster}
@@ -72,6 +70,7 @@ REFERENCE_SIBLINGS = {
 }
 REFERENCE_SEEDS = 7
 SIBLING_EPOCHS = ("stim1", "delay1")
+SHIFT_KINDS = ("trained", "untrained", "shuffled")  # shift-test series of state_space_shift.py
 CLUSTER_KEYS = tuple((rep, form) for rep in REP_TITLES for form in REP_FORMS[rep])
 
 
@@ -272,7 +271,9 @@ def lesion_table(groups):
     return out
 
 
-def shift_table(groups):
+def shift_values(groups):
+    """{net: {rep: {"trained"|"untrained"|"shuffled": [r per run], "p_trained": [p per run]}}}
+    of the shift test (state_space_shift.py)."""
     out = {}
     for net, runs in groups.items():
         entry = {}
@@ -280,16 +281,20 @@ def shift_table(groups):
             if r["shift"] is None:
                 continue
             for rep, res in r["shift"]["shift"].items():
-                e = entry.setdefault(rep, {k: [] for k in ("trained", "untrained", "shuffled",
-                                                           "p_trained")})
-                for k in ("trained", "untrained", "shuffled"):
-                    e[k].append(float(np.ravel(res[k]["r"])[0]))
+                e = entry.setdefault(rep, {k: [] for k in SHIFT_KINDS + ("p_trained",)})
+                for k in SHIFT_KINDS:
+                    e[k].append(float(np.ravel(res[k]["r"])[0]) if k in res else np.nan)
                 e["p_trained"].append(float(np.ravel(res["trained"]["p"])[0]))
-        out[net] = {rep: {**{k: mean_sd(v) for k, v in e.items() if k != "p_trained"},
-                          "runs_p_below_0.05": [int(np.sum(np.array(e["p_trained"]) < 0.05)),
-                                                len(e["p_trained"])]}
-                    for rep, e in entry.items()}
+        out[net] = entry
     return out
+
+
+def shift_table(values):
+    return {net: {rep: {**{k: mean_sd(e[k]) for k in SHIFT_KINDS},
+                        "runs_p_below_0.05": [int(np.sum(np.array(e["p_trained"]) < 0.05)),
+                                              len(e["p_trained"])]}
+                  for rep, e in entry.items()}
+            for net, entry in values.items()}
 
 
 def memory_table(groups):
@@ -317,7 +322,9 @@ def memory_table(groups):
     return out
 
 
-def timescale_table(groups):
+def timescale_values(groups):
+    """{net: {"<rep> trained"|"<rep> untrained": [median unit timescale (ms) per run]}}
+    (timescales.py; units without a measurable timescale left out of each median)."""
     out = {}
     for net, runs in groups.items():
         entry = {}
@@ -332,8 +339,12 @@ def timescale_table(groups):
                         tau = tau[np.isfinite(tau)]
                         entry.setdefault(f"{rep} {which}", []).append(
                             float(np.median(tau)) if len(tau) else np.nan)
-        out[net] = {key: mean_sd(v) for key, v in entry.items()}
+        out[net] = entry
     return out
+
+
+def timescale_table(values):
+    return {net: {key: mean_sd(v) for key, v in entry.items()} for net, entry in values.items()}
 
 
 def wall_times(groups):
@@ -425,16 +436,18 @@ def summarize(cfg):
     paths = helper.find_runs(cfg["runs"], cfg["runs_dir"], need="log")
     runs = [read_run(p) for p in paths]
     groups = by_arch(runs)
+    shift, timescales = shift_values(groups), timescale_values(groups)
     summary = {
         "runs": [r["name"] for r in runs],
         "seeds": {net: [r["seed"] for r in rs] for net, rs in groups.items()},
         "accuracy": accuracy_table(groups), "clusters": cluster_table(groups),
         "siblings": sibling_table(groups), "lesions": lesion_table(groups),
-        "shift": shift_table(groups), "memory": memory_table(groups),
-        "timescales": timescale_table(groups), "wall_times": wall_times(groups),
+        "memory": memory_table(groups), "wall_times": wall_times(groups),
         "reference_siblings": {f"{pair} {epoch}": v
                                for (pair, epoch), v in REFERENCE_SIBLINGS.items()},
         "reference_seeds": REFERENCE_SEEDS,
+        "shift": shift_table(shift), "shift_runs": shift,
+        "timescales": timescale_table(timescales), "timescale_runs": timescales,
     }
     if cfg["similarity"]:
         with_ckpt = [r for r, p in zip(runs, paths) if p.checkpoint.exists()]
@@ -458,7 +471,7 @@ def main(cfg):
     summary["meta"] = {"commit": git_commit(), "preset": cfg["preset"], "runs": cfg["runs"],
                        "created": time.strftime("%Y-%m-%d %H:%M"),
                        "seconds": round(time.time() - t0, 1)}
-    out = Path(cfg["out"]) if cfg["out"] else helper.runs_root(cfg["runs_dir"]) / "summary"
+    out = Path(cfg["out"]) if cfg["out"] else helper.summary_dir(cfg["runs_dir"])
     page = Path(cfg["page"]) if cfg["page"] else None
     fig_dir = page.parent / page.stem if page else out
     figures = report.draw_figures(summary, fig_dir) if cfg["figures"] else {}

@@ -212,7 +212,8 @@ def draw_figures(s, folder):
     import matplotlib.pyplot as plt
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    made = {"accuracy": _accuracy_figure(plt, s), "siblings": _sibling_figure(plt, s)}
+    made = {"accuracy": _accuracy_figure(plt, s), "siblings": _sibling_figure(plt, s),
+            "shift": _shift_figure(plt, s), "timescales": _timescale_figure(plt, s)}
     if "similarity" in s:
         made["similarity"] = _similarity_figure(plt, s)
     out = {}
@@ -294,6 +295,73 @@ def _sibling_figure(plt, s):
     return fig
 
 
+SHIFT_LOOK = {"trained": ("trained", 1.0), "untrained": ("untrained (step 0)", 0.45),
+              "shuffled": ("rule labels shuffled", 0.15)}
+REP_NAMES = {"hidden": "hidden h", "M": "plastic state M", "WM": "W ⊙ M"}
+
+
+def _shift_figure(plt, s):
+    """Shift-test r per representation and architecture: trained vs its baselines, each run a
+    dot over the mean ± s.d. bar."""
+    values = s.get("shift_runs", {})
+    reps = [rep for rep in REP_NAMES if any(rep in v for v in values.values())]
+    if not reps:
+        return None
+    fig, axes = plt.subplots(1, len(reps), figsize=(3.6 * len(reps) + 0.8, 3.8), sharey=True,
+                             squeeze=False)
+    for ax, rep in zip(axes[0], reps):
+        nets = [net for net in values if rep in values[net]]
+        for i, net in enumerate(nets):
+            for j, (kind, (label, alpha)) in enumerate(SHIFT_LOOK.items()):
+                r = np.asarray(values[net][rep][kind], dtype=float)
+                r = r[np.isfinite(r)]
+                if not r.size:
+                    continue
+                x = i + (j - 1) * 0.27
+                ax.bar(x, r.mean(), 0.25, yerr=r.std(ddof=1) if r.size > 1 else 0,
+                       color=COLORS.get(net, "0.5"), alpha=alpha, capsize=3, edgecolor="k",
+                       linewidth=0.5, label=label if i == 0 and rep == reps[0] else None)
+                ax.scatter(np.full(r.size, x), r, s=9, color="k", zorder=3)
+        ax.axhline(0, color="0.4", lw=0.8)
+        ax.set_xticks(range(len(nets)), [_title(n) for n in nets])
+        ax.set_title(REP_NAMES[rep])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("Pearson r, onset distance vs\nangle of rule pairs")
+    fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("State-space shift test across seeds: trained vs untrained vs shuffled rules "
+                 "(bar: mean ± s.d., dot: one run)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def _timescale_figure(plt, s):
+    """Median hidden-unit timescale per run, trained vs untrained, per architecture."""
+    values = s.get("timescale_runs", {})
+    nets = [net for net in values if any(k.startswith("hidden") for k in values[net])]
+    if not nets:
+        return None
+    fig, ax = plt.subplots(figsize=(1.9 * len(nets) + 2.2, 3.8))
+    for i, net in enumerate(nets):
+        for j, (which, alpha) in enumerate((("trained", 1.0), ("untrained", 0.35))):
+            tau = np.asarray(values[net].get(f"hidden {which}", []), dtype=float)
+            tau = tau[np.isfinite(tau) & (tau > 0)]
+            if not tau.size:
+                continue
+            x = i + (j - 0.5) * 0.35
+            ax.bar(x, np.exp(np.log(tau).mean()), 0.32, color=COLORS.get(net, "0.5"),
+                   alpha=alpha, edgecolor="k", linewidth=0.5,
+                   label=f"{which} (bar: geometric mean)" if i == 0 else None)
+            ax.scatter(np.full(tau.size, x), tau, s=12, color="k", zorder=3)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(nets)), [_title(n) for n in nets])
+    ax.set_ylabel("median hidden-unit timescale τ (ms)")
+    ax.set_title("Hidden-unit timescales under noisy fixation (dot: one run)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
 def _similarity_figure(plt, s):
     sim = s["similarity"]
     which, nets = np.array(sim["which"]), np.array(sim["nets"])
@@ -353,7 +421,8 @@ def write_page(s, page, figures):
     ]
     for title, make, text in SECTIONS:
         lines += [f"## {title}", "", text, "", make(s), ""]
-        fig = {"Accuracy": "accuracy", "Sibling task-periods": "siblings"}.get(title)
+        fig = {"Accuracy": "accuracy", "Sibling task-periods": "siblings",
+               "State-space shift test": "shift", "Timescales": "timescales"}.get(title)
         if fig in figures:
             lines += [f"![{title}]({page.stem}/{figures[fig].name})", ""]
     if "similarity" in s:

@@ -28,9 +28,8 @@ history never exists. Vanilla-RNN and GRU runs have no M: only h is analysed.
 Reads:  runs/<aname>/checkpoint.pt and snapshots/weights_step0000000.pt (its config gives the
         rules and io_mode).
 Writes: runs/<aname>/state_space.h5 (arrays; run, step and config as attributes) and
-        runs/<aname>/figures/state_space_*.png; with several runs also
-        runs/summary/state_space_summary.json and state_space_shift_r.png (shift-test r per
-        representation, mean ± s.d. over runs, trained and untrained).
+        runs/<aname>/figures/state_space_*.png. The shift test across seeds and architectures
+        is seed_summary.py's.
 
 Axis order: trials x time x units, (B, T, N); flattened synapses are post-major
 (column i_post * N_pre + j_pre).
@@ -415,25 +414,6 @@ def plot_subspace_angles(ax, matrix, rules, stat, dim):
     ax.figure.colorbar(im, ax=ax, label=f"{stat} principal angle (deg)", shrink=0.8)
 
 
-def plot_shift_summary(ax, r_by_rep):
-    """Shift-test r per representation, trained and untrained: mean ± s.d. over runs, with
-    each run as a dot."""
-    reps = list(r_by_rep["trained"])
-    for offset, (key, label, color) in zip((-0.2, 0.2), SHIFT_SERIES[:2]):
-        for i, rep in enumerate(reps):
-            r = np.asarray(r_by_rep[key].get(rep, []), dtype=float)
-            if not r.size:
-                continue
-            ax.bar(i + offset, np.nanmean(r), width=0.35, yerr=np.nanstd(r), capsize=4,
-                   color=color, alpha=0.5, label=label if i == 0 else None)
-            ax.scatter(np.full(r.size, i + offset), r, s=12, color="k", zorder=3)
-    ax.axhline(0, color="0.5", lw=0.8)
-    ax.legend(loc="best", fontsize=7)
-    ax.set_xticks(range(len(reps)), [REP_LABELS[rep] for rep in reps])
-    ax.set_ylabel("Pearson r (distance vs angle)")
-    ax.set_xlabel("representation")
-
-
 # ----------------------------------------------------------------------------------------
 # Figure files
 
@@ -475,15 +455,6 @@ def figure_subspace_angles(result, path):
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
     plot_subspace_angles(ax, sub[f"{sub['stat']}_deg"], result["rules"], sub["stat"], sub["dim"])
     fig.suptitle(result["run"], fontsize=8)
-    fig.tight_layout()
-    return helper.save_figure(fig, path)
-
-
-def figure_summary(summary, path):
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.3 * len(summary["r"]["trained"]) + 1.5, 3.4))
-    plot_shift_summary(ax, summary["r"])
-    ax.set_title(f"shift test over {len(summary['runs'])} runs (mean ± s.d.)")
     fig.tight_layout()
     return helper.save_figure(fig, path)
 
@@ -558,25 +529,6 @@ def save_run(result, paths):
     return figures
 
 
-def summarize(results, cfg):
-    """Shift-test r and p per representation over runs (trained, untrained, shuffled),
-    saved as JSON under runs/summary/."""
-    reps = [rep for rep in REPRESENTATIONS if any(rep in r["shift"] for r in results)]
-    pick = {f"{key}_{stat}": {rep: [float(r["shift"][rep][key][stat]) for r in results
-                                    if key in r["shift"].get(rep, {})] for rep in reps}
-            for key, _, _ in SHIFT_SERIES for stat in ("r", "p")}
-    summary = dict(pick, runs=[r["run"] for r in results],
-                   r={"trained": pick["trained_r"], "untrained": pick["untrained_r"]})
-    out = helper.summary_paths(cfg["runs_dir"])
-    helper.save_json(out.state_space, summary)
-    figure = figure_summary(summary, out.figure("state_space_shift_r"))
-    for rep in reps:
-        r = pick["trained_r"][rep]
-        print(f"shift-test r, {REP_LABELS[rep]}: {np.nanmean(r):.3f} ± {np.nanstd(r):.3f} over "
-              f"{len(r)} runs (untrained {np.nanmean(pick['untrained_r'][rep] or [np.nan]):.3f})")
-    return summary, figure
-
-
 def main(cfg):
     if cfg["subspace_stat"] not in ("mean", "max"):
         raise helper.StageError(f"subspace_stat must be 'mean' or 'max', "
@@ -589,13 +541,9 @@ def main(cfg):
             result = analyze_run(paths, cfg)
             figures += save_run(result, paths)
         results.append(result)
-    summary = None
-    if len(results) > 1:
-        summary, figure = summarize(results, cfg)
-        figures.append(figure)
     for path in figures:
         print(f"figure: {path}")
-    return {"results": results, "summary": summary, "figures": figures}
+    return {"results": results, "figures": figures}
 
 
 if __name__ == "__main__":

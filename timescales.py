@@ -14,8 +14,7 @@
    unit whose ρ(1) is within the noise floor 2/√(samples) has no measurable timescale (nan).
    Baselines: the untrained network (the run's seeded step-0 weights) and the input itself
    (white noise: no unit of it passes the floor).
-With several runs (e.g. a dmpn, a vanilla and a GRU run), the per-unit distributions are
-compared in runs/summary/timescales_by_architecture.png.
+Architectures and seeds are compared by seed_summary.py (median unit timescale per run).
 
 Reads:  runs/<aname>/checkpoint.pt.
 Writes: runs/<aname>/timescales.h5 (per network: per-unit τ, A, autocorrelations; M's per-
@@ -302,22 +301,6 @@ def figure_run(result, path):
     return helper.save_figure(fig, path)
 
 
-def figure_architectures(results, path):
-    """Per-unit timescale distributions of every run, one box per run, labelled by its net."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.6 * len(results) + 2.5, 3.6))
-    data = [r["trained"]["hidden"]["tau_ms"] for r in results]
-    data = [d[np.isfinite(d)] for d in data]
-    ax.boxplot(data, showfliers=True)
-    ax.set_xticks(range(1, len(results) + 1),
-                  [f"{r['net_type']}\n{r['run'][-24:]}" for r in results], fontsize=6)
-    ax.set_yscale("log")
-    ax.set_ylabel("hidden-unit timescale τ (ms)")
-    ax.set_title("hidden-unit timescales under noisy fixation, per run")
-    fig.tight_layout()
-    return helper.save_figure(fig, path)
-
-
 # ----------------------------------------------------------------------------------------
 # Stage
 
@@ -379,9 +362,6 @@ def main(cfg):
     check_config(cfg)
     helper.set_style()
     results, figures = helper.each_run(cfg, analyze_run, save_run)
-    if len(results) > 1 and cfg["figures"]:
-        out = helper.summary_paths(cfg["runs_dir"])
-        figures.append(figure_architectures(results, out.figure("timescales_by_architecture")))
     for path in figures:
         print(f"figure: {path}")
     return {"results": results, "figures": figures}

@@ -183,6 +183,13 @@ def test_summary_of_three_tiny_runs_writes_every_table(three_runs, tmp_path, cap
     assert s["lesions"]["vanilla"]["hidden-normalized-fixed"]["n_runs"] == 1
     assert set(s["shift"]["dmpn"]) >= {"hidden", "M"} and set(s["shift"]["vanilla"]) == {"hidden"}
     assert s["memory"]["dmpn"] and s["timescales"]["vanilla"]
+    # per-run values behind the shift and timescale figures, and their means in the tables
+    for net, reps in s["shift_runs"].items():
+        for rep, e in reps.items():
+            assert len(e["trained"]) == len(s["seeds"][net])
+            assert s["shift"][net][rep]["trained"][0] == pytest.approx(np.mean(e["trained"]))
+    assert s["timescales"]["dmpn"]["hidden trained"][0] == pytest.approx(
+        np.nanmean(s["timescale_runs"]["dmpn"]["hidden trained"]))
     # similarity: every run with itself CKA 1, the two dmpn runs' M compared
     sim = s["similarity"]
     assert len(sim["runs"]) == 6 and np.allclose(np.diag(sim["cka"]), 1.0)
@@ -194,7 +201,7 @@ def test_summary_of_three_tiny_runs_writes_every_table(three_runs, tmp_path, cap
                     "## Sibling task-periods", "## Lesions", "## State-space shift test",
                     "## Memory geometry", "## Timescales", "## Similarity of representations"):
         assert section in text
-    for fig in ("accuracy", "siblings", "similarity"):
+    for fig in ("accuracy", "siblings", "similarity", "shift", "timescales"):
         assert (page.parent / "results" / f"{fig}.png").exists()
     saved = json.loads((page.parent / "results" / "seed_summary.json").read_text())
     assert saved["accuracy"]["dmpn"]["trial"]["rule_mean"][0] == pytest.approx(got[0])
