@@ -341,10 +341,14 @@ def _timescale_figure(plt, s):
     if not nets:
         return None
     fig, ax = plt.subplots(figsize=(1.9 * len(nets) + 2.2, 3.8))
+    ticks = []
     for i, net in enumerate(nets):
+        counts = []
         for j, (which, alpha) in enumerate((("trained", 1.0), ("untrained", 0.35))):
             tau = np.asarray(values[net].get(f"hidden {which}", []), dtype=float)
+            n_runs = tau.size
             tau = tau[np.isfinite(tau) & (tau > 0)]
+            counts.append(f"{tau.size}/{n_runs}")
             if not tau.size:
                 continue
             x = i + (j - 0.5) * 0.35
@@ -352,8 +356,10 @@ def _timescale_figure(plt, s):
                    alpha=alpha, edgecolor="k", linewidth=0.5,
                    label=f"{which} (bar: geometric mean)" if i == 0 else None)
             ax.scatter(np.full(tau.size, x), tau, s=12, color="k", zorder=3)
+        ticks.append(f"{_title(net)}\n{' | '.join(counts)} runs")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(nets)), [_title(n) for n in nets])
+    ax.set_xticks(range(len(nets)), ticks)
+    ax.set_xlabel("runs with a measurable timescale: trained | untrained")
     ax.set_ylabel("median hidden-unit timescale τ (ms)")
     ax.set_title("Hidden-unit timescales under noisy fixation (dot: one run)", fontsize=10)
     ax.legend(fontsize=8)
