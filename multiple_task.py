@@ -4,8 +4,8 @@ Reads: nothing, or runs/<aname>/checkpoint.pt when resuming.
 Writes runs/<aname>/ (aname = helper.run_name(cfg), e.g. everything_dmpn_seed749_L21e4_h300_b128):
     config.json                  the resolved configuration
     checkpoint.pt                model + optimiser, scheduler, sampler and RNG states (atomic)
-    log.json                     one entry per evaluation: step, wall time, lr, losses, both
-                                 accuracies per rule, sampling probabilities
+    log.json                     one entry per evaluation: step, wall and process CPU time,
+                                 lr, losses, both accuracies per rule, sampling probabilities
     snapshots/weights_step*.pt   weights at steps 0, 1, 32, 1024, 32768 and the end
     figures/training_*.png       curves, accuracy heatmap, sampling probabilities, example trials
     manifest.json, .lock         sha256 and producer of each file; the writer lock (helper.run_lock)
@@ -53,11 +53,14 @@ CONFIG = dict(
     input_layer=True,  # dmpn: embedding x = tanh(W_in u); False: u to the plastic layer {@bool}
     tau_ms=200.0,  # vanilla: unit time constant in ms (alpha = dt/tau_ms) {> 0}
     # optimisation (SPEC §4)
-    batch_size=128,  # trials per step, all of one rule {>= 1}
+    batch_size=128,  # trials per step {>= 1}
+    rules_per_batch=1,  # rules per step, batch_size / this trials each (SPEC §4: 1) {>= 1}
     lr=1e-3,  # Adam learning rate {> 0, <= 1}
     weight_reg=1e-4,  # L2 penalty weight_reg/2 * sum ||W||^2 over W_in, W, W_out (W_rec) {>= 0}
     activity_reg=1e-4,  # activity penalty activity_reg * mean(h^2) over real steps {>= 0}
     grad_clip=10.0,  # maximum gradient norm {> 0}
+    lr_schedule="plateau",  # plateau (SPEC §4; the next 3 keys) or half cosine {plateau | cosine}
+    lr_decay_steps=100000,  # cosine: lr falls to lr_min over this many steps, then stays {>= 1}
     lr_factor=0.95,  # ReduceLROnPlateau on validation loss: multiply lr by this ... {> 0, < 1}
     lr_patience=30,  # ... after this many evaluations without improvement ... {>= 0}
     lr_min=1e-8,  # ... down to this lr {>= 0}
@@ -134,6 +137,10 @@ def derived(cfg):
     """Values computed from the config (saved in log.json["meta"]); the config's values were
     checked against the CONFIG annotations (helper.check_config) first."""
     rules = list(mpn_tasks.RULESETS[cfg["ruleset"]])
+    if cfg["batch_size"] % cfg["rules_per_batch"] or cfg["rules_per_batch"] > len(rules):
+        raise helper.StageError(f"rules_per_batch ({cfg['rules_per_batch']}) must divide "
+                                f"batch_size ({cfg['batch_size']}) and be at most the number of "
+                                f"rules ({len(rules)}).")
     return {"rules": rules, "p_min": cfg["p_min_frac"] / len(rules),
             "n_input": mpn_tasks.n_inputs(cfg["io_mode"]),
             "n_output": mpn_tasks.n_outputs(cfg["io_mode"])}
@@ -214,8 +221,16 @@ class Diverged(Exception):
 
 
 def new_state():
-    return {"step": 0, "good_evals": 0, "stop_reason": None, "elapsed_s": 0.0,
+    return {"step": 0, "good_evals": 0, "stop_reason": None, "elapsed_s": 0.0, "cpu_s": 0.0,
             "train_sums": {}, "train_count": 0, "log": []}
+
+
+def cosine_lr(cfg, step):
+    """lr of the cosine schedule after `step` steps: lr_min + (lr - lr_min)(1 + cos(pi s/D))/2
+    with s = min(step, D), D = lr_decay_steps. A function of the step alone, so a resumed or
+    extended run follows the same curve."""
+    frac = min(step, cfg["lr_decay_steps"]) / cfg["lr_decay_steps"]
+    return cfg["lr_min"] + (cfg["lr"] - cfg["lr_min"]) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def save_checkpoint(paths, net, cfg, state, opt, sched, sampler, rng):
@@ -259,6 +274,20 @@ def save_snapshot(paths, net, cfg, step):
 
 # ----------------------------------------------------------------------------------------
 # One step, one evaluation
+
+
+def training_batch(cfg, rules, p, rng):
+    """One step's trials: batch_size trials of one rule drawn from p (SPEC §4); with
+    rules_per_batch = r > 1, r different rules drawn from p, batch_size / r trials each,
+    zero-padded to the longest (padding is masked out of the loss)."""
+    r = cfg["rules_per_batch"]
+    kw = dict(sigma_x=cfg["sigma_x"], io_mode=cfg["io_mode"])
+    if r == 1:
+        return mpn_tasks.random_batch(rules[rng.choice(len(rules), p=p)], cfg["batch_size"],
+                                      rng, **kw)
+    picks = rng.choice(len(rules), size=r, replace=False, p=p)
+    return mpn_tasks.concat_batches([mpn_tasks.random_batch(rules[i], cfg["batch_size"] // r,
+                                                            rng, **kw) for i in picks])
 
 
 def train_step(net, opt, batch, cfg, device):
@@ -306,7 +335,8 @@ def on_evaluation(state, res, cfg, meta, opt, sched, sampler, scheduled):
     rules = meta["rules"]
     if scheduled:
         sampler.update([res["acc"][cfg["acc_measure"]][r] for r in rules])
-        sched.step(res["loss"])
+        if cfg["lr_schedule"] == "plateau":
+            sched.step(res["loss"])
         if cfg["target_acc"] is not None:
             good = min(res["acc"][cfg["acc_measure"]].values()) >= cfg["target_acc"]
             state["good_evals"] = state["good_evals"] + 1 if good else 0
@@ -314,6 +344,7 @@ def on_evaluation(state, res, cfg, meta, opt, sched, sampler, scheduled):
         if state["train_count"] else {}
     state["train_sums"], state["train_count"] = {}, 0
     entry = {"step": state["step"], "wall_s": round(state["elapsed_s"], 3),
+             "cpu_s": round(state["cpu_s"], 3),
              "lr": opt.param_groups[0]["lr"], "train": train, **res,
              "p": dict(zip(rules, sampler.p.tolist())), "scheduled": scheduled}
     state["log"].append(entry)
@@ -367,18 +398,21 @@ def train_loop(ctx, state, fresh):
     bar = helper.progress(total=cfg["max_steps"], initial=state["step"], unit="step")
     try:
         t0 = time.time() - state["elapsed_s"]
+        c0 = time.process_time() - state.get("cpu_s", 0.0)  # absent in older checkpoints
         if fresh:
             events(state, ctx, bar)
         while stop_reason(state, cfg) is None:
-            rule = rules[ctx["rng"].choice(len(rules), p=ctx["sampler"].p)]
-            batch = mpn_tasks.random_batch(rule, cfg["batch_size"], ctx["rng"],
-                                           sigma_x=cfg["sigma_x"], io_mode=cfg["io_mode"])
+            if cfg["lr_schedule"] == "cosine":
+                for group in ctx["opt"].param_groups:
+                    group["lr"] = cosine_lr(cfg, state["step"])
+            batch = training_batch(cfg, rules, ctx["sampler"].p, ctx["rng"])
             parts = train_step(ctx["net"], ctx["opt"], batch, cfg, ctx["device"])
             for k, v in parts.items():
                 state["train_sums"][k] = state["train_sums"].get(k, 0.0) + v
             state["train_count"] += 1
             state["step"] += 1
             state["elapsed_s"] = time.time() - t0
+            state["cpu_s"] = time.process_time() - c0
             bar.update(1)
             events(state, ctx, bar)
     except Diverged as err:

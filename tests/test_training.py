@@ -257,3 +257,44 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     ckpt = net_helpers.load_checkpoint(paths.checkpoint)
     assert ckpt["step"] == 10
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+# ----------------------------------------------------------------------------------------
+# Options of the CPU preset's recipe: cosine lr schedule, several rules per batch
+
+
+def test_cosine_lr_follows_the_half_cosine_and_stays_at_its_floor():
+    cfg = dict(TINY, lr=2e-3, lr_min=1e-5, lr_decay_steps=100)
+    expected = [1e-5 + (2e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * s / 100)) for s in (0, 25, 50, 100)]
+    assert [mt.cosine_lr(cfg, s) for s in (0, 25, 50, 100)] == pytest.approx(expected, rel=1e-12)
+    assert mt.cosine_lr(cfg, 0) == 2e-3 and mt.cosine_lr(cfg, 50) == pytest.approx(1.005e-3)
+    assert mt.cosine_lr(cfg, 100) == mt.cosine_lr(cfg, 10_000) == pytest.approx(1e-5)
+
+
+def test_cosine_run_logs_its_lr_and_extends_exactly(tmp_path):
+    cfg = dict(lr_schedule="cosine", lr_decay_steps=40)
+    whole = mt.main(tiny(tmp_path / "whole", **cfg))
+    log = helper.load_json(whole["paths"].log)["evals"]
+    # the lr logged at step s was set before step s (the s-th optimiser step used cosine(s-1))
+    for e in log[1:]:
+        assert e["lr"] == pytest.approx(mt.cosine_lr(dict(TINY, **cfg), e["step"] - 1), rel=1e-12)
+    mt.main(tiny(tmp_path / "parts", max_steps=20, **cfg))
+    parts = mt.main(tiny(tmp_path / "parts", **cfg))
+    assert_same_params(params(parts["paths"]), params(whole["paths"]))
+
+
+def test_rules_per_batch_draws_distinct_rules_in_equal_shares():
+    cfg = dict(TINY, ruleset="everything", batch_size=12, rules_per_batch=3)
+    rules = mt.derived(cfg)["rules"]
+    p = np.full(len(rules), 1 / len(rules))
+    batch = mt.training_batch(cfg, rules, p, np.random.default_rng(3))
+    counts = np.unique(batch.rule, return_counts=True)[1]
+    assert len(counts) == 3 and set(counts) == {4}
+    assert batch.inputs.shape[1] == batch.length.max()  # padded to the longest trial only
+    # one rule per batch (SPEC §4) draws exactly what random_batch draws
+    one = mt.training_batch(dict(cfg, rules_per_batch=1), rules, p, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    ref = mpn_tasks.random_batch(rules[rng.choice(len(rules), p=p)], 12, rng)
+    assert np.array_equal(one.inputs, ref.inputs) and np.array_equal(one.rule, ref.rule)
+    with pytest.raises(helper.StageError, match="must divide"):
+        mt.derived(dict(cfg, rules_per_batch=5))
