@@ -13,7 +13,7 @@ Writes runs/<aname>/ (aname = helper.run_name(cfg), e.g. everything_dmpn_seed749
 Example:
     python multiple_task.py configs/cpu_quick.py          # all 15 rules on a CPU
     python multiple_task.py configs/paper.py              # the published setting (GPU)
-    python multiple_task.py configs/cpu_quick.py --max_steps=20000   # continue a finished run
+    python multiple_task.py configs/cpu_quick.py --max_steps=30000   # continue a finished run
 
 An existing run folder is continued from its checkpoint when its config.json matches the
 resolved config (only the keys in RESUMABLE_KEYS may change); a different config is refused.

@@ -6,10 +6,10 @@
 # units (task variance, clusters, lesions) and hidden states (CKA, Procrustes) one for one, so
 # equal N keeps their dimensions and null models equal. Parameters then differ (dmpn 64 x 64
 # plastic + 21 x 64 embedding ~ 5.8k; leaky RNN ~ 5.6k; GRU ~ 16.8k, three gates).
-# Same data for all: 15 rules, batch 32, the same step budget and learning-rate schedule as
-# cpu_quick.py, cut to 12,000 steps so 5 seeds x 3 architectures finish in about 1.5 h on
-# 2 cores (per step at N = 64 on one thread the GRU costs ~2x and the leaky RNN ~1.7x the
-# dmpn's compiled kernel).
+# Same data for all: 15 rules, batch 32, the plateau learning-rate schedule cpu_quick.py used
+# before its cosine (the runs behind docs/results.md were made with it), cut to 12,000 steps
+# so 5 seeds x 3 architectures finish in about 1.5 h on 2 cores (per step at N = 64 on one
+# thread the GRU costs ~2x and the leaky RNN ~1.7x the dmpn's compiled kernel).
 ruleset = "everything"
 n_hidden = 64
 batch_size = 32
