@@ -38,8 +38,11 @@ def preset():
 
 
 def changes(cfg, base):
-    """The run's config keys that differ from the preset (bookkeeping keys left out)."""
-    return {k: v for k, v in cfg.items() if k not in IGNORED and base.get(k) != v}
+    """The run's config keys that differ from the preset (bookkeeping keys, and the plateau
+    schedule's keys under a cosine schedule, left out)."""
+    unused = {"lr_factor", "lr_patience"} if cfg.get("lr_schedule") == "cosine" else set()
+    return {k: v for k, v in cfg.items()
+            if k not in IGNORED | unused and base.get(k) != v}
 
 
 def first_promise(evals):
