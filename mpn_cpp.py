@@ -223,15 +223,19 @@ void on_threads(int64_t nthr, const F& work) {
   for (auto& t : pool) t.join();
 }
 
+// M0: the M entering step 0 of every trial (B, No, Np), or nullptr for M = 0 (a trial's
+// start). A sequence run in two calls, the second from the first's final M, gives the same
+// h and M as one call.
 template <typename S, bool MULT, bool KEEP>
-void forward_impl(const Prm<S>& p, S* hout, S* Mout, int64_t nthr) {
+void forward_impl(const Prm<S>& p, S* hout, S* Mout, const S* M0, int64_t nthr) {
   const int64_t NN = p.No * p.Np;
   std::atomic<int64_t> next(0);
   on_threads(std::min(nthr, p.B), [&]() {
     std::vector<S> g(p.T * p.No), xe(p.Np), rec(p.No);
     for (int64_t b = next++; b < p.B; b = next++) {
       S* M = Mout + b * NN;
-      std::fill(M, M + NN, S(0));
+      if (M0) std::memcpy(M, M0 + b * NN, NN * sizeof(S));
+      else std::fill(M, M + NN, S(0));
       S* h = hout + b * p.T * p.No;
       for (int64_t t = 0; t < p.T; ++t)
         fwd_step<S, MULT, KEEP>(p, b, t, M, M, h, g.data(), xe.data(), rec.data());
@@ -488,7 +492,7 @@ std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias,
                                     c10::optional<at::Tensor> mask,
                                     c10::optional<at::Tensor> keep, int64_t keep_bs, bool mult,
                                     bool assoc, bool strict, double lo, double hi,
-                                    int64_t threads) {
+                                    int64_t threads, c10::optional<at::Tensor> M0) {
   auto h = at::empty({x.size(0), x.size(1), W.size(0)}, x.options());
   auto M = at::empty({x.size(0), W.size(0), W.size(1)}, x.options());
   const bool k = keep.has_value();
@@ -497,10 +501,11 @@ std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias,
                                 strict, lo, hi);
     scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* Mp = M.data_ptr<scalar_t>();
-    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp, threads);
-    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp, threads);
-    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp, threads);
-    else forward_impl<scalar_t, false, false>(p, hp, Mp, threads);
+    const scalar_t* m0 = M0.has_value() ? M0->data_ptr<scalar_t>() : nullptr;
+    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp, m0, threads);
+    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp, m0, threads);
+    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp, m0, threads);
+    else forward_impl<scalar_t, false, false>(p, hp, Mp, m0, threads);
   });
   return {h, M};
 }
@@ -555,7 +560,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the GIL is released while a kerne
 }
 """
 
-_VERSION = 5  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
+_VERSION = 6  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
 
 
 def _name():
@@ -703,7 +708,7 @@ class _KernelSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
         args, _, _ = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg)
-        h, M = kernel().mpn_forward(*args, threads())
+        h, M = kernel().mpn_forward(*args, threads(), None)
         ctx.save_for_backward(x, W, b, eta, lam, W_rec, hid_mask, keep)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -742,12 +747,19 @@ class _KernelSequence(torch.autograd.Function):
         return dx, dW, db, deta, dlam, dW_rec, None, None, None
 
 
-def plastic_forward_cpp(x, W, b, eta, lam, keep, cfg, *, W_rec=None, hid_mask=None):
+def plastic_forward_cpp(x, W, b, eta, lam, keep, cfg, *, W_rec=None, hid_mask=None,
+                        m_init=None):
     """Run the compiled kernel (caller checked `unsupported` and that `kernel()` is not None).
-    keep = 1 − m_freeze or None; cfg = (mp_type, m_update, m_bounds tuple or None)."""
+    keep = 1 − m_freeze or None; cfg = (mp_type, m_update, m_bounds tuple or None); m_init
+    (B, N_post, N_pre): the M entering the first step (forward only, without W_rec), else 0."""
     args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
-    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+    grad = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
+    if m_init is not None and (grad or W_rec is not None):
+        raise ValueError("m_init continues a sequence forward only, without W_rec")
+    if grad:
         return _KernelSequence.apply(*args, cfg)
     with torch.no_grad():
         a, _, _ = _prepare(*args, cfg)
-        return tuple(kernel().mpn_forward(*a, threads()))
+        m0 = None if m_init is None else m_init.detach().to(x.dtype).expand(
+            x.shape[0], W.shape[0], W.shape[1]).contiguous()
+        return tuple(kernel().mpn_forward(*a, threads(), m0))
