@@ -387,104 +387,144 @@ def _hidden_keep(conds, n_hidden, device, dtype):
     return keep
 
 
+# one trial's W and M rows in a virtual-layer pass (the kernel runs a trial at a time): within
+# a core's L2 cache
+PASS_BYTES = 1 << 18
+
+
 @torch.no_grad()
 def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
-    """Conditions grouped by their input-unit set: one base forward pass per set (several
-    sets stacked per pass, their x and h kept on every part's PrefixTree nodes), then per
-    chunk of the group's conditions one virtual-layer pass over the touched rows, and the
-    outputs."""
+    """Conditions in jobs (job_plan) of a few input-unit sets and the conditions with those
+    sets; per job and test part, one base pass of the job's sets on the part's PrefixTree
+    nodes, then per chunk of conditions one virtual-layer pass over the rows they touch, the
+    outputs and their scores. Parts run inside jobs, so a job keeps one part's base runs."""
     n_hidden, n_pre = net_shapes(net)
     p0 = net.W_out
-    n_test = max(b.inputs.shape[0] for b in tests)
+    trees = [PrefixTree(b.inputs) for b in tests]
+    x_nodes = [net.presynaptic(torch.as_tensor(t.node_inputs, device=p0.device, dtype=p0.dtype))
+               for t in trees]  # before any input lesion: the same for every set
+    scorers = [mpn_tasks.Scorer(b) for b in tests]
+    rows = [touched_rows(c, n_pre, n_hidden) for c in conditions]
+    sizes = {"nodes": max(t.n_nodes for t in trees),
+             "trials": max(b.inputs.shape[0] for b in tests),
+             "steps": max(b.inputs.shape[0] * b.inputs.shape[1] for b in tests),
+             "n_out": net.W_out.shape[0], "n_pre": n_pre, "n_hidden": n_hidden}
+    for sets, chunks in job_plan(conditions, rows, sizes, memory_mb):
+        in_mask = input_masks(net, [conditions[i] for i in sets])
+        plans = [(g, ids, readout_plan(net, [conditions[i] for i in ids],
+                                       [rows[i] for i in ids])) for g, ids in chunks]
+        for r, (tree, x_all) in enumerate(zip(trees, x_nodes)):
+            x, h = base_runs(net, tree, x_all, in_mask)
+            for g, ids, plan in plans:
+                y = _chunk_outputs(net, tree, x[g], h[g], plan)
+                _store(acc, ids, r, score_conditions(y, scorers[r]))
+        bar.update(sum(len(ids) for _, ids in chunks))
+
+
+def input_masks(net, conds):
+    """(n_sets, N_pre): 0 on the presynaptic units each condition lesions."""
+    n_hidden, n_pre = net_shapes(net)
+    p0 = net.W_out
+    mask = torch.ones(len(conds), n_pre, device=p0.device, dtype=p0.dtype)
+    for g, cond in enumerate(conds):
+        if "in_units" in cond:
+            mask[g, torch.from_numpy(unpack_indices(cond["in_units"])).to(p0.device)] = 0.0
+    return mask
+
+
+def base_runs(net, tree, x_nodes, in_mask):
+    """x and h (n_sets, n_nodes, N_pre | N) on a PrefixTree's nodes of the network with each
+    set's input lesion alone (in_mask, from input_masks), from the unlesioned x_nodes."""
+    x = x_nodes[None] * in_mask[:, None, :]
+    return x, tree_forward(net, tree, x, net.synapse_weight().detach(),
+                           *net.plastic_coefficients(), None)
+
+
+def job_plan(conditions, rows, sizes, memory_mb):
+    """Jobs [(sets, chunks)]: sets, one condition id per input-unit set (its in_units is the
+    set); chunks [(set index, condition ids)], each one virtual-layer pass. A chunk holds at
+    most PASS_BYTES of rows per trial (at least one condition) and outputs within a quarter
+    of memory_mb; a job at most as many sets as half of memory_mb holds base runs of one part
+    and chunks whose rows total half of it. A set with more conditions than one job holds
+    continues in the next job (its base pass runs again: one pass against many)."""
+    budget = memory_mb * 2**20
+    n_pre, n_hidden = sizes["n_pre"], sizes["n_hidden"]
+    per_set = 4 * sizes["nodes"] * (n_hidden + n_pre)  # one set's base x and h on one part
+    max_sets = max(1, int(budget // (2 * per_set)))
+    job_rows = max(1, int(budget // (2 * 8 * n_pre)))  # W and m_freeze of the kept layers
+    pass_rows = max(1, min(PASS_BYTES // (8 * n_pre),
+                           int(budget // (4 * 4 * (sizes["nodes"] + sizes["trials"] * n_pre)))))
+    per_cond = 12 * sizes["steps"] * sizes["n_out"]  # outputs (float32 on nodes and trials)
+    max_conds = max(1, int(budget // (4 * per_cond)))
     groups = {}
     for i, cond in enumerate(conditions):
         key = unpack_indices(cond["in_units"]).tobytes() if "in_units" in cond else b""
         groups.setdefault(key, []).append(i)
-    groups = list(groups.values())
-    trees = [PrefixTree(b.inputs) for b in tests]
-    T_max = max(b.inputs.shape[1] for b in tests)
-    per_group = 4 * sum(t.n_nodes for t in trees) * (n_hidden + n_pre)  # one set's x and h
-    G = max(1, min(int(memory_mb * 2**20 // (2 * per_group)),
-                   trials_per_pass({}, n_pre, n_hidden, T_max, memory_mb) // n_test))
-    node_inputs = [torch.as_tensor(t.node_inputs, device=p0.device, dtype=p0.dtype)
-                   for t in trees]
-    rows = [touched_rows(c, n_pre, n_hidden) for c in conditions]
-    scorers = [mpn_tasks.Scorer(b) for b in tests]
-    for start in range(0, len(groups), G):
-        chunk = groups[start:start + G]
-        bases = _base_runs(net, trees, node_inputs, [conditions[ids[0]] for ids in chunk])
-        for g, ids in enumerate(chunk):
-            xs, hs = [x[g] for x, _ in bases], [h[g] for _, h in bases]
-            for part in _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
-                ys = _chunk_outputs(net, trees, xs, hs, [conditions[i] for i in part],
-                                    [rows[i] for i in part])
-                for r, y in enumerate(ys):
-                    _store(acc, part, r, score_conditions(y, scorers[r]))
-                bar.update(len(part))
+    sets, chunks, used = [], [], 0
+    for ids in groups.values():
+        for chunk in _chunks(ids, rows, pass_rows, max_conds):
+            n_rows = sum(rows[i].size for i in chunk)
+            new_set = not sets or sets[-1] != ids[0]
+            if chunks and ((new_set and len(sets) == max_sets) or used + n_rows > job_rows):
+                yield sets, chunks
+                sets, chunks, used, new_set = [], [], 0, True
+            if new_set:
+                sets.append(ids[0])
+            chunks.append((len(sets) - 1, chunk))
+            used += n_rows
+    if chunks:
+        yield sets, chunks
 
 
-def _base_runs(net, trees, node_inputs, firsts):
-    """Per part, x (n_sets, n_nodes, N_pre) and h (n_sets, n_nodes, N) on its PrefixTree's
-    nodes of the network with only each set's input lesion (the first condition of each
-    group carries the group's in_units)."""
-    n_hidden, n_pre = net_shapes(net)
-    W = net.synapse_weight().detach()
-    in_mask = torch.ones(len(firsts), n_pre, device=W.device, dtype=W.dtype)
-    for g, cond in enumerate(firsts):
-        if "in_units" in cond:
-            in_mask[g, torch.from_numpy(unpack_indices(cond["in_units"])).to(W.device)] = 0.0
-    out = []
-    for tree, u in zip(trees, node_inputs):
-        x = net.presynaptic(u)[None] * in_mask[:, None, :]
-        out.append((x, tree_forward(net, tree, x, W, *net.plastic_coefficients(), None)))
-    return out
-
-
-def _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
-    """Consecutive runs of a group's condition ids whose outputs and touched rows (rows[i])
-    fit the memory budget together."""
-    per_cond = 12 * n_test * T_max * 3  # outputs of one condition (float32, then float64)
-    per_row = 4 * n_test * (4 * n_pre + T_max)  # M, W_eff and update, and h, of one row
-    budget = memory_mb * 2**20
+def _chunks(ids, rows, pass_rows, max_conds):
+    """Consecutive runs of condition ids with at most pass_rows touched rows (rows[i])
+    together (one condition alone may have more) and at most max_conds conditions."""
     part, used = [], 0
     for i in ids:
-        cost = per_cond + per_row * rows[i].size
-        if part and used + cost > budget:
+        if part and (used + rows[i].size > pass_rows or len(part) == max_conds):
             yield part
             part, used = [], 0
         part.append(i)
-        used += cost
+        used += rows[i].size
     if part:
         yield part
 
 
-def _chunk_outputs(net, trees, xs, hs, conds, rows_np):
-    """Per part, outputs (K, n_test, T, 3) of K conditions sharing one input set, from its
-    base x and h on the part's PrefixTree nodes and one virtual-layer pass over the rows the
-    conditions touch (rows_np, from touched_rows): y = h_base @ (W_out with silenced and
-    touched units' columns zeroed)ᵀ + h_touched @ W_out[:, touched]ᵀ on the nodes, then read
-    out at every trial-step's node; never a (K, n_test, T, N) activity tensor."""
+def readout_plan(net, conds, rows_np):
+    """What a chunk of K conditions sharing one input set needs on every part: the virtual
+    layer of the rows they touch (rows_np, from touched_rows; None when none), those rows,
+    and W_out with each condition's silenced and touched units' columns zeroed, stacked
+    (N, K n_out)."""
     n_hidden = net.W_out.shape[1]
-    rows_of = [torch.from_numpy(r).to(hs[0].device) for r in rows_np]
+    device, dtype = net.W_out.device, net.W_out.dtype
+    rows_of = [torch.from_numpy(r).to(device) for r in rows_np]
     layer = virtual_layer(net, conds, rows_of) if sum(r.numel() for r in rows_of) else None
-    keep = _hidden_keep(conds, n_hidden, hs[0].device, hs[0].dtype)
+    keep = _hidden_keep(conds, n_hidden, device, dtype)
     for k, rows in enumerate(rows_of):
         keep[k, rows] = 0.0
-    starts = np.cumsum([0] + [r.numel() for r in rows_of])
     W_out_T = net.W_out.detach().T
     K, n_out = len(conds), W_out_T.shape[1]
     W_keep = (keep[:, :, None] * W_out_T).permute(1, 0, 2).reshape(n_hidden, K * n_out)
-    ys = []
-    for tree, x, h_base in zip(trees, xs, hs):
-        # one (nodes, N) x (N, K n_out) product; a broadcast matmul would copy h_base K times
-        y = (h_base @ W_keep).reshape(-1, K, n_out).transpose(0, 1)
-        if layer is not None:
-            h_rows = tree_forward(net, tree, x[None], *layer)[0]
-            for k, rows in enumerate(rows_of):
-                if rows.numel():
-                    y[k] += h_rows[:, starts[k]:starts[k + 1]] @ W_out_T[rows]
-        ys.append(y[:, torch.from_numpy(tree.node_of).to(y.device)])
-    return ys
+    starts = np.cumsum([0] + [r.numel() for r in rows_of])
+    return {"layer": layer, "rows": rows_of, "starts": starts, "W_keep": W_keep,
+            "W_out_T": W_out_T, "K": K}
+
+
+def _chunk_outputs(net, tree, x, h_base, plan):
+    """Outputs (K, n, T, n_out) on one part of a chunk's K conditions (readout_plan), from
+    the base x and h of their input set on the part's PrefixTree nodes and one virtual-layer
+    pass: y = h_base @ W_keep + h_touched @ W_out[:, touched]ᵀ on the nodes, then read out
+    at every trial-step's node; never a (K, n, T, N) activity tensor."""
+    K, W_out_T = plan["K"], plan["W_out_T"]
+    # one (nodes, N) x (N, K n_out) product; a broadcast matmul would copy h_base K times
+    y = (h_base @ plan["W_keep"]).reshape(-1, K, W_out_T.shape[1]).transpose(0, 1)
+    if plan["layer"] is not None:
+        h_rows = tree_forward(net, tree, x[None], *plan["layer"])[0]
+        starts = plan["starts"]
+        for k, rows in enumerate(plan["rows"]):
+            if rows.numel():
+                y[k] += h_rows[:, starts[k]:starts[k + 1]] @ W_out_T[rows]
+    return y[:, torch.from_numpy(tree.node_of).to(y.device)]
 
 
 # ----------------------------------------------------------------------------------------

@@ -181,20 +181,24 @@ def test_shared_rows_give_every_condition_its_own_forward_pass(tests, options):
     inputs = net_helpers.batch_to_torch(tests[1])["inputs"]
     tree = lesion_engine.PrefixTree(tests[1].inputs)
     assert tree.n_nodes < 0.8 * inputs.shape[0] * inputs.shape[1]  # trials share prefixes
-    nodes = [torch.from_numpy(tree.node_inputs)]
     with torch.no_grad():
+        x_nodes = net.presynaptic(torch.from_numpy(tree.node_inputs))
+
+        def outputs(conds):
+            x, h = lesion_engine.base_runs(net, tree, x_nodes,
+                                           lesion_engine.input_masks(net, conds[:1]))
+            plan = lesion_engine.readout_plan(
+                net, conds, [lesion_engine.touched_rows(c, n_pre, n_hidden) for c in conds])
+            return lesion_engine._chunk_outputs(net, tree, x[0], h[0], plan)
+
         for cond in conditions:
-            (x, h), = lesion_engine._base_runs(net, [tree], nodes, [cond])
-            (y,) = lesion_engine._chunk_outputs(net, [tree], [x[0]], [h[0]], [cond],
-                                         [lesion_engine.touched_rows(cond, n_pre, n_hidden)])
+            (y,) = outputs([cond])
             pert = lesion_engine.condition_perturbation(cond, n_pre, n_hidden)
-            torch.testing.assert_close(y[0], net(inputs, perturbation=pert)["y"],
+            torch.testing.assert_close(y, net(inputs, perturbation=pert)["y"],
                                        rtol=1e-5, atol=1e-6, msg=str(cond.keys()))
         # and all of them in one chunk, sharing the intact network's base run
         plain = [c for c in conditions if "in_units" not in c]
-        (x, h), = lesion_engine._base_runs(net, [tree], nodes, [{}])
-        (ys,) = lesion_engine._chunk_outputs(net, [tree], [x[0]], [h[0]], plain,
-                                      [lesion_engine.touched_rows(c, n_pre, n_hidden) for c in plain])
+        ys = outputs(plain)
         for cond, y in zip(plain, ys):
             pert = lesion_engine.condition_perturbation(cond, n_pre, n_hidden)
             torch.testing.assert_close(y, net(inputs, perturbation=pert)["y"],
