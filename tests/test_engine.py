@@ -316,6 +316,23 @@ def test_kernel_result_does_not_depend_on_its_threads(seg_bytes, kernel_only, mo
     assert_close(results[0][:len(results[0]) - 2], run("reference", args, masks), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m_freeze", [None, "per_trial"])
+def test_kernel_lambda_without_column_factor_takes_the_general_path_bits(dtype, m_freeze,
+                                                                         kernel_only):
+    """A scalar λ (column factor all ones: the kernel's one-multiply-less M update) and the
+    same λ given per presynaptic unit ((1, N_pre): row factor ones, the general update
+    λ_i λ_j M) give the same h and M bit for bit, with and without a frozen-M mask."""
+    args, masks = make_inputs(B=4, T=9, m_freeze=m_freeze, dtype=dtype)
+    args = {k: None if v is None else v.detach() for k, v in args.items()}
+    with torch.no_grad():
+        one = mpn_engine.plastic_forward(**args, **masks, engine="cpp")
+        per_pre = mpn_engine.plastic_forward(**dict(args, lam=args["lam"].expand(1, N_PRE)),
+                                             **masks, engine="cpp")
+    assert one[1].abs().max() > 0
+    assert torch.equal(one[0], per_pre[0]) and torch.equal(one[1], per_pre[1])
+
+
 def test_kernel_no_grad_and_default_training_config(kernel_only):
     """Paper defaults (mult, hebb_assoc, scalar trainable η, fixed λ = 0.99, clip ±1) at a
     size where the trials spread over the threads."""
