@@ -63,7 +63,8 @@ def suite_conditions(args, net, train_cfg):
     """The run's default lesion suite, as lesion.py builds it: (conditions, {experiment:
     its condition ids})."""
     paths = helper.run_paths(args.run, args.runs_dir)
-    cfg = dict(lesion.CONFIG, n_random=args.n_random)
+    cfg = dict(lesion.CONFIG, n_random=args.n_random,
+               n_random_modulation=args.n_random_modulation)
     ci, ci_mod, variance, fixed_k = lesion.load_clusters(paths, cfg["experiments"])
     cfg["fixed_cut_k"] = int(fixed_k or 20)
     table, tables = lesion.build_conditions(cfg, net, ci, ci_mod, variance, int(train_cfg["seed"]))
@@ -201,6 +202,8 @@ def parse(argv):
     p.add_argument("--n_serial", type=int, default=40, help="with --run: serial sample size")
     p.add_argument("--trials_per_rule", type=int, default=lesion.CONFIG["trials_per_rule"])
     p.add_argument("--n_random", type=int, default=lesion.CONFIG["n_random"])
+    p.add_argument("--n_random_modulation", type=int,
+                   default=lesion.CONFIG["n_random_modulation"])
     p.add_argument("--memory_mb", type=float, default=lesion.CONFIG["memory_mb"])
     p.add_argument("--engine", default="auto")
     p.add_argument("--threads", type=int, default=lesion.CONFIG["num_threads"],

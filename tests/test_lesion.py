@@ -370,7 +370,8 @@ def write_cluster_files(paths, n_hidden, n_pre, seed=0, variance_hash="h"):
 def test_random_controls_are_outside_the_cluster_and_size_matched():
     ci, ci_mod = synthetic_cluster_info(N_HIDDEN, N_HIDDEN)
     t = table_for()
-    cfg = dict(lesion.CONFIG, n_random=4, fixed_cut_k=6, n_random_combined=3)
+    cfg = dict(lesion.CONFIG, n_random=4, fixed_cut_k=6, n_random_combined=3,
+               n_random_modulation=3)
     design = lesion.Design(cfg, 2, np.zeros((N_HIDDEN, N_HIDDEN)), ci=ci, ci_mod=ci_mod)
     single = lesion.single_experiments(t, design)
     mod = lesion.modulation_experiments(t, design)
@@ -379,6 +380,8 @@ def test_random_controls_are_outside_the_cluster_and_size_matched():
             [(m, None, [("zero_W", "zero_W_control"), ("freeze_M", "freeze_M_control")])
              for m in mod.values()]:
         for kind, ckind in kinds:
+            n_controls = cfg["n_random"] if field else cfg["n_random_modulation"]
+            assert tab[ckind].shape == (len(tab[kind]), n_controls)
             for c, cid in enumerate(tab[kind]):
                 members = tab["labels"] == tab["clusters"][c]
                 cond = t.conditions[cid]
@@ -525,7 +528,8 @@ def test_random_unit_groups_are_rarely_significant(planted):
 # End to end
 
 
-FAST = dict(trials_per_rule=8, epoch_quantile_range=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
+FAST = dict(trials_per_rule=8, epoch_quantile_range=[0.0, 0.1], n_random=2, n_random_combined=2,
+            n_random_modulation=2, n_draws=2,
             zero_fractions=[0, 0.5, 1.0], silence_fractions=[0, 0.5], noise_sigmas=[0, 0.03],
             noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_cut_k=None,
             device="cpu")
