@@ -11,8 +11,9 @@ Experiments (select them with --experiments):
               with random controls (the pair of the two singles' controls);
   modulation  every modulation clustering (M normalized and unnormalized; W⊙M unnormalized
               only, its normalized form equals M's): `zero_W` (W = 0 on the cluster's
-              synapses) and `freeze_M` (M held at 0 there, W intact), with random synapse
-              sets of the same size outside the cluster as controls (shared by both kinds);
+              synapses) and `freeze_M` (M held at 0 there, W intact), with
+              `n_random_modulation` random synapse sets of the same size outside the cluster
+              as controls (shared by both kinds);
   prune       the smallest |W| entries of the plastic layer zeroed at each sparsity;
   robust      a random fraction of W entries zeroed, a random fraction of hidden units
               silenced, Gaussian noise on W (absolute sigma, and sigma relative to the RMS
@@ -83,7 +84,8 @@ CONFIG = dict(
     trials_per_rule=128,  # test trials per rule: binomial s.e. of a per-rule accuracy a is √(a(1−a)/n), ≤ 0.03 for a ≥ 0.87 {>= 8}
     epoch_quantile_range=[0.25, 0.75],  # epoch durations spread over this range of quantiles (more quantiles where a rule's condition set is small) {@increasing_pair}
     input_noise=None,  # sigma_x of the test trials; None: the run's training sigma_x {None | >= 0}
-    n_random=20,  # size-matched random controls per cluster (single and modulation lesions); significance needs 2 {>= 1}
+    n_random=20,  # size-matched random controls per unit cluster (single lesions); significance needs 2 {>= 1}
+    n_random_modulation=10,  # random synapse-set controls per synapse cluster, shared by zero_W and freeze_M: each reruns ~all hidden units (random synapses touch every row), at 20 they were half the suite's time; significance needs 2 {>= 1}
     n_random_combined=5,  # random controls per (input, hidden) cluster pair (400 pairs at k=20); significance needs 2 {>= 1}
     alpha=0.05,  # false-discovery rate of the Benjamini–Hochberg control over each heatmap {> 0, < 1}
     fixed_cut_k=None,  # k of the "fixed" cuts (SPEC §6.1); None: the clustering's fixed_k (cluster_info, 20); nearest available k if absent {None | >= 2}
@@ -272,9 +274,10 @@ def modulation_experiments(table, d):
                 t = cluster_table(ci_mod[rep][form], cut, cfg["fixed_cut_k"], n_syn)
                 for kind, field in (("zero_W", "w_zero"), ("freeze_M", "m_freeze")):
                     t[kind] = np.array([table.add({field: m}) for m in t["members"]])
-                    t[f"{kind}_control"] = np.full((len(t["members"]), cfg["n_random"]), -1)
+                    t[f"{kind}_control"] = np.full((len(t["members"]),
+                                                    cfg["n_random_modulation"]), -1)
                 for c, m in enumerate(t["members"]):
-                    draws = control_draws(run_seed, n_syn, m, cfg["n_random"])
+                    draws = control_draws(run_seed, n_syn, m, cfg["n_random_modulation"])
                     for kind, field in (("zero_W", "w_zero"), ("freeze_M", "m_freeze")):
                         if draws is not None:
                             t[f"{kind}_control"][c] = [table.add({field: d}) for d in draws]
@@ -628,9 +631,10 @@ def check_config(cfg, net):
     if unknown:
         raise helper.StageError(f"unknown experiment(s) {sorted(unknown)}; choose from "
                                 f"{list(EXPERIMENTS)}.")
-    if cfg["n_random"] < 1 or cfg["n_random_combined"] < 1:
-        raise helper.StageError("n_random and n_random_combined must be at least 1 (2 for "
-                                "significance: a control spread needs two controls).")
+    if min(cfg["n_random"], cfg["n_random_combined"], cfg["n_random_modulation"]) < 1:
+        raise helper.StageError("n_random, n_random_combined and n_random_modulation must be "
+                                "at least 1 (2 for significance: a control spread needs two "
+                                "controls).")
     dropped = [name for name, ex in EXPERIMENTS.items() if name in cfg["experiments"]
                and ex.needs is not None and ex.needs not in net.perturbable]
     unit_reps = [r for r in cfg["unit_reps"] if r != "input" or "in_mask" in net.perturbable]

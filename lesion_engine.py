@@ -147,17 +147,16 @@ def new_scores(C, R):
     return {name: np.full((C, R), np.nan, np.float32) for name in SCORES}
 
 
-def score_conditions(outputs, batch, K):
-    """Per condition (K conditions x n trial copies): {score: (K,)} with the angle and trial
-    accuracy, pooled over the condition's trials exactly as mpn_tasks.accuracy_by_rule pools
-    a rule's trials, and the fraction of trials failing by each mpn_tasks.failure_kind (the
-    three fractions sum to 1 - trial accuracy)."""
-    y = np.asarray(outputs, dtype=np.float64)
-    n_correct, n_scored = mpn_tasks.score_angle(y, batch)
-    n_correct = np.asarray(n_correct, dtype=float).reshape(K, -1).sum(1)
-    n_scored = np.asarray(n_scored, dtype=float).reshape(K, -1).sum(1)
-    kind = mpn_tasks.failure_kind(y, batch).reshape(K, -1)
-    out = {"angle": n_correct / np.maximum(n_scored, 1), "trial": (kind == 0).mean(1)}
+def score_conditions(outputs, scorer):
+    """Per condition, outputs (K, n, T, n_out) of K conditions on the n trials of one
+    mpn_tasks.Scorer: {score: (K,)} with the angle and trial accuracy, pooled over the
+    condition's trials exactly as mpn_tasks.accuracy_by_rule pools a rule's trials, and the
+    fraction of trials failing by each failure kind (the three sum to 1 - trial accuracy)."""
+    scores = scorer(outputs)
+    n_scored = float(scorer.n_scored.sum())
+    kind = scores["kind"]
+    out = {"angle": scores["n_correct"].sum(axis=1) / max(n_scored, 1),
+           "trial": (kind == 0).mean(axis=1)}
     for code, name in enumerate(mpn_tasks.FAILURE_KINDS, start=1):
         out[name] = (kind == code).mean(1)
     return out
@@ -239,7 +238,8 @@ def _run_stacked(net, tests, conds, acc, ids):
         tiled = batch.take(np.tile(np.arange(n), len(conds)))
         res = net_helpers.evaluate(net, tiled,
                                    perturbation=net_helpers.Perturbation.stack(perts, n))
-        _store(acc, ids, r, score_conditions(res["outputs"], tiled, len(conds)))
+        y = np.asarray(res["outputs"]).reshape(len(conds), n, *batch.targets.shape[1:])
+        _store(acc, ids, r, score_conditions(y, mpn_tasks.Scorer(batch)))
 
 
 def _run_over_rules(net, tests, cond, acc, cid):
@@ -248,11 +248,12 @@ def _run_over_rules(net, tests, cond, acc, cid):
     batch = mpn_tasks.concat_batches(tests)
     res = net_helpers.evaluate(net, batch, perturbation=condition_perturbation(cond, n_pre,
                                                                                n_hidden))
-    y = np.asarray(res["outputs"], dtype=np.float64)
+    y = np.asarray(res["outputs"])
     start = 0
     for r, batch_r in enumerate(tests):
         n, T = batch_r.inputs.shape[:2]
-        _store(acc, [cid], r, score_conditions(y[start:start + n, :T], batch_r, 1))
+        _store(acc, [cid], r, score_conditions(y[None, start:start + n, :T],
+                                               mpn_tasks.Scorer(batch_r)))
         start += n
 
 
@@ -270,6 +271,71 @@ def _run_over_rules(net, tests, cond, acc, cid):
 # of stacked rows that shares x and W across trials, so the compiled kernel runs it as one
 # call. The readout sums the kept units of the base run and the rerun rows: the outputs equal
 # the condition's own forward pass up to float rounding (tested).
+#
+# Sharing work between trials. The state of such a layer is M alone, so trials whose inputs
+# agree up to step t are in the same state up to there, under every condition (a condition
+# treats all trials alike). The trials of one test part share one schedule: their inputs
+# agree through the fixation period, and in the dm tasks through the first stimulus for the
+# trials that share it (a third of the default test set's trial-steps repeat another
+# trial's). A PrefixTree lists the distinct input prefixes of a part; every layer pass runs
+# each distinct prefix once per segment, continuing from its parent prefix's final M
+# (mpn_engine's m_init), and each trial-step reads its node's h (the same numbers its own
+# pass gives: an engine call continued from its final M equals one call, tested).
+
+
+class PrefixTree:
+    """The distinct input prefixes of one batch, inputs (n, T, n_in). Steps are cut into
+    segments over which the partition of the trials into identical prefixes stays the same;
+    segment s holds n_s prefixes, each of its steps one node. Nodes are numbered segment by
+    segment, then prefix, then step, so a segment's nodes reshape to (n_s, length).
+      segments   [(t0, t1, first node, n_s, parent)]: parent (n_s,) the prefix of the
+                 previous segment each one continues (None for the first segment)
+      node_of    (n, T) the node of every trial-step
+      node_inputs (n_nodes, n_in) the input at every node"""
+
+    def __init__(self, inputs):
+        inputs = np.asarray(inputs)
+        n, T = inputs.shape[:2]
+        bits = np.ascontiguousarray(inputs).view(np.uint8).reshape(n, T, -1)  # exact equality
+        differ = (bits[:, None] != bits[None, :]).any(axis=-1)  # (n, n, T)
+        split = np.where(differ.any(axis=-1), differ.argmax(axis=-1), T)  # first differing step
+        labels, cuts = None, []
+        for t in np.union1d([0], split[split < T]):  # the partition refines at these steps
+            first = (split > t).argmax(axis=1)  # the first trial with the same prefix
+            _, new = np.unique(first, return_inverse=True)
+            cuts.append((int(t), new, None if labels is None else labels[np.unique(first)]))
+            labels = new
+        self.segments, self.node_of = [], np.empty((n, T), np.int64)
+        inputs_by_segment, offset = [], 0
+        for s, (t0, lab, parent) in enumerate(cuts):
+            t1 = cuts[s + 1][0] if s + 1 < len(cuts) else T
+            n_s, length = int(lab.max()) + 1, t1 - t0
+            self.segments.append((t0, t1, offset, n_s, parent))
+            self.node_of[:, t0:t1] = offset + lab[:, None] * length + np.arange(length)
+            first = np.unique(lab, return_index=True)[1]
+            inputs_by_segment.append(inputs[first, t0:t1].reshape(n_s * length, -1))
+            offset += n_s * length
+        self.n_nodes = offset
+        self.node_inputs = np.concatenate(inputs_by_segment)
+
+
+def tree_forward(net, tree, x_nodes, W, b, eta, lam, m_freeze):
+    """h (G, n_nodes, R) of a layer of R rows (W, b, η, λ, m_freeze) under G presynaptic
+    activities x_nodes (G, n_nodes, N_pre) on a PrefixTree's nodes: one net.forward_rows
+    call per segment, each prefix continued from its parent's final M."""
+    G, R = x_nodes.shape[0], W.shape[0]
+    h_nodes = x_nodes.new_empty(G, tree.n_nodes, R)
+    M = None
+    for t0, t1, offset, n_s, parent in tree.segments:
+        span = slice(offset, offset + n_s * (t1 - t0))
+        x = x_nodes[:, span].reshape(G * n_s, t1 - t0, -1)
+        m_init = None
+        if parent is not None:
+            M = M.reshape(G, -1, *M.shape[1:])
+            m_init = M[:, torch.from_numpy(parent).to(M.device)].reshape(G * n_s, *M.shape[2:])
+        h, M = net.forward_rows(x, W, b, eta, lam, m_freeze, m_init=m_init)
+        h_nodes[:, span] = h.reshape(G, -1, R)
+    return h_nodes
 
 
 def touched_rows(cond, n_pre, n_hidden):
@@ -321,124 +387,144 @@ def _hidden_keep(conds, n_hidden, device, dtype):
     return keep
 
 
+# one trial's W and M rows in a virtual-layer pass (the kernel runs a trial at a time): within
+# a core's L2 cache
+PASS_BYTES = 1 << 18
+
+
 @torch.no_grad()
 def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
-    """Conditions grouped by their input-unit set: one base forward pass per set (several
-    sets stacked per pass, their recorded x and h kept for every rule), then per chunk of the
-    group's conditions one virtual-layer pass over the touched rows, and the outputs."""
+    """Conditions in jobs (job_plan) of a few input-unit sets and the conditions with those
+    sets; per job and test part, one base pass of the job's sets on the part's PrefixTree
+    nodes, then per chunk of conditions one virtual-layer pass over the rows they touch, the
+    outputs and their scores. Parts run inside jobs, so a job keeps one part's base runs."""
     n_hidden, n_pre = net_shapes(net)
     p0 = net.W_out
-    n_test = max(b.inputs.shape[0] for b in tests)
+    trees = [PrefixTree(b.inputs) for b in tests]
+    x_nodes = [net.presynaptic(torch.as_tensor(t.node_inputs, device=p0.device, dtype=p0.dtype))
+               for t in trees]  # before any input lesion: the same for every set
+    scorers = [mpn_tasks.Scorer(b) for b in tests]
+    rows = [touched_rows(c, n_pre, n_hidden) for c in conditions]
+    sizes = {"nodes": max(t.n_nodes for t in trees),
+             "trials": max(b.inputs.shape[0] for b in tests),
+             "steps": max(b.inputs.shape[0] * b.inputs.shape[1] for b in tests),
+             "n_out": net.W_out.shape[0], "n_pre": n_pre, "n_hidden": n_hidden}
+    for sets, chunks in job_plan(conditions, rows, sizes, memory_mb):
+        in_mask = input_masks(net, [conditions[i] for i in sets])
+        plans = [(g, ids, readout_plan(net, [conditions[i] for i in ids],
+                                       [rows[i] for i in ids])) for g, ids in chunks]
+        for r, (tree, x_all) in enumerate(zip(trees, x_nodes)):
+            x, h = base_runs(net, tree, x_all, in_mask)
+            for g, ids, plan in plans:
+                y = _chunk_outputs(net, tree, x[g], h[g], plan)
+                _store(acc, ids, r, score_conditions(y, scorers[r]))
+        bar.update(sum(len(ids) for _, ids in chunks))
+
+
+def input_masks(net, conds):
+    """(n_sets, N_pre): 0 on the presynaptic units each condition lesions."""
+    n_hidden, n_pre = net_shapes(net)
+    p0 = net.W_out
+    mask = torch.ones(len(conds), n_pre, device=p0.device, dtype=p0.dtype)
+    for g, cond in enumerate(conds):
+        if "in_units" in cond:
+            mask[g, torch.from_numpy(unpack_indices(cond["in_units"])).to(p0.device)] = 0.0
+    return mask
+
+
+def base_runs(net, tree, x_nodes, in_mask):
+    """x and h (n_sets, n_nodes, N_pre | N) on a PrefixTree's nodes of the network with each
+    set's input lesion alone (in_mask, from input_masks), from the unlesioned x_nodes."""
+    x = x_nodes[None] * in_mask[:, None, :]
+    return x, tree_forward(net, tree, x, net.synapse_weight().detach(),
+                           *net.plastic_coefficients(), None)
+
+
+def job_plan(conditions, rows, sizes, memory_mb):
+    """Jobs [(sets, chunks)]: sets, one condition id per input-unit set (its in_units is the
+    set); chunks [(set index, condition ids)], each one virtual-layer pass. A chunk holds at
+    most PASS_BYTES of rows per trial (at least one condition) and outputs within a quarter
+    of memory_mb; a job at most as many sets as half of memory_mb holds base runs of one part
+    and chunks whose rows total half of it. A set with more conditions than one job holds
+    continues in the next job (its base pass runs again: one pass against many)."""
+    budget = memory_mb * 2**20
+    n_pre, n_hidden = sizes["n_pre"], sizes["n_hidden"]
+    per_set = 4 * sizes["nodes"] * (n_hidden + n_pre)  # one set's base x and h on one part
+    max_sets = max(1, int(budget // (2 * per_set)))
+    job_rows = max(1, int(budget // (2 * 8 * n_pre)))  # W and m_freeze of the kept layers
+    pass_rows = max(1, min(PASS_BYTES // (8 * n_pre),
+                           int(budget // (4 * 4 * (sizes["nodes"] + sizes["trials"] * n_pre)))))
+    per_cond = 12 * sizes["steps"] * sizes["n_out"]  # outputs (float32 on nodes and trials)
+    max_conds = max(1, int(budget // (4 * per_cond)))
     groups = {}
     for i, cond in enumerate(conditions):
         key = unpack_indices(cond["in_units"]).tobytes() if "in_units" in cond else b""
         groups.setdefault(key, []).append(i)
-    groups = list(groups.values())
-    sum_T = sum(b.inputs.shape[1] for b in tests)
-    T_max = max(b.inputs.shape[1] for b in tests)
-    per_group = 4 * n_test * sum_T * (n_hidden + n_pre)  # bytes of one set's kept x and h
-    G = max(1, min(int(memory_mb * 2**20 // (2 * per_group)),
-                   trials_per_pass({}, n_pre, n_hidden, T_max, memory_mb) // n_test))
-    torch_tests = [net_helpers.batch_to_torch(b, p0.device, p0.dtype)["inputs"] for b in tests]
-    rows = [touched_rows(c, n_pre, n_hidden) for c in conditions]
-    scorer = TiledScorer(tests)
-    for start in range(0, len(groups), G):
-        chunk = groups[start:start + G]
-        bases = _base_runs(net, torch_tests, [conditions[ids[0]] for ids in chunk])
-        for g, ids in enumerate(chunk):
-            xs, hs = [x[g] for x, _ in bases], [h[g] for _, h in bases]
-            for part in _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
-                ys = _chunk_outputs(net, xs, hs, [conditions[i] for i in part],
-                                    [rows[i] for i in part])
-                for r, y in enumerate(ys):
-                    _store(acc, part, r, scorer(r, y))
-                bar.update(len(part))
+    sets, chunks, used = [], [], 0
+    for ids in groups.values():
+        for chunk in _chunks(ids, rows, pass_rows, max_conds):
+            n_rows = sum(rows[i].size for i in chunk)
+            new_set = not sets or sets[-1] != ids[0]
+            if chunks and ((new_set and len(sets) == max_sets) or used + n_rows > job_rows):
+                yield sets, chunks
+                sets, chunks, used, new_set = [], [], 0, True
+            if new_set:
+                sets.append(ids[0])
+            chunks.append((len(sets) - 1, chunk))
+            used += n_rows
+    if chunks:
+        yield sets, chunks
 
 
-class TiledScorer:
-    """Scores outputs (K, n_test, T, n_out) of K conditions on rule r's test batch, up to
-    `size` conditions at a time against a test batch tiled once per rule (not once per K)."""
-
-    def __init__(self, tests, size=32):
-        self.tests, self.size, self.tiled = tests, size, {}
-
-    def __call__(self, r, y):
-        K, n = y.shape[:2]
-        y = y.reshape(K * n, *y.shape[2:]).float().cpu().numpy()
-        if r not in self.tiled:
-            self.tiled[r] = self.tests[r].take(np.tile(np.arange(n), self.size))
-        out = {name: np.empty(K) for name in SCORES}
-        for s in range(0, K, self.size):
-            k = min(self.size, K - s)
-            batch = self.tiled[r] if k == self.size else self.tiled[r].take(np.arange(k * n))
-            for name, v in score_conditions(y[s * n:(s + k) * n], batch, k).items():
-                out[name][s:s + k] = v
-        return out
-
-
-def _base_runs(net, torch_tests, firsts):
-    """Per rule, the recorded x and h (n_sets, n, T, N) of the network with only each set's
-    input lesion (the first condition of each group carries the group's in_units)."""
-    n_hidden, n_pre = net_shapes(net)
-    perts = [condition_perturbation({"in_units": c["in_units"]} if "in_units" in c else {},
-                                    n_pre, n_hidden) for c in firsts]
-    out = []
-    for inputs in torch_tests:
-        n = inputs.shape[0]
-        stacked = net_helpers.Perturbation.stack(perts, n)
-        stacked = stacked if stacked.items() else None
-        res = net(inputs.repeat(len(firsts), 1, 1), perturbation=stacked, record=("x",))
-        shape = (len(firsts), n, inputs.shape[1])
-        out.append((res["x"].reshape(*shape, -1), res["h"].reshape(*shape, -1)))
-    return out
-
-
-def _condition_chunks(ids, rows, n_pre, n_test, T_max, memory_mb):
-    """Consecutive runs of a group's condition ids whose outputs and touched rows (rows[i])
-    fit the memory budget together."""
-    per_cond = 12 * n_test * T_max * 3  # outputs of one condition (float32, then float64)
-    per_row = 4 * n_test * (4 * n_pre + T_max)  # M, W_eff and update, and h, of one row
-    budget = memory_mb * 2**20
+def _chunks(ids, rows, pass_rows, max_conds):
+    """Consecutive runs of condition ids with at most pass_rows touched rows (rows[i])
+    together (one condition alone may have more) and at most max_conds conditions."""
     part, used = [], 0
     for i in ids:
-        cost = per_cond + per_row * rows[i].size
-        if part and used + cost > budget:
+        if part and (used + rows[i].size > pass_rows or len(part) == max_conds):
             yield part
             part, used = [], 0
         part.append(i)
-        used += cost
+        used += rows[i].size
     if part:
         yield part
 
 
-def _chunk_outputs(net, xs, hs, conds, rows_np):
-    """Per rule, outputs (K, n_test, T, 3) of K conditions sharing one input set, from its
-    base x and h and one virtual-layer pass over the rows the conditions touch (rows_np,
-    from touched_rows): y = h_base @ (W_out with silenced and touched units' columns
-    zeroed)ᵀ + h_touched @ W_out[:, touched]ᵀ, never a (K, n_test, T, N) activity tensor."""
+def readout_plan(net, conds, rows_np):
+    """What a chunk of K conditions sharing one input set needs on every part: the virtual
+    layer of the rows they touch (rows_np, from touched_rows; None when none), those rows,
+    and W_out with each condition's silenced and touched units' columns zeroed, stacked
+    (N, K n_out)."""
     n_hidden = net.W_out.shape[1]
-    rows_of = [torch.from_numpy(r).to(hs[0].device) for r in rows_np]
+    device, dtype = net.W_out.device, net.W_out.dtype
+    rows_of = [torch.from_numpy(r).to(device) for r in rows_np]
     layer = virtual_layer(net, conds, rows_of) if sum(r.numel() for r in rows_of) else None
-    keep = _hidden_keep(conds, n_hidden, hs[0].device, hs[0].dtype)
+    keep = _hidden_keep(conds, n_hidden, device, dtype)
     for k, rows in enumerate(rows_of):
         keep[k, rows] = 0.0
-    starts = np.cumsum([0] + [r.numel() for r in rows_of])
     W_out_T = net.W_out.detach().T
     K, n_out = len(conds), W_out_T.shape[1]
     W_keep = (keep[:, :, None] * W_out_T).permute(1, 0, 2).reshape(n_hidden, K * n_out)
-    ys = []
-    for x, h_base in zip(xs, hs):
-        n, T = h_base.shape[:2]
-        # one (n T, N) x (N, K n_out) product; a broadcast matmul would copy h_base K times
-        y = (h_base.reshape(n * T, n_hidden) @ W_keep).reshape(n * T, K, n_out).transpose(0, 1)
-        if layer is not None:
-            h_rows, _ = net.forward_rows(x, *layer)
-            h_rows = h_rows.reshape(n * T, -1)
-            for k, rows in enumerate(rows_of):
-                if rows.numel():
-                    y[k] += h_rows[:, starts[k]:starts[k + 1]] @ W_out_T[rows]
-        ys.append(y.reshape(K, n, T, n_out))
-    return ys
+    starts = np.cumsum([0] + [r.numel() for r in rows_of])
+    return {"layer": layer, "rows": rows_of, "starts": starts, "W_keep": W_keep,
+            "W_out_T": W_out_T, "K": K}
+
+
+def _chunk_outputs(net, tree, x, h_base, plan):
+    """Outputs (K, n, T, n_out) on one part of a chunk's K conditions (readout_plan), from
+    the base x and h of their input set on the part's PrefixTree nodes and one virtual-layer
+    pass: y = h_base @ W_keep + h_touched @ W_out[:, touched]ᵀ on the nodes, then read out
+    at every trial-step's node; never a (K, n, T, N) activity tensor."""
+    K, W_out_T = plan["K"], plan["W_out_T"]
+    # one (nodes, N) x (N, K n_out) product; a broadcast matmul would copy h_base K times
+    y = (h_base @ plan["W_keep"]).reshape(-1, K, W_out_T.shape[1]).transpose(0, 1)
+    if plan["layer"] is not None:
+        h_rows = tree_forward(net, tree, x[None], *plan["layer"])[0]
+        starts = plan["starts"]
+        for k, rows in enumerate(plan["rows"]):
+            if rows.numel():
+                y[k] += h_rows[:, starts[k]:starts[k + 1]] @ W_out_T[rows]
+    return y[:, torch.from_numpy(tree.node_of).to(y.device)]
 
 
 # ----------------------------------------------------------------------------------------

@@ -166,15 +166,16 @@ class DeepMultiPlasticNet(BaseNetwork):
         lam_type shapes)."""
         return self.mp.b.detach(), self.mp.eta.detach(), self.mp.lam.detach()
 
-    def forward_rows(self, x, W, b, eta, lam, m_freeze=None):
+    def forward_rows(self, x, W, b, eta, lam, m_freeze=None, m_init=None):
         """The plastic layer's equations, options and engine on a "virtual" layer of stacked
         rows sharing the presynaptic input x (B, T, N_pre): W (K, N_pre), b (K,), η and λ
-        scalar or one row each, m_freeze (K, N_pre) or None -> (h (B, T, K), final M).
+        scalar or one row each, m_freeze (K, N_pre) or None, m_init (B, K, N_pre) the M
+        entering the first step or None (zeros) -> (h (B, T, K), final M).
         Valid when rows_independent(): each row then runs as it would in the whole layer."""
         mp = self.mp
         return mpn_engine.plastic_forward(
             x, W, b, eta, lam, mp_type=mp.mp_type, m_update=mp.m_update, m_bounds=mp.m_bounds,
-            m_freeze=m_freeze, engine=resolve_engine(mp.engine))
+            m_freeze=m_freeze, engine=resolve_engine(mp.engine), m_init=m_init)
 
     def forward(self, inputs, perturbation=None, record=(), m_reduce=None):
         pert = self._perturbation(perturbation, inputs)

@@ -66,15 +66,31 @@ _SOURCE = r"""
 
 namespace {
 
+// A select as a bit blend: GCC if-converts it, where a ?: whose arm holds a division (which
+// may trap) stays a branch and keeps the loop over tanh_vec scalar.
+static inline __attribute__((always_inline)) double pick(bool c, double a, double b) {
+  uint64_t ua, ub;
+  std::memcpy(&ua, &a, sizeof ua);
+  std::memcpy(&ub, &b, sizeof ub);
+  const uint64_t m = -static_cast<uint64_t>(c);
+  const uint64_t u = (ua & m) | (ub & ~m);
+  double out;
+  std::memcpy(&out, &u, sizeof out);
+  return out;
+}
+
 // tanh without a library call, so that a loop over it vectorises (std::tanh is a scalar call
 // that took three quarters of the forward step). float input, double arithmetic: an odd
 // polynomial for |a| < 0.625 (coefficients fitted by weighted least squares; relative error
 // 2e-13), else (1 - e) / (1 + e) with e = exp(-2|a|) = 2^k exp(r), |r| <= ln2 / 2, exp(r) by
 // its degree-8 Taylor polynomial (relative error 6e-10), then one rounding to float: within
 // 0.5003 ulp of the exact tanh on 4.1 M points in [-12, 12] (correctly rounded but for 5 in a
-// million). NaN stays NaN, ±inf gives ±1. double arguments keep std::tanh.
+// million). NaN stays NaN, ±inf gives ±1. double arguments keep std::tanh. Until version 7
+// two ?: selects (and a double -> int64 conversion, which AVX2 lacks) kept that loop scalar,
+// a third of the forward step's time; the same operations, vectorised, give the same bits.
 static inline __attribute__((always_inline)) float tanh_vec(float a) {
-  const double t = std::min(std::fabs(a), 10.0f);  // std::min keeps a NaN first argument
+  const float fa = std::fabs(a);
+  const double t = pick(10.0f < fa, 10.0, fa);  // as std::min(fa, 10): NaN stays NaN
   const double z = t * t;
   static constexpr double C[8] = {-0.33333333327804954, 0.1333333287130527,
                                   -0.05396812145075109, 0.021867640203921866,
@@ -84,7 +100,11 @@ static inline __attribute__((always_inline)) float tanh_vec(float a) {
   for (int k = 8 - 2; k >= 0; --k) q = q * z + C[k];
   const double small = t + t * z * q;
   const double y = -2.0 * t;
-  const double kf = (y * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+  // y log2(e) rounded to an integer k by the 1.5 * 2^52 shift: its low bits hold k (as
+  // 2^51 + k), so 2^k's exponent is built with integer adds and shifts (no double -> int64
+  // conversion, which AVX2 lacks)
+  const double shifted = y * 1.4426950408889634 + 6755399441055744.0;
+  const double kf = shifted - 6755399441055744.0;
   const double r = (y - kf * 0.6931471803691238) - kf * 1.9082149292705877e-10;
   double e = 1.0 / 40320;
   e = e * r + 1.0 / 5040;
@@ -95,12 +115,15 @@ static inline __attribute__((always_inline)) float tanh_vec(float a) {
   e = e * r + 0.5;
   e = e * r + 1.0;
   e = e * r + 1.0;
-  const int64_t bits = (static_cast<int64_t>(kf) + 1023) << 52;  // 2^k, k in [-29, 0]
+  uint64_t low;
+  std::memcpy(&low, &shifted, sizeof low);
+  const uint64_t bits = (low + 1023) << 52;  // 2^k, k in [-29, 0]: 2^51 shifts out
   double scale;
   std::memcpy(&scale, &bits, sizeof scale);
   e *= scale;
   const double large = (1.0 - e) / (1.0 + e);
-  return static_cast<float>(std::copysign(t < 0.625 ? small : large, static_cast<double>(a)));
+  return static_cast<float>(std::copysign(pick(t < 0.625, small, large),
+                                          static_cast<double>(a)));
 }
 
 static inline double tanh_vec(double a) { return std::tanh(a); }
@@ -111,6 +134,7 @@ struct Prm {
   const S *x, *W, *bias, *er, *ec, *lr, *lc, *Wrec, *mask, *keep;
   int64_t keep_bs;   // trial stride of keep (0: shared)
   bool assoc, strict;
+  bool lc1;          // λ's column factor is all ones (scalar or per-post λ): one multiply less
   S lo, hi, pc;
 };
 
@@ -170,13 +194,29 @@ void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* 
       h[t * No + i] = hv;
       const S pe = p.er[i] * (p.assoc ? hv : p.pc);
       const S li = p.lr[i];
+      // with lc = 1, li * Mr[j] is li * lc[j] * Mr[j] bit for bit (tested)
       if (KEEP) {
         const S* kr = keep + i * Np;
+        if (p.lc1) {
+#pragma omp simd
+          for (int64_t j = 0; j < Np; ++j) {
+            S m = li * Mr[j] + pe * xe[j];
+            m = std::min(std::max(m, lo), hi);
+            Md[j] = m * kr[j];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < Np; ++j) {
+            S m = li * lc[j] * Mr[j] + pe * xe[j];
+            m = std::min(std::max(m, lo), hi);
+            Md[j] = m * kr[j];
+          }
+        }
+      } else if (p.lc1) {
 #pragma omp simd
         for (int64_t j = 0; j < Np; ++j) {
-          S m = li * lc[j] * Mr[j] + pe * xe[j];
-          m = std::min(std::max(m, lo), hi);
-          Md[j] = m * kr[j];
+          S m = li * Mr[j] + pe * xe[j];
+          Md[j] = std::min(std::max(m, lo), hi);
         }
       } else {
 #pragma omp simd
@@ -223,15 +263,19 @@ void on_threads(int64_t nthr, const F& work) {
   for (auto& t : pool) t.join();
 }
 
+// M0: the M entering step 0 of every trial (B, No, Np), or nullptr for M = 0 (a trial's
+// start). A sequence run in two calls, the second from the first's final M, gives the same
+// h and M as one call.
 template <typename S, bool MULT, bool KEEP>
-void forward_impl(const Prm<S>& p, S* hout, S* Mout, int64_t nthr) {
+void forward_impl(const Prm<S>& p, S* hout, S* Mout, const S* M0, int64_t nthr) {
   const int64_t NN = p.No * p.Np;
   std::atomic<int64_t> next(0);
   on_threads(std::min(nthr, p.B), [&]() {
     std::vector<S> g(p.T * p.No), xe(p.Np), rec(p.No);
     for (int64_t b = next++; b < p.B; b = next++) {
       S* M = Mout + b * NN;
-      std::fill(M, M + NN, S(0));
+      if (M0) std::memcpy(M, M0 + b * NN, NN * sizeof(S));
+      else std::fill(M, M + NN, S(0));
       S* h = hout + b * p.T * p.No;
       for (int64_t t = 0; t < p.T; ++t)
         fwd_step<S, MULT, KEEP>(p, b, t, M, M, h, g.data(), xe.data(), rec.data());
@@ -475,6 +519,7 @@ Prm<S> make_prm(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias
   p.mask = mask.has_value() ? mask->data_ptr<S>() : nullptr;
   p.keep = keep.has_value() ? keep->data_ptr<S>() : nullptr;
   p.keep_bs = keep_bs; p.assoc = assoc; p.strict = strict;
+  p.lc1 = std::all_of(p.lc, p.lc + p.Np, [](S v) { return v == S(1); });
   p.lo = static_cast<S>(lo); p.hi = static_cast<S>(hi);
   p.pc = static_cast<S>(1.0 / std::sqrt(static_cast<double>(p.No)));
   return p;
@@ -488,7 +533,7 @@ std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias,
                                     c10::optional<at::Tensor> mask,
                                     c10::optional<at::Tensor> keep, int64_t keep_bs, bool mult,
                                     bool assoc, bool strict, double lo, double hi,
-                                    int64_t threads) {
+                                    int64_t threads, c10::optional<at::Tensor> M0) {
   auto h = at::empty({x.size(0), x.size(1), W.size(0)}, x.options());
   auto M = at::empty({x.size(0), W.size(0), W.size(1)}, x.options());
   const bool k = keep.has_value();
@@ -497,10 +542,11 @@ std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias,
                                 strict, lo, hi);
     scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* Mp = M.data_ptr<scalar_t>();
-    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp, threads);
-    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp, threads);
-    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp, threads);
-    else forward_impl<scalar_t, false, false>(p, hp, Mp, threads);
+    const scalar_t* m0 = M0.has_value() ? M0->data_ptr<scalar_t>() : nullptr;
+    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp, m0, threads);
+    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp, m0, threads);
+    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp, m0, threads);
+    else forward_impl<scalar_t, false, false>(p, hp, Mp, m0, threads);
   });
   return {h, M};
 }
@@ -555,7 +601,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the GIL is released while a kerne
 }
 """
 
-_VERSION = 5  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
+_VERSION = 7  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
 
 
 def _name():
@@ -703,7 +749,7 @@ class _KernelSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
         args, _, _ = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg)
-        h, M = kernel().mpn_forward(*args, threads())
+        h, M = kernel().mpn_forward(*args, threads(), None)
         ctx.save_for_backward(x, W, b, eta, lam, W_rec, hid_mask, keep)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -742,12 +788,19 @@ class _KernelSequence(torch.autograd.Function):
         return dx, dW, db, deta, dlam, dW_rec, None, None, None
 
 
-def plastic_forward_cpp(x, W, b, eta, lam, keep, cfg, *, W_rec=None, hid_mask=None):
+def plastic_forward_cpp(x, W, b, eta, lam, keep, cfg, *, W_rec=None, hid_mask=None,
+                        m_init=None):
     """Run the compiled kernel (caller checked `unsupported` and that `kernel()` is not None).
-    keep = 1 − m_freeze or None; cfg = (mp_type, m_update, m_bounds tuple or None)."""
+    keep = 1 − m_freeze or None; cfg = (mp_type, m_update, m_bounds tuple or None); m_init
+    (B, N_post, N_pre): the M entering the first step (forward only, without W_rec), else 0."""
     args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
-    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+    grad = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
+    if m_init is not None and (grad or W_rec is not None):
+        raise ValueError("m_init continues a sequence forward only, without W_rec")
+    if grad:
         return _KernelSequence.apply(*args, cfg)
     with torch.no_grad():
         a, _, _ = _prepare(*args, cfg)
-        return tuple(kernel().mpn_forward(*a, threads()))
+        m0 = None if m_init is None else m_init.detach().to(x.dtype).expand(
+            x.shape[0], W.shape[0], W.shape[1]).contiguous()
+        return tuple(kernel().mpn_forward(*a, threads(), m0))

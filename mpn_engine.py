@@ -47,13 +47,21 @@ def _post_term(h, m_update, n_post):
     raise ValueError(f"unknown m_update {m_update!r}; use 'hebb_assoc' or 'hebb_pre'")
 
 
+def _check_m_init(m_init, W_rec, grad=False):
+    """m_init continues a sequence from a given M: forward only (the fast engines' backward
+    starts every trial at M = 0) and without W_rec (h_{-1} is not carried over)."""
+    if m_init is not None and (grad or W_rec is not None):
+        raise ValueError("m_init continues a sequence forward only, without W_rec")
+
+
 def plastic_forward_reference(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
                               m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
-                              record=None):
+                              record=None, m_init=None):
     """Plain loop over time. See `plastic_forward` for the arguments."""
     B, T, n_pre = x.shape
     n_post = W.shape[-2]
-    M = x.new_zeros(B, n_post, n_pre)
+    _check_m_init(m_init, W_rec)
+    M = x.new_zeros(B, n_post, n_pre) if m_init is None else m_init.expand(B, n_post, n_pre)
     h = x.new_zeros(B, n_post)
     keep = None if m_freeze is None else 1.0 - m_freeze
     hs = []
@@ -262,8 +270,9 @@ def _map_chunks(fn, chunks, cpu=True):
         torch.set_num_threads(n)
 
 
-def _forward_chunk(L, sl, x_c, store=None, record=None):
-    """Run trials `sl` through all T steps, M updated in place.
+def _forward_chunk(L, sl, x_c, store=None, record=None, m_init=None):
+    """Run trials `sl` through all T steps, M updated in place (from m_init[sl] when given,
+    forward only).
 
     store (T + 1, c, N_post, N_pre), when given, receives M_{t-1} at store[t] (the backward's
     history; store[T] is the final M). record gets a fresh tensor
@@ -277,6 +286,8 @@ def _forward_chunk(L, sl, x_c, store=None, record=None):
     if store is not None:
         store[0].zero_()
         M = store[0]
+    elif m_init is not None:
+        M = m_init.expand(L.B, L.n_post, L.n_pre)[sl].clone()
     else:
         M = x_c.new_zeros(c, L.n_post, L.n_pre)
     tmp = torch.empty_like(M) if (L.mult or L.eta_kind == "matrix") else None
@@ -290,7 +301,7 @@ def _forward_chunk(L, sl, x_c, store=None, record=None):
         if record is not None:
             record(t, M)
         a = drives[t]
-        if t > 0:  # M_{-1} = 0 and h_{-1} = 0
+        if t > 0 or m_init is not None:  # M_{-1} = 0 and h_{-1} = 0 at a trial's start
             A = torch.mul(M, W_c, out=tmp) if L.mult else M
             a = a + _bmv(A, x_t)
             if L.W_rec is not None:
@@ -431,17 +442,17 @@ def _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
     return _Layer(x, W, b, eta, lam, mp_type, m_update, m_bounds, W_rec, hid_mask, keep)
 
 
-def _run_forward(L, x, record):
+def _run_forward(L, x, record, m_init=None):
     """Forward over all chunks (or, with a record callback, over the whole batch at once so
     that record sees M_{t-1} of every trial at step t)."""
     if record is not None:
-        h, _, M = _forward_chunk(L, slice(None), x, record=record)
+        h, _, M = _forward_chunk(L, slice(None), x, record=record, m_init=m_init)
         return h, M
     h = x.new_empty(L.B, L.T, L.n_post)
     M = x.new_empty(L.B, L.n_post, L.n_pre)
 
     def one(sl):
-        h[sl], _, M[sl] = _forward_chunk(L, sl, x[sl])
+        h[sl], _, M[sl] = _forward_chunk(L, sl, x[sl], m_init=m_init)
 
     _map_chunks(one, L.chunks(), not x.is_cuda)
     return h, M
@@ -526,7 +537,7 @@ class _PlasticSequence(torch.autograd.Function):
 
 def plastic_forward_fast(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
                          m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
-                         record=None):
+                         record=None, m_init=None):
     """Chunked, in-place, recompute-in-backward engine. Same arguments as `plastic_forward`."""
     why = fast_unsupported(x, W, b, eta, lam, mp_type=mp_type, m_update=m_update,
                            m_bounds=m_bounds, W_rec=W_rec, hid_mask=hid_mask, m_freeze=m_freeze)
@@ -535,15 +546,17 @@ def plastic_forward_fast(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_as
     keep = None if m_freeze is None else 1.0 - m_freeze
     cfg = (mp_type, m_update, None if m_bounds is None else tuple(m_bounds))
     args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
-    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+    grad = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
+    _check_m_init(m_init, W_rec, grad)
+    if grad:
         return _PlasticSequence.apply(*args, cfg, record)
     with torch.no_grad():
-        return _run_forward(_prepare(*args, cfg), x, record)
+        return _run_forward(_prepare(*args, cfg), x, record, m_init)
 
 
 def plastic_forward_cpp(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
                         m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
-                        record=None):
+                        record=None, m_init=None):
     """The compiled kernel (mpn_cpp) where it handles the call and builds; "fast" otherwise.
     Same arguments as `plastic_forward`."""
     kwargs = dict(mp_type=mp_type, m_update=m_update, m_bounds=m_bounds, W_rec=W_rec,
@@ -554,16 +567,16 @@ def plastic_forward_cpp(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_ass
     if (mpn_cpp.unsupported(x, W, b, eta, lam, W_rec=W_rec, hid_mask=hid_mask,
                             m_freeze=m_freeze, record=record) is not None
             or mpn_cpp.kernel() is None):
-        return plastic_forward_fast(x, W, b, eta, lam, record=record, **kwargs)
+        return plastic_forward_fast(x, W, b, eta, lam, record=record, m_init=m_init, **kwargs)
     keep = None if m_freeze is None else 1.0 - m_freeze
     cfg = (mp_type, m_update, None if m_bounds is None else tuple(m_bounds))
     return mpn_cpp.plastic_forward_cpp(x, W, b, eta, lam, keep, cfg, W_rec=W_rec,
-                                       hid_mask=hid_mask)
+                                       hid_mask=hid_mask, m_init=m_init)
 
 
 def plastic_forward(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
                     m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
-                    record=None, engine="reference"):
+                    record=None, engine="reference", m_init=None):
     """Run the plastic layer over a batch of trials.
 
     x: (B, T, N_pre) presynaptic activity (embedding output, unit masks already applied).
@@ -574,6 +587,9 @@ def plastic_forward(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
     m_freeze: (B, N_post, N_pre) or (N_post, N_pre) of 0/1, 1 where M is held at 0; or None.
     record: optional callable record(t, M_prev) called at every step with M_{t-1} (the matrix
     used to compute h_t), for streaming statistics; it must not modify M.
+    m_init: (B, N_post, N_pre) or None: the M entering the first step (the final M of an
+    earlier call continues that sequence: two calls give the same h and M as one); None = 0,
+    a trial's start. Forward only, without W_rec (h_{-1} is not carried over).
     Returns h (B, T, N_post) and the final M (B, N_post, N_pre).
     """
     kwargs = dict(mp_type=mp_type, m_update=m_update, m_bounds=m_bounds, W_rec=W_rec,
@@ -581,9 +597,10 @@ def plastic_forward(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
     if engine == "auto":
         engine = "reference" if fast_unsupported(x, W, b, eta, lam, **kwargs) else "cpp"
     if engine == "reference":
-        return plastic_forward_reference(x, W, b, eta, lam, record=record, **kwargs)
+        return plastic_forward_reference(x, W, b, eta, lam, record=record, m_init=m_init,
+                                         **kwargs)
     if engine == "fast":
-        return plastic_forward_fast(x, W, b, eta, lam, record=record, **kwargs)
+        return plastic_forward_fast(x, W, b, eta, lam, record=record, m_init=m_init, **kwargs)
     if engine == "cpp":
-        return plastic_forward_cpp(x, W, b, eta, lam, record=record, **kwargs)
+        return plastic_forward_cpp(x, W, b, eta, lam, record=record, m_init=m_init, **kwargs)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

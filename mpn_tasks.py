@@ -14,8 +14,8 @@ Provides
   aligned_batch (analysis: shared epoch boundaries, stim1 directions balanced),
   condition_set (analysis and lesion tests: the complete factorial condition set of a rule,
   aligned durations, SPEC §5.1), concat_batches;
-- score_angle, score_trial, accuracy_by_rule: both accuracy measures, vectorised, on numpy
-  arrays or torch tensors.
+- Scorer, score_angle, score_trial, failure_kind, accuracy_by_rule: both accuracy measures and
+  the failure kinds, vectorised, on numpy arrays or torch tensors.
 
 Every sampling function takes an explicit numpy.random.Generator (same seed -> same batch).
 Generation is vectorised over trials; Python loops run only over epochs, stimuli and rings.
@@ -591,12 +591,6 @@ def concat_batches(batches):
 # Accuracy (SPEC §3)
 
 
-def _to_numpy(array):
-    if hasattr(array, "detach"):  # torch tensor
-        array = array.detach().cpu().numpy()
-    return np.asarray(array, dtype=np.float64)
-
-
 def _ring_norm():
     """Population-vector length of a strength-1 response bump, so ring and low_dim agree."""
     bump = _bumps(np.zeros(1), np.ones(1))[0]
@@ -612,13 +606,6 @@ def _response_vectors(y, io_mode):
         return y[..., 1:3]
     ring = y[..., 1:]
     return np.stack([ring @ np.sin(_PREFERRED), ring @ np.cos(_PREFERRED)], axis=-1) / _RING_NORM
-
-
-def _checked_outputs(outputs, batch):
-    y = _to_numpy(outputs)
-    if y.shape != batch.targets.shape:
-        raise ValueError(f"outputs have shape {y.shape}, batch targets {batch.targets.shape}")
-    return y
 
 
 def _response_window(batch):
@@ -640,51 +627,92 @@ def _grid_index(vectors):
     return direction_index(np.arctan2(v[..., 0], v[..., 1]))
 
 
+FAILURE_KINDS = ("broke_fixation", "wrong_go", "nogo_response")  # codes 1, 2, 3
+
+
+class Scorer:
+    """Both accuracy measures and the failure kinds of one batch's trials, for outputs
+    (..., B, T, n_out) with any leading axes (e.g. K lesion conditions run on the same
+    trials). What depends only on the batch (the scored response steps, the steps before the
+    go cue, the targets' directions) is found once, and only those steps of the outputs are
+    read (in float64, whatever the outputs' dtype).
+
+    Per trial: `angle` counts the scored response steps whose direction (on the 8-direction
+    grid, components below ANGLE_ZERO zeroed) matches the target's; `trial` requires the
+    fixation output > 0.5 at every scored step before the go cue ("held") and every scored
+    response step right (go: fixation < 0.5, direction within ACC_TOL, nonzero response;
+    no-go: fixation > 0.5 and response norm < 0.5)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+        B, T = batch.targets.shape[:2]
+        window = _response_window(batch)
+        self.n_scored = window.sum(axis=1)  # (B,)
+        self.window = np.nonzero(window)  # (trial, step) of every scored response step
+        t = np.arange(T)[None, :]
+        self.pre_go = np.nonzero((batch.mask[..., 0] > 0) & (t < batch.go_step[:, None]))
+        target = _response_vectors(batch.targets[self.window], batch.io_mode)
+        self.target_grid = _grid_index(target)
+        self.target_angle = np.arctan2(target[..., 0], target[..., 1])
+        self.go_step_ok = batch.is_go[self.window[0]]
+        # each trial's points are consecutive (np.nonzero is row-major): their bounds
+        self.window_bounds = np.searchsorted(self.window[0], np.arange(B + 1))
+        self.pre_go_bounds = np.searchsorted(self.pre_go[0], np.arange(B + 1))
+
+    def _points(self, outputs, index, channels):
+        y = outputs.detach().cpu().numpy() if hasattr(outputs, "detach") else np.asarray(outputs)
+        if y.shape[-3:] != self.batch.targets.shape:
+            raise ValueError(f"outputs have shape {y.shape}, batch targets "
+                             f"{self.batch.targets.shape}")
+        return np.asarray(y[..., index[0], index[1], channels], dtype=np.float64)
+
+    def __call__(self, outputs):
+        """{"n_correct": (..., B) scored steps right under `angle`, "kind": (..., B) the
+        failure kind: 0 correct under `trial`, 1 broke fixation before the go cue, 2 held
+        fixation but responded wrongly or not at all on a go trial, 3 held fixation but
+        responded (or let fixation go) on a no-go trial}."""
+        y = self._points(outputs, self.window, slice(None))  # (..., P, n_out)
+        out = _response_vectors(y, self.batch.io_mode)
+        n_correct = _per_trial(_grid_index(out) == self.target_grid, self.window_bounds)
+        fixation = y[..., 0]
+        norm = np.hypot(out[..., 0], out[..., 1])
+        error = np.arctan2(out[..., 0], out[..., 1]) - self.target_angle
+        error = np.abs(np.mod(error + np.pi, 2 * np.pi) - np.pi)
+        go_ok = (fixation < 0.5) & (error < ACC_TOL) & (norm > 0)
+        nogo_ok = (fixation > 0.5) & (norm < 0.5)
+        wrong = _per_trial(~np.where(self.go_step_ok, go_ok, nogo_ok), self.window_bounds)
+        pre = self._points(outputs, self.pre_go, 0)
+        held = _per_trial(~(pre > 0.5), self.pre_go_bounds) == 0
+        kind = np.where(held & (wrong == 0), 0,
+                        np.where(~held, 1, np.where(self.batch.is_go, 2, 3)))
+        return {"n_correct": n_correct, "kind": kind.astype(np.int64)}
+
+
+def _per_trial(flags, bounds):
+    """(..., B) counts of True among each trial's points (flags (..., P), trial b's points
+    at [bounds[b], bounds[b + 1]))."""
+    total = np.cumsum(flags, axis=-1, dtype=np.int64)
+    total = np.concatenate([np.zeros(total.shape[:-1] + (1,), np.int64), total], axis=-1)
+    return total[..., bounds[1:]] - total[..., bounds[:-1]]
+
+
 def score_angle(outputs, batch):
     """`angle` measure: per trial, (number of correct, number of scored) response steps."""
-    y = _checked_outputs(outputs, batch)
-    window = _response_window(batch)
-    hit = (_grid_index(_response_vectors(y, batch.io_mode))
-           == _grid_index(_response_vectors(batch.targets, batch.io_mode)))
-    return (hit & window).sum(axis=1), window.sum(axis=1)
+    scorer = Scorer(batch)
+    return scorer(outputs)["n_correct"], scorer.n_scored
 
 
 def score_trial(outputs, batch):
     """`trial` measure: (B,) bool, fixation held before the go cue and every scored response
-    step right (go: fixation < 0.5 and direction within ACC_TOL; no-go: fixation > 0.5 and
-    response norm < 0.5). A zero response vector has no direction and fails a go trial."""
-    y = _checked_outputs(outputs, batch)
-    fixation = y[..., 0]
-    held = _fixation_held(y, batch)
-    out = _response_vectors(y, batch.io_mode)
-    target = _response_vectors(batch.targets, batch.io_mode)
-    norm = np.hypot(out[..., 0], out[..., 1])
-    error = np.arctan2(out[..., 0], out[..., 1]) - np.arctan2(target[..., 0], target[..., 1])
-    error = np.abs(np.mod(error + np.pi, 2 * np.pi) - np.pi)
-    go_ok = (fixation < 0.5) & (error < ACC_TOL) & (norm > 0)
-    nogo_ok = (fixation > 0.5) & (norm < 0.5)
-    step_ok = np.where(batch.is_go[:, None], go_ok, nogo_ok)
-    return held & np.all(~_response_window(batch) | step_ok, axis=1)
-
-
-def _fixation_held(y, batch):
-    """(B,) bool: the fixation output stayed > 0.5 at every scored step before the go cue."""
-    t = np.arange(y.shape[1])[None, :]
-    pre = (batch.mask[..., 0] > 0) & (t < batch.go_step[:, None])
-    return np.all(~pre | (y[..., 0] > 0.5), axis=1)
-
-
-FAILURE_KINDS = ("broke_fixation", "wrong_go", "nogo_response")  # codes 1, 2, 3
+    step right (Scorer)."""
+    return Scorer(batch)(outputs)["kind"] == 0
 
 
 def failure_kind(outputs, batch):
     """(B,) int per trial under the `trial` measure: 0 correct, 1 broke fixation before the
     go cue, 2 held fixation but responded wrongly or not at all on a go trial, 3 held fixation
     but responded (or let fixation go) on a no-go trial. Codes 1-3 partition the errors."""
-    y = _checked_outputs(outputs, batch)
-    ok = score_trial(y, batch)
-    return np.where(ok, 0, np.where(~_fixation_held(y, batch), 1,
-                                    np.where(batch.is_go, 2, 3))).astype(np.int64)
+    return Scorer(batch)(outputs)["kind"]
 
 
 def accuracy_by_rule(outputs, batch):
@@ -693,9 +721,9 @@ def accuracy_by_rule(outputs, batch):
     `angle` accuracy is the mean over the rule's scored (trial, step) points; `trial`
     accuracy the fraction of its trials that are correct.
     """
-    y = _to_numpy(outputs)
-    n_correct, n_scored = score_angle(y, batch)
-    correct = score_trial(y, batch)
+    scorer = Scorer(batch)
+    scores = scorer(outputs)
+    n_correct, n_scored, correct = scores["n_correct"], scorer.n_scored, scores["kind"] == 0
     result = {"angle": {}, "trial": {}}
     for r in np.unique(batch.rule):
         trials = batch.rule == r

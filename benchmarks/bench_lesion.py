@@ -4,10 +4,16 @@
 Both paths score the same conditions on the same fixed test set (lesion.make_test_set: all
 15 rules, condition sets at several duration quantiles, --trials_per_rule trials per rule) and must
 give the same accuracies; the script checks that and prints the wall time of each, the ratio,
-the time per experiment of the suite, and the s.e. of the intact network's per-rule accuracy:
+and the s.e. of the intact network's per-rule accuracy. With --run it times the suite one
+experiment group at a time (modulation; single + combined, which share their input-lesion
+base runs; robust + prune) and prints per group its conditions, wall and process CPU time
+(torch on --threads threads: on a loaded machine the CPU time is the fair measure) and the
+s.e. achieved per cell (binomial, √(a(1 − a)/n) of every condition's per-rule `trial`
+accuracy a: median and largest); the suite's time is their sum.
   batched   lesion_engine.evaluate_conditions: for a dmpn, one base run per input-lesion set,
             the silenced units zeroed, and only the rows a condition's W / M perturbation
-            touches run again, stacked over conditions into one virtual layer
+            touches run again, stacked over conditions into one virtual layer, with trials
+            that share an input prefix run once up to where they part
             (evaluate_by_rows); other networks stack K conditions per forward pass;
   serial    one net_helpers.evaluate call per condition on the whole test set (all rules
             in one padded batch: the natural way to run one condition);
@@ -57,7 +63,8 @@ def suite_conditions(args, net, train_cfg):
     """The run's default lesion suite, as lesion.py builds it: (conditions, {experiment:
     its condition ids})."""
     paths = helper.run_paths(args.run, args.runs_dir)
-    cfg = dict(lesion.CONFIG, n_random=args.n_random)
+    cfg = dict(lesion.CONFIG, n_random=args.n_random,
+               n_random_modulation=args.n_random_modulation)
     ci, ci_mod, variance, fixed_k = lesion.load_clusters(paths, cfg["experiments"])
     cfg["fixed_cut_k"] = int(fixed_k or 20)
     table, tables = lesion.build_conditions(cfg, net, ci, ci_mod, variance, int(train_cfg["seed"]))
@@ -82,10 +89,11 @@ def experiment_ids(tables):
     return out
 
 
-def work_ceiling(net, conditions):
-    """Plastic-layer rows run by the serial path (every unit of every condition) over those
-    of the batched path (every unit once per input-lesion set, plus each condition's touched
-    rows): the speed-up at best when arithmetic bounds the time."""
+def work_ceiling(net, conditions, test):
+    """Plastic-layer row-steps run by the serial path (every unit of every condition on every
+    trial-step) over those of the batched path (every unit once per input-lesion set, plus
+    each condition's touched rows, on the distinct input prefixes: PrefixTree nodes): the
+    speed-up at best when arithmetic bounds the time."""
     if not net.rows_independent():
         return 1.0
     n_hidden, n_pre = engine.net_shapes(net)
@@ -93,7 +101,9 @@ def work_ceiling(net, conditions):
                for c in conditions}
     rows = len(in_sets) * n_hidden + sum(engine.touched_rows(c, n_pre, n_hidden).size
                                          for c in conditions)
-    return len(conditions) * n_hidden / rows
+    steps = sum(b.inputs.shape[0] * b.inputs.shape[1] for b in test["parts"])
+    nodes = sum(engine.PrefixTree(b.inputs).n_nodes for b in test["parts"])
+    return len(conditions) * n_hidden * steps / (rows * nodes)
 
 
 def mixed_conditions(net, n, rng):
@@ -139,6 +149,45 @@ def timed(fn, *args):
     return time.perf_counter() - start, out
 
 
+def timed_cpu(fn, *args):
+    """(wall s, process CPU s, result)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return time.perf_counter() - start, time.process_time() - cpu, out
+
+
+GROUPS = {"modulation": ("modulation",), "single+combined": ("single", "combined"),
+          "robust+prune": ("robust", "prune")}  # experiments timed together (shared base runs)
+
+
+def time_groups(net, test, rules, conditions, groups, memory_mb, n_test):
+    """Per experiment group: (name, conditions, wall s, CPU s, median and largest s.e. per
+    cell), and the accuracies of every condition (from the group that ran it last)."""
+    rows, acc = [], {m: np.full((len(conditions), len(rules)), np.nan) for m in ("angle", "trial")}
+    for name, members in GROUPS.items():
+        ids = np.unique(np.concatenate([groups[e] for e in members if e in groups]
+                                       + [np.zeros(0, int)]))
+        if not ids.size:
+            continue
+        wall, cpu, out = timed_cpu(batched, net, test, rules, [conditions[i] for i in ids],
+                                   memory_mb)
+        for m in acc:
+            acc[m][ids] = out[m]
+        a = out["trial"].astype(np.float64)
+        se = np.sqrt(a * (1 - a) / n_test)
+        rows.append((name, ids.size, wall, cpu, float(np.median(se)), float(se.max())))
+    return rows, acc
+
+
+def print_groups(rows):
+    print(f"  {'experiments':18s} {'conditions':>10s} {'wall s':>8s} {'CPU s':>8s}   s.e. per "
+          f"cell (trial): median, largest")
+    for name, n, wall, cpu, se_med, se_max in rows:
+        print(f"  {name:18s} {n:10d} {wall:8.1f} {cpu:8.1f}   {se_med:.3f}, {se_max:.3f}")
+    print(f"  {'suite (sum)':18s} {sum(r[1] for r in rows):10d} {sum(r[2] for r in rows):8.1f} "
+          f"{sum(r[3] for r in rows):8.1f}")
+
+
 def batched(net, test, rules, conditions, memory_mb):
     scores = engine.evaluate_conditions(net, test["parts"], conditions, memory_mb)
     return lesion.merge_parts(scores, test, len(rules))
@@ -153,12 +202,12 @@ def parse(argv):
     p.add_argument("--n_serial", type=int, default=40, help="with --run: serial sample size")
     p.add_argument("--trials_per_rule", type=int, default=lesion.CONFIG["trials_per_rule"])
     p.add_argument("--n_random", type=int, default=lesion.CONFIG["n_random"])
+    p.add_argument("--n_random_modulation", type=int,
+                   default=lesion.CONFIG["n_random_modulation"])
     p.add_argument("--memory_mb", type=float, default=lesion.CONFIG["memory_mb"])
     p.add_argument("--engine", default="auto")
     p.add_argument("--threads", type=int, default=lesion.CONFIG["num_threads"],
                    help="torch threads (0: torch's default)")
-    p.add_argument("--per_experiment", action="store_true",
-                   help="with --run: also time each experiment's conditions on their own")
     p.add_argument("--skip_serial", action="store_true")
     p.add_argument("--sample", type=int, default=0,
                    help="with --run: time the batched path on this many random conditions of "
@@ -208,7 +257,13 @@ def main(argv=None):
             print(f"batched on {args.sample} random conditions: {t:.1f} s -> the suite "
                   f"(scaled to {len(conditions)}): {t * len(conditions) / args.sample:.0f} s")
             return
-        t_batch, acc_b = timed(batched, net, test, rules, conditions, args.memory_mb)
+        if args.run:
+            groups_rows, acc_b = time_groups(net, test, rules, conditions, groups,
+                                             args.memory_mb, args.trials_per_rule)
+            print_groups(groups_rows)
+            t_batch = sum(r[2] for r in groups_rows)
+        else:
+            t_batch, acc_b = timed(batched, net, test, rules, conditions, args.memory_mb)
         rows = [("batched (the suite)", t_batch)]
         if not args.skip_serial:
             t, acc_s = timed(run_serial, net, test, rules, [conditions[i] for i in sample])
@@ -217,13 +272,11 @@ def main(argv=None):
             rows.append(("serial (whole test set per call)", t * len(conditions) / len(sample)))
             print(f"accuracies identical across paths ({len(sample)} conditions compared; serial "
                   f"time scaled to all {len(conditions)})")
-        for name, ids in groups.items() if args.per_experiment else ():
-            t, _ = timed(batched, net, test, rules, [conditions[i] for i in ids], args.memory_mb)
-            rows.append((f"  {name} alone ({len(ids)} conditions)", t))
     for name, t in rows:
         print(f"  {name:36s} {t:8.1f} s  {1e3 * t / len(conditions):8.1f} ms/condition  "
               f"x{t / t_batch:5.2f} vs batched")
-    print(f"work ceiling (serial / batched plastic-layer rows): x{work_ceiling(net, conditions):.2f}")
+    print(f"work ceiling (serial / batched plastic-layer row-steps): "
+          f"x{work_ceiling(net, conditions, test):.2f}")
 
 
 if __name__ == "__main__":

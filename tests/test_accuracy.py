@@ -152,3 +152,46 @@ def test_angle_ignores_components_below_threshold():
     out[nogo, :, 1:] = np.array([0.06, -0.04])  # now a real direction: wrong for no-go
     n_correct, _ = mt.score_angle(out, b)
     assert np.all(n_correct[nogo] == 0)
+
+
+def plain_scores(y, b):
+    """SPEC §3 read literally, one trial and one step at a time: (n_correct, kind) per trial."""
+    def grid(v):
+        v = np.where(np.abs(v) < mt.ANGLE_ZERO, 0.0, v)
+        return int(np.round(np.arctan2(v[0], v[1]) / (np.pi / 4))) % 8
+
+    n_correct, kind = [], []
+    for i in range(len(b.rule)):
+        start = angle_window_start(b)[i]
+        held, right, hits = True, True, 0
+        for t in range(b.length[i]):
+            if t < b.go_step[i] and b.mask[i, t, 0] > 0 and not y[i, t, 0] > 0.5:
+                held = False
+            if t < start:
+                continue
+            out, target = y[i, t, 1:3], b.targets[i, t, 1:3]
+            hits += grid(out) == grid(target)
+            err = abs((np.arctan2(out[0], out[1]) - np.arctan2(target[0], target[1]) + np.pi)
+                      % (2 * np.pi) - np.pi)
+            norm = np.hypot(out[0], out[1])
+            right &= bool((y[i, t, 0] < 0.5 and err < mt.ACC_TOL and norm > 0) if b.is_go[i]
+                          else (y[i, t, 0] > 0.5 and norm < 0.5))
+        n_correct.append(hits)
+        kind.append(0 if held and right else 1 if not held else 2 if b.is_go[i] else 3)
+    return np.array(n_correct), np.array(kind)
+
+
+def test_scorer_of_stacked_outputs_equals_a_plain_loop():
+    """The Scorer (what the lesion engine uses on K conditions at once) equals the measures
+    computed one trial and one step at a time, for every output array of a stack."""
+    b = mixed_batch(n=4, seed=2)
+    rng = np.random.default_rng(3)
+    stack = np.stack([rotated(b, 0), rotated(b, 30), np.round(rotated(b, 20), 1)])
+    stack = stack + rng.normal(0, 0.3, stack.shape) * np.array([0.1, 1.0, 0.0])[:, None, None, None]
+    stack[0, ::3, 5:9, 0] = 0.2  # some trials break fixation early
+    scores = mt.Scorer(b)(stack.astype(np.float32))
+    for k, y in enumerate(stack.astype(np.float32)):
+        n_correct, kind = plain_scores(y.astype(np.float64), b)
+        np.testing.assert_array_equal(scores["n_correct"][k], n_correct)
+        np.testing.assert_array_equal(scores["kind"][k], kind)
+    assert len(set(scores["kind"].ravel())) == 4  # all four outcomes occur

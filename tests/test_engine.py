@@ -159,6 +159,36 @@ def test_no_grad_forward_matches_reference(engine, small_chunks):
     assert_close(list(got), list(want), 1e-9)
 
 
+@pytest.mark.parametrize("engine", ["reference", *FAST])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sequence_continued_from_m_init_equals_one_call(engine, dtype, small_chunks,
+                                                        monkeypatch):
+    """Steps [0, t) in one call and [t, T) in a second from its final M (m_init) give the
+    same h and M as one call over [0, T), bit for bit: the lesion engine runs the shared
+    prefix of identical trials once and continues each trial from its M."""
+    if engine == "cpp" and mpn_cpp.kernel() is not None:  # the kernel itself, no fallback
+        monkeypatch.setattr(mpn_engine, "plastic_forward_fast", None)
+    args, masks = make_inputs(B=4, T=9, hid_mask=True, m_freeze="per_trial", dtype=dtype)
+    opts = dict(**{k: v for k, v in args.items() if k != "x"}, **masks, engine=engine)
+    x = args["x"].detach()
+    with torch.no_grad():
+        h, M = mpn_engine.plastic_forward(x, **opts)
+        h1, M1 = mpn_engine.plastic_forward(x[:, :4], **opts)
+        h2, M2 = mpn_engine.plastic_forward(x[:, 4:], **opts, m_init=M1)
+        zero = mpn_engine.plastic_forward(x, **opts, m_init=torch.zeros_like(M))
+    assert M1.abs().max() > 0
+    assert torch.equal(torch.cat([h1, h2], dim=1), h) and torch.equal(M2, M)
+    assert torch.equal(zero[0], h) and torch.equal(zero[1], M)
+
+
+def test_m_init_is_refused_with_a_gradient_or_w_rec():
+    args, masks = make_inputs(recurrent=True)
+    M0 = torch.zeros(args["x"].shape[0], N_POST, N_PRE, dtype=args["x"].dtype)
+    for engine in FAST:
+        with pytest.raises(ValueError, match="m_init"):
+            mpn_engine.plastic_forward(**args, **masks, engine=engine, m_init=M0)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_record_sees_the_same_M_history(grad):
     args, masks = make_inputs(recurrent=True, m_freeze="per_trial")
@@ -284,6 +314,23 @@ def test_kernel_result_does_not_depend_on_its_threads(seg_bytes, kernel_only, mo
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
     assert_close(results[0][:len(results[0]) - 2], run("reference", args, masks), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m_freeze", [None, "per_trial"])
+def test_kernel_lambda_without_column_factor_takes_the_general_path_bits(dtype, m_freeze,
+                                                                         kernel_only):
+    """A scalar λ (column factor all ones: the kernel's one-multiply-less M update) and the
+    same λ given per presynaptic unit ((1, N_pre): row factor ones, the general update
+    λ_i λ_j M) give the same h and M bit for bit, with and without a frozen-M mask."""
+    args, masks = make_inputs(B=4, T=9, m_freeze=m_freeze, dtype=dtype)
+    args = {k: None if v is None else v.detach() for k, v in args.items()}
+    with torch.no_grad():
+        one = mpn_engine.plastic_forward(**args, **masks, engine="cpp")
+        per_pre = mpn_engine.plastic_forward(**dict(args, lam=args["lam"].expand(1, N_PRE)),
+                                             **masks, engine="cpp")
+    assert one[1].abs().max() > 0
+    assert torch.equal(one[0], per_pre[0]) and torch.equal(one[1], per_pre[1])
 
 
 def test_kernel_no_grad_and_default_training_config(kernel_only):

@@ -179,24 +179,56 @@ def test_shared_rows_give_every_condition_its_own_forward_pass(tests, options):
     n_hidden, n_pre = lesion_engine.net_shapes(net)
     conditions = conditions_for(net, np.random.default_rng(2))
     inputs = net_helpers.batch_to_torch(tests[1])["inputs"]
-    n = inputs.shape[0]
+    tree = lesion_engine.PrefixTree(tests[1].inputs)
+    assert tree.n_nodes < 0.8 * inputs.shape[0] * inputs.shape[1]  # trials share prefixes
     with torch.no_grad():
+        x_nodes = net.presynaptic(torch.from_numpy(tree.node_inputs))
+
+        def outputs(conds):
+            x, h = lesion_engine.base_runs(net, tree, x_nodes,
+                                           lesion_engine.input_masks(net, conds[:1]))
+            plan = lesion_engine.readout_plan(
+                net, conds, [lesion_engine.touched_rows(c, n_pre, n_hidden) for c in conds])
+            return lesion_engine._chunk_outputs(net, tree, x[0], h[0], plan)
+
         for cond in conditions:
-            (x, h), = lesion_engine._base_runs(net, [inputs], [cond])
-            (y,) = lesion_engine._chunk_outputs(net, [x[0]], [h[0]], [cond],
-                                         [lesion_engine.touched_rows(cond, n_pre, n_hidden)])
+            (y,) = outputs([cond])
             pert = lesion_engine.condition_perturbation(cond, n_pre, n_hidden)
-            torch.testing.assert_close(y[0], net(inputs, perturbation=pert)["y"],
+            torch.testing.assert_close(y, net(inputs, perturbation=pert)["y"],
                                        rtol=1e-5, atol=1e-6, msg=str(cond.keys()))
         # and all of them in one chunk, sharing the intact network's base run
         plain = [c for c in conditions if "in_units" not in c]
-        (x, h), = lesion_engine._base_runs(net, [inputs], [{}])
-        (ys,) = lesion_engine._chunk_outputs(net, [x[0]], [h[0]], plain,
-                                      [lesion_engine.touched_rows(c, n_pre, n_hidden) for c in plain])
+        ys = outputs(plain)
         for cond, y in zip(plain, ys):
             pert = lesion_engine.condition_perturbation(cond, n_pre, n_hidden)
             torch.testing.assert_close(y, net(inputs, perturbation=pert)["y"],
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_tree_nodes_are_the_distinct_input_prefixes():
+    """Two trial-steps share a node exactly when the two trials' inputs agree up to that
+    step (a plain dictionary of prefixes), each node carries its input, and every segment's
+    prefixes continue prefixes of the one before."""
+    n, T = 9, 12
+    inputs = np.zeros((n, T, 2), np.float32)
+    inputs[:, 3:, 0] = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])[:, None]  # 3 groups from step 3
+    inputs[:, 7:, 1] = np.array([0, 0, 0, 1, 1, 1, 0, 0, 1])[:, None]  # split from step 7
+    inputs[8, 10, 1] = 5.0  # trial 8 leaves trial 5 at step 10
+    inputs[0, 0, 0] = -0.0  # equal to 0.0 as a number, but not bit for bit: its own prefix
+    tree = lesion_engine.PrefixTree(inputs)
+    plain = {}
+    for i in range(n):
+        for t in range(T):
+            node = plain.setdefault(inputs[i, :t + 1].tobytes(), tree.node_of[i, t])
+            assert tree.node_of[i, t] == node, (i, t)
+            np.testing.assert_array_equal(tree.node_inputs[node], inputs[i, t])
+    assert tree.n_nodes == len(plain) == len(np.unique(tree.node_of))
+    assert [s[0] for s in tree.segments] == [0, 3, 7, 10]
+    for (t0, t1, first, n_s, parent), prev in zip(tree.segments[1:], tree.segments):
+        for c in range(n_s):  # the trials of prefix c were in prefix parent[c] before t0
+            trials = np.flatnonzero(tree.node_of[:, t0] == first + c * (t1 - t0))
+            p_node = prev[2] + parent[c] * (prev[1] - prev[0]) + (prev[1] - prev[0] - 1)
+            assert np.all(tree.node_of[trials, t0 - 1] == p_node)
 
 
 def test_touched_rows_are_the_rows_a_condition_changes():
@@ -338,7 +370,8 @@ def write_cluster_files(paths, n_hidden, n_pre, seed=0, variance_hash="h"):
 def test_random_controls_are_outside_the_cluster_and_size_matched():
     ci, ci_mod = synthetic_cluster_info(N_HIDDEN, N_HIDDEN)
     t = table_for()
-    cfg = dict(lesion.CONFIG, n_random=4, fixed_cut_k=6, n_random_combined=3)
+    cfg = dict(lesion.CONFIG, n_random=4, fixed_cut_k=6, n_random_combined=3,
+               n_random_modulation=3)
     design = lesion.Design(cfg, 2, np.zeros((N_HIDDEN, N_HIDDEN)), ci=ci, ci_mod=ci_mod)
     single = lesion.single_experiments(t, design)
     mod = lesion.modulation_experiments(t, design)
@@ -347,6 +380,8 @@ def test_random_controls_are_outside_the_cluster_and_size_matched():
             [(m, None, [("zero_W", "zero_W_control"), ("freeze_M", "freeze_M_control")])
              for m in mod.values()]:
         for kind, ckind in kinds:
+            n_controls = cfg["n_random"] if field else cfg["n_random_modulation"]
+            assert tab[ckind].shape == (len(tab[kind]), n_controls)
             for c, cid in enumerate(tab[kind]):
                 members = tab["labels"] == tab["clusters"][c]
                 cond = t.conditions[cid]
@@ -493,7 +528,8 @@ def test_random_unit_groups_are_rarely_significant(planted):
 # End to end
 
 
-FAST = dict(trials_per_rule=8, epoch_quantile_range=[0.0, 0.1], n_random=2, n_random_combined=2, n_draws=2,
+FAST = dict(trials_per_rule=8, epoch_quantile_range=[0.0, 0.1], n_random=2, n_random_combined=2,
+            n_random_modulation=2, n_draws=2,
             zero_fractions=[0, 0.5, 1.0], silence_fractions=[0, 0.5], noise_sigmas=[0, 0.03],
             noise_rel_sigmas=[0, 0.5], prune_sparsity=[0, 0.5, 0.99], fixed_cut_k=None,
             device="cpu")

@@ -8,7 +8,8 @@ import run_pipeline
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 CHEAP = ["--stability_seeds=1", "--stability_epoch_quantiles=[0.5]", "--n_groups=20",
-         "--n_restarts=2", "--n_random=2", "--n_random_combined=1", "--n_draws=2",
+         "--n_restarts=2", "--n_random=2", "--n_random_combined=1",
+         "--n_random_modulation=2", "--n_draws=2",
          "--trials_per_rule=8",
          "--memory_geometry.delay_ms=800", "--memory_geometry.n_shuffles=5",
          "--fixed_points.rules=['dmcgo']", "--fixed_points.trials_per_rule=2",
