@@ -72,6 +72,7 @@ import torch
 
 import helper
 import mpn
+import mpn_cpp
 import mpn_tasks
 import net_helpers
 from lesion_engine import (ConditionTable, evaluate_conditions, family_name,
@@ -102,6 +103,7 @@ CONFIG = dict(
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre) {each >= 0}
     n_draws=30,  # random draws per robustness level {>= 1}
     memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
+    kernel_threads=2,  # compiled-kernel threads in this stage (0: $MPN_KERNEL_THREADS, else 1): its passes are long, so one join per call costs little {>= 0}
     num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
@@ -702,14 +704,21 @@ def main(cfg):
     torch.set_num_threads(cfg["num_threads"] or threads)
     out = {}
     try:
-        for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
-            with helper.run_lock(paths.dir):
-                out[paths.name] = result = lesion_run(paths, cfg)
-            print(f"[{paths.name}] {len(result['conditions'])} conditions in "
-                  f"{result['seconds']:.0f} s -> {paths.lesion}")
-            print_summary(result)
+        with mpn_cpp.using_threads(cfg["kernel_threads"]):
+            out = lesion_runs(cfg)
     finally:
         torch.set_num_threads(threads)
+    return out
+
+
+def lesion_runs(cfg):
+    out = {}
+    for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
+        with helper.run_lock(paths.dir):
+            out[paths.name] = result = lesion_run(paths, cfg)
+        print(f"[{paths.name}] {len(result['conditions'])} conditions in "
+              f"{result['seconds']:.0f} s -> {paths.lesion}")
+        print_summary(result)
     return out
 
 

@@ -41,6 +41,7 @@ Measured with version 4, i.e. on one thread (benchmarks/bench_engine.py, 2 share
 size N = 300, B = 128, T = 100, float32): forward+backward 2.1-2.8 s, 26-27x the reference loop
 (fast: 9-10x); no-grad forward 0.5-0.8 s, 34-35x (fast: 21x); peak RSS ~520 MB.
 """
+import contextlib
 import logging
 import math
 import os
@@ -729,14 +730,34 @@ def _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg):
     return args, eta_kind, lam_kind
 
 
+_threads_override = None
+
+
+@contextlib.contextmanager
+def using_threads(n):
+    """Inside the block the kernel runs on n threads (0 or None: threads() as outside). For a
+    stage whose kernel calls are long (the lesion suite's passes of many trials), where one
+    join per call costs little even on a busy machine."""
+    global _threads_override
+    old = _threads_override
+    _threads_override = int(n) if n else old
+    try:
+        yield
+    finally:
+        _threads_override = old
+
+
 def threads():
-    """The kernel's own threads: $MPN_KERNEL_THREADS, else 1. One by default: the threads join
+    """The kernel's own threads: using_threads' count inside its block, else
+    $MPN_KERNEL_THREADS, else 1. One by default: the threads join
     once per trial in the backward, and on a busy machine each join waits for the OS to run
     the other thread (measured with the CPU preset at load average ~4: 38 steps/s on one
     kernel thread, 19 on two). On an idle machine with large B·N², MPN_KERNEL_THREADS=2 lets
     the backward recompute the next trial beside the reverse pass (expected ~1.4-1.6x,
     unmeasured). They are independent of torch's intra-op threads (`num_threads`), which the
     kernel never uses."""
+    if _threads_override:
+        return _threads_override
     value = os.environ.get("MPN_KERNEL_THREADS", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else 1
 

@@ -45,6 +45,7 @@ import helper  # noqa: E402
 import lesion  # noqa: E402
 import lesion_engine as engine  # noqa: E402
 import mpn  # noqa: E402
+import mpn_cpp  # noqa: E402
 import mpn_tasks  # noqa: E402
 import net_helpers  # noqa: E402
 
@@ -208,6 +209,8 @@ def parse(argv):
     p.add_argument("--engine", default="auto")
     p.add_argument("--threads", type=int, default=lesion.CONFIG["num_threads"],
                    help="torch threads (0: torch's default)")
+    p.add_argument("--kernel_threads", type=int, default=lesion.CONFIG["kernel_threads"],
+                   help="compiled-kernel threads (0: $MPN_KERNEL_THREADS, else 1)")
     p.add_argument("--skip_serial", action="store_true")
     p.add_argument("--sample", type=int, default=0,
                    help="with --run: time the batched path on this many random conditions of "
@@ -248,7 +251,8 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads; {len(conditions)} conditions x {len(rules)} rules "
           f"x {args.trials_per_rule} trials in {len(steps)} parts; T = {min(steps)}..{max(steps)} steps "
           f"(mean {np.mean(steps):.0f}); test set {t_test:.1f} s, conditions built in {t_build:.1f} s")
-    with torch.no_grad():
+    print(f"compiled kernel on {args.kernel_threads or mpn_cpp.threads()} thread(s)")
+    with torch.no_grad(), mpn_cpp.using_threads(args.kernel_threads):
         print_baseline(net, test, rules)
         if args.run and args.sample:
             keep = np.sort(np.random.default_rng(1).choice(len(conditions), args.sample,

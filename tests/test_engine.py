@@ -316,6 +316,22 @@ def test_kernel_result_does_not_depend_on_its_threads(seg_bytes, kernel_only, mo
     assert_close(results[0][:len(results[0]) - 2], run("reference", args, masks), 1e-5)
 
 
+def test_using_threads_overrides_the_environment_inside_its_block_only(kernel_only,
+                                                                      monkeypatch):
+    monkeypatch.setenv("MPN_KERNEL_THREADS", "3")
+    args, masks = make_inputs(B=5, T=9, dtype=torch.float32)
+    args = {k: None if v is None else v.detach() for k, v in args.items()}
+    with torch.no_grad():
+        outside = mpn_engine.plastic_forward(**args, **masks, engine="cpp")
+        with mpn_cpp.using_threads(2):
+            assert mpn_cpp.threads() == 2
+            with mpn_cpp.using_threads(0):  # 0: as outside the block
+                assert mpn_cpp.threads() == 2
+            inside = mpn_engine.plastic_forward(**args, **masks, engine="cpp")
+    assert mpn_cpp.threads() == 3
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("m_freeze", [None, "per_trial"])
 def test_kernel_lambda_without_column_factor_takes_the_general_path_bits(dtype, m_freeze,
