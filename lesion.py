@@ -101,7 +101,7 @@ CONFIG = dict(
     silence_fractions=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # random hidden units silenced {each >= 0, <= 1}
     noise_sigmas=[0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03],  # absolute std of noise added to W {each >= 0}
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre) {each >= 0}
-    n_draws=10,  # random draws per robustness level (a curve of means: 10 draws x 1,920 test trials per point; 30 took a third of the suite's time) {>= 1}
+    n_draws=10,  # random draws per robustness level (a curve of means: 10 draws x 1,920 test trials per point; 30 took a quarter of the suite's CPU time) {>= 1}
     memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
     kernel_threads=2,  # compiled-kernel threads in this stage (0: $MPN_KERNEL_THREADS, else 1): its passes are long, so one join per call costs little {>= 0}
     num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
