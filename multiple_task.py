@@ -442,9 +442,18 @@ def plot_losses(ax, log):
         if pts:
             ax.plot(*zip(*pts), color=color, alpha=0.8, label=f"train {key}")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    step_axis(ax)
     ax.set_ylabel("loss")
+    ax.set_title("losses (train: means between evaluations)", fontsize=9)
     ax.legend(fontsize=7)
+
+
+def step_axis(ax):
+    """Steps in thousands, at most 6 ticks (raw step counts overlap on a 20,000-step run)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(6))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}"))
+    ax.set_xlabel("step (thousands)")
 
 
 def plot_mean_accuracy(ax, log):
@@ -454,8 +463,9 @@ def plot_mean_accuracy(ax, log):
         ax.plot(steps, [min(e["acc"][measure].values()) for e in log], color=color, ls=":",
                 label=f"{measure} (worst rule)")
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("step")
+    step_axis(ax)
     ax.set_ylabel("validation accuracy")
+    ax.set_title("mean accuracy over rules, and the worst rule", fontsize=9)
     ax.legend(fontsize=7)
 
 
@@ -478,7 +488,7 @@ def plot_sampling(ax, log, rules):
     ax.stackplot(steps, p.T, labels=rules, colors=colors, alpha=0.9, step="post")
     ax.set_xlim(steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
+    step_axis(ax)
     ax.set_ylabel("rule sampling probability")
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=6, loc="center left",
