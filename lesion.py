@@ -104,7 +104,7 @@ CONFIG = dict(
     n_draws=10,  # random draws per robustness level (a curve of means: 10 draws x 1,920 test trials per point; 30 took a quarter of the suite's CPU time) {>= 1}
     memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
     kernel_threads=2,  # compiled-kernel threads in this stage (0: $MPN_KERNEL_THREADS, else 1): its passes are long, so one join per call costs little {>= 0}
-    num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine {>= 0}
+    num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine, and on idle cores 2 was slower too (> 400 s vs 337 s) {>= 0}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
 )
