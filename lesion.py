@@ -702,16 +702,15 @@ def main(cfg):
     """Lesion every run matching cfg["run"]; returns {aname: lesion dict}."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg["num_threads"] or threads)
-    out = {}
     try:
         with mpn_cpp.using_threads(cfg["kernel_threads"]):
-            out = lesion_runs(cfg)
+            return lesion_runs(cfg)
     finally:
         torch.set_num_threads(threads)
-    return out
 
 
 def lesion_runs(cfg):
+    """Lesion each matching run under its lock; {aname: lesion dict}."""
     out = {}
     for paths in helper.find_runs(cfg["run"], cfg["runs_dir"]):
         with helper.run_lock(paths.dir):

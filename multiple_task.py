@@ -398,7 +398,7 @@ def train_loop(ctx, state, fresh):
     bar = helper.progress(total=cfg["max_steps"], initial=state["step"], unit="step")
     try:
         t0 = time.time() - state["elapsed_s"]
-        c0 = time.process_time() - state.get("cpu_s", 0.0)  # absent in older checkpoints
+        c0 = time.process_time() - state["cpu_s"]  # new_state's 0 where a checkpoint lacks it
         if fresh:
             events(state, ctx, bar)
         while stop_reason(state, cfg) is None:
