@@ -228,9 +228,9 @@ def plot_tau_hist(ax, result):
     bins = log_bins(np.concatenate(list(taus.values())))
     for name, tau in taus.items():
         ok = np.isfinite(tau)
-        med = np.median(tau[ok]) if ok.any() else np.nan
+        med = f"median {np.median(tau[ok]):.0f} ms" if ok.any() else "no unit above the noise floor"
         ax.hist(tau[ok], bins=bins, color=NET_COLORS[name], alpha=0.6,
-                label=f"{name}: median {med:.0f} ms, {ok.sum()}/{tau.size} units fitted")
+                label=f"{name}: {med}, {ok.sum()}/{tau.size} units fitted")
     if "M" in result["trained"]:
         ax.axvline(result["trained"]["M"]["tau_theory_ms"], color="tab:red", ls="--",
                    label="M decay −dt/ln λ")
