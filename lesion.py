@@ -103,7 +103,8 @@ CONFIG = dict(
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre) {each >= 0}
     n_draws=10,  # random draws per robustness level (a curve of means: 10 draws x 1,920 test trials per point; 30 took a quarter of the suite's CPU time) {>= 1}
     memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
-    kernel_threads=2,  # compiled-kernel threads in this stage (0: $MPN_KERNEL_THREADS, else 1): its passes are long, so one join per call costs little {>= 0}
+    processes=0,  # processes sharing the conditions (lesion_engine.run_jobs; 0: one per core; CUDA or not Linux: 1); same scores in any number {>= 0}
+    kernel_threads=1,  # compiled-kernel threads per process (0: $MPN_KERNEL_THREADS, else 1); 2 helps only when processes leave cores idle {>= 0}
     num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine, and on idle cores 2 was slower too (> 400 s vs 337 s) {>= 0}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine: "auto", "fast" or "reference" {@engine}
@@ -652,12 +653,12 @@ def check_config(cfg, net):
     return dict(cfg, experiments=experiments, unit_reps=unit_reps)
 
 
-def run_experiments(net, tables_and_conditions, test, rules, desc):
+def run_experiments(net, tables_and_conditions, test, rules, desc, processes=1):
     """Scores (C, R) of every condition, the stored weights checked untouched."""
     table, _ = tables_and_conditions
     params_before = {k: v.detach().clone() for k, v in net.state_dict().items()}
     scores = evaluate_conditions(net, test["parts"], table.conditions, desc=desc,
-                                 memory_mb=None)
+                                 memory_mb=None, processes=processes)
     if any(not torch.equal(v, net.state_dict()[k]) for k, v in params_before.items()):
         raise RuntimeError("a perturbation modified the stored weights")
     return merge_parts(scores, test, len(rules))
@@ -680,7 +681,7 @@ def lesion_run(paths, cfg):
           f"{cfg['trials_per_rule']} trials ({len(test['parts'])} test parts, sigma_x "
           f"{sigma_x:g})")
     scores = run_experiments(net, (table, tables), test, rules,
-                             desc=f"{paths.name} lesion conditions")
+                             desc=f"{paths.name} lesion conditions", processes=cfg["processes"])
     n_hidden, n_pre = net_shapes(net)
     result = dict(tables, run=paths.name, checkpoint_step=step, rules=rules,
                   n_trials=np.full(len(rules), cfg["trials_per_rule"]),

@@ -15,6 +15,15 @@ equal to evaluating each condition on its own.
 Axis order: trials x time x units, (B, T, N); W is (N_post, N_pre) and synapse indices are
 flattened post-major (i_post * N_pre + j_pre).
 """
+import functools
+import mmap
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+
 import numpy as np
 import torch
 
@@ -142,9 +151,24 @@ def trials_per_pass(cond, n_pre, n_hidden, T, memory_mb):
 SCORES = ("angle", "trial", "broke_fixation", "wrong_go", "nogo_response")  # per condition and rule
 
 
-def new_scores(C, R):
-    """{score: (C, R) NaN array} for every name in SCORES."""
-    return {name: np.full((C, R), np.nan, np.float32) for name in SCORES}
+def new_scores(C, R, shared=False):
+    """{score: (C, R) NaN array} for every name in SCORES; shared: in memory that forked
+    worker processes write into (shared_array)."""
+    make = shared_array if shared else np.empty
+    out = {name: make((C, R), np.float32) for name in SCORES}
+    for a in out.values():
+        a.fill(np.nan)
+    return out
+
+
+def shared_array(shape, dtype):
+    """An uninitialised array in anonymous shared memory: a process forked after this call
+    writes into the same pages (mmap's default MAP_SHARED), unlike ordinary copy-on-write
+    memory."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
 
 
 def score_conditions(outputs, scorer):
@@ -184,49 +208,51 @@ def kernel_takes_per_trial_w(net):
             or mpn_cpp.unsupported(x, W, *net.plastic_coefficients()) is None)
 
 
-def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions"):
+def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions", processes=1):
     """{score: (n_conditions, n_rules)} for every name in SCORES (both accuracy measures and
     the failure kinds), every condition equal to its own forward pass. tests: one batch per
     rule (rules may differ in trial count). A dmpn whose hidden units run independently of
     each other (rows_independent) shares work between conditions (evaluate_by_rows); other
-    networks stack conditions K at a time (evaluate_stacked)."""
-    acc = new_scores(len(conditions), len(tests))
+    networks stack conditions K at a time (evaluate_stacked). Either way the work is a list
+    of independent jobs, shared among `processes` processes (run_jobs; 0: one per core); the
+    scores are the same numbers in any number of processes."""
+    processes = worker_processes(net, processes)
+    acc = new_scores(len(conditions), len(tests), shared=processes > 1)
     if memory_mb is None:
         memory_mb = 2048 if net.W_out.is_cuda else 32
-    bar = helper.progress(total=len(conditions), desc=desc, unit="cond")
-    if net.rows_independent():
-        evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar)
-    else:
-        evaluate_stacked(net, tests, conditions, memory_mb, acc, bar)
-    bar.close()
-    return acc
+    make_jobs = evaluate_by_rows if net.rows_independent() else evaluate_stacked
+    jobs = make_jobs(net, tests, conditions, memory_mb, acc)
+    with helper.progress(total=len(conditions), desc=desc, unit="cond") as bar:
+        run_jobs(jobs, processes, bar)
+    return {name: np.array(a) for name, a in acc.items()}  # out of the shared pages
 
 
-def evaluate_stacked(net, tests, conditions, memory_mb, acc, bar):
-    """Conditions with the same perturbation fields are stacked K at a time
-    (Perturbation.stack) against the test batch of each rule repeated K times, so one forward
-    pass runs K x n_test trials. Conditions that change W run one at a time over all rules at
-    once (W then stays shared by the batch) when the engine's kernel cannot take a per-trial
-    W (kernel_takes_per_trial_w)."""
+def evaluate_stacked(net, tests, conditions, memory_mb, acc):
+    """Jobs [(n_conditions, run)] writing into acc: conditions with the same perturbation
+    fields are stacked K at a time (Perturbation.stack) against the test batch of each rule
+    repeated K times, so one forward pass runs K x n_test trials. Conditions that change W
+    run one at a time over all rules at once (W then stays shared by the batch) when the
+    engine's kernel cannot take a per-trial W (kernel_takes_per_trial_w)."""
     n_hidden, n_pre = net_shapes(net)
     C = len(conditions)
     alone = not kernel_takes_per_trial_w(net)
     order = sorted(range(C), key=lambda i: _signature(conditions[i]))
     T_max = max(b.inputs.shape[1] for b in tests)
     n_test = max(b.inputs.shape[0] for b in tests)
-    start = 0
+    jobs, start = [], 0
     while start < C:
         cond = conditions[order[start]]
         if alone and ("w_zero" in cond or "w_noise" in cond):
             ids = [order[start]]
-            _run_over_rules(net, tests, cond, acc, ids[0])
+            jobs.append((1, functools.partial(_run_over_rules, net, tests, cond, acc, ids[0])))
         else:
             K = max(1, trials_per_pass(cond, n_pre, n_hidden, T_max, memory_mb) // n_test)
             ids = [i for i in order[start:start + K]
                    if _signature(conditions[i]) == _signature(cond)]
-            _run_stacked(net, tests, [conditions[i] for i in ids], acc, ids)
-        bar.update(len(ids))
+            jobs.append((len(ids), functools.partial(
+                _run_stacked, net, tests, [conditions[i] for i in ids], acc, ids)))
         start += len(ids)
+    return jobs
 
 
 def _run_stacked(net, tests, conds, acc, ids):
@@ -255,6 +281,142 @@ def _run_over_rules(net, tests, cond, acc, cid):
         _store(acc, [cid], r, score_conditions(y[None, start:start + n, :T],
                                                mpn_tasks.Scorer(batch_r)))
         start += n
+
+
+# ----------------------------------------------------------------------------------------
+# Jobs in several processes
+#
+# The Python side of a job (building perturbations, scoring outputs) holds the interpreter
+# lock, so threads cannot overlap it with the kernel; forked processes can. They inherit the
+# network, the test set and the job list, claim jobs one at a time from a shared counter, and
+# write their scores into shared memory (new_scores(shared=True)), so nothing is sent
+# between them. Forking is safe only where the parent holds no CUDA context and the system
+# is Linux (macOS frameworks and Windows have no safe fork); elsewhere one process runs all.
+
+
+def worker_processes(net, processes):
+    """The number of processes evaluate_conditions uses: `processes`, where 0 means one per
+    core this process may run on; 1 for a CUDA network or off Linux."""
+    if not processes:
+        processes = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 1)
+    if net.W_out.is_cuda or not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return 1
+    return max(1, int(processes))
+
+
+def run_jobs(jobs, processes, bar=None):
+    """Runs every job of jobs [(weight, fn)] once: fn() here or in one of processes - 1
+    forked children; each process takes the next unclaimed job when it finishes one, so long
+    and short jobs even out. fn must write its results into shared memory. A job that a child
+    claimed but did not finish (it failed or was killed) runs again here, so a lost child
+    costs time, never results; a job that fails here raises, and the children are stopped.
+    bar (a tqdm bar or None) advances by each finished job's weight."""
+    tick = _Ticker(bar, [w for w, _ in jobs])
+    if processes <= 1 or len(jobs) < 2:
+        for j, (_, fn) in enumerate(jobs):
+            fn()
+            tick.done(j)
+        return
+    state = shared_array(1 + len(jobs), np.int64)
+    state.fill(0)
+    counter, finished = state[:1], state[1:]  # next unclaimed job; 1 where a job finished
+    lock = multiprocessing.get_context("fork").Lock()
+
+    def claim():
+        with lock:
+            j = int(counter[0])
+            counter[0] = j + 1
+        return j if j < len(jobs) else None
+
+    sys.stdout.flush()
+    sys.stderr.flush()  # else a child could write the parent's buffered text a second time
+    children = []
+    try:
+        for _ in range(min(processes, len(jobs)) - 1):
+            pid = os.fork()
+            if pid == 0:
+                _child(claim, jobs, finished)  # never returns
+            children.append(pid)
+        while (j := claim()) is not None:
+            jobs[j][1]()
+            finished[j] = 1
+            tick.sync(finished)
+        failed = _wait(children, tick, finished)
+    except BaseException:
+        for pid in children:
+            _stop(pid)
+        raise
+    left = np.flatnonzero(finished == 0)
+    if left.size:
+        print(f"{failed} worker process(es) stopped before finishing; running their "
+              f"{left.size} unfinished job(s) in this process")
+    for j in left:
+        jobs[j][1]()
+        finished[j] = 1
+        tick.sync(finished)
+
+
+class _Ticker:
+    """Advances a progress bar by the weight of the jobs finished so far."""
+
+    def __init__(self, bar, weights):
+        self.bar, self.weights, self.shown = bar, np.asarray(weights), 0
+
+    def done(self, j):
+        self._show(self.shown + int(self.weights[j]))
+
+    def sync(self, finished):
+        self._show(int(self.weights[finished == 1].sum()))
+
+    def _show(self, total):
+        if self.bar is not None and total > self.shown:
+            self.bar.update(total - self.shown)
+        self.shown = max(self.shown, total)
+
+
+def _child(claim, jobs, finished):
+    """A forked worker: claims and runs jobs until none is left, then exits without running
+    the parent's exit handlers or flushing its copies of the parent's buffers."""
+    code = 1
+    try:
+        torch.set_num_threads(1)  # torch's OpenMP pool is not fork-safe with more threads
+        while (j := claim()) is not None:
+            jobs[j][1]()
+            finished[j] = 1
+        code = 0
+    except KeyboardInterrupt:
+        pass
+    except BaseException:
+        print(f"worker process {os.getpid()} failed:", file=sys.stderr)
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait(children, tick, finished):
+    """Waits for every child, advancing the bar meanwhile; the number that failed."""
+    failed, running = 0, list(children)
+    while running:
+        for pid in list(running):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                running.remove(pid)
+                failed += os.waitstatus_to_exitcode(status) != 0
+        tick.sync(finished)
+        if running:
+            time.sleep(0.1)
+    return failed
+
+
+def _stop(pid):
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -392,24 +554,27 @@ def _hidden_keep(conds, n_hidden, device, dtype):
 PASS_BYTES = 1 << 18
 
 
-@torch.no_grad()
-def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
-    """Conditions in jobs (job_plan) of a few input-unit sets and the conditions with those
-    sets; per job and test part, one base pass of the job's sets on the part's PrefixTree
-    nodes, then per chunk of conditions one virtual-layer pass over the rows they touch, the
-    outputs and their scores. Parts run inside jobs, so a job keeps one part's base runs."""
+def evaluate_by_rows(net, tests, conditions, memory_mb, acc):
+    """Jobs [(n_conditions, run)] writing into acc, one per job of job_plan (a few input-unit
+    sets and the conditions with those sets): per test part, one base pass of the job's sets
+    on the part's PrefixTree nodes, then per chunk of conditions one virtual-layer pass over
+    the rows they touch, the outputs and their scores. Parts run inside jobs, so a job keeps
+    one part's base runs."""
     n_hidden, n_pre = net_shapes(net)
     p0 = net.W_out
     trees = [PrefixTree(b.inputs) for b in tests]
-    x_nodes = [net.presynaptic(torch.as_tensor(t.node_inputs, device=p0.device, dtype=p0.dtype))
-               for t in trees]  # before any input lesion: the same for every set
+    with torch.no_grad():  # before any input lesion: the same for every set
+        x_nodes = [net.presynaptic(torch.as_tensor(t.node_inputs, device=p0.device,
+                                                   dtype=p0.dtype)) for t in trees]
     scorers = [mpn_tasks.Scorer(b) for b in tests]
     rows = [touched_rows(c, n_pre, n_hidden) for c in conditions]
     sizes = {"nodes": max(t.n_nodes for t in trees),
              "trials": max(b.inputs.shape[0] for b in tests),
              "steps": max(b.inputs.shape[0] * b.inputs.shape[1] for b in tests),
              "n_out": net.W_out.shape[0], "n_pre": n_pre, "n_hidden": n_hidden}
-    for sets, chunks in job_plan(conditions, rows, sizes, memory_mb):
+
+    @torch.no_grad()
+    def run(sets, chunks):
         in_mask = input_masks(net, [conditions[i] for i in sets])
         plans = [(g, ids, readout_plan(net, [conditions[i] for i in ids],
                                        [rows[i] for i in ids])) for g, ids in chunks]
@@ -418,7 +583,9 @@ def evaluate_by_rows(net, tests, conditions, memory_mb, acc, bar):
             for g, ids, plan in plans:
                 y = _chunk_outputs(net, tree, x[g], h[g], plan)
                 _store(acc, ids, r, score_conditions(y, scorers[r]))
-        bar.update(sum(len(ids) for _, ids in chunks))
+
+    return [(sum(len(ids) for _, ids in chunks), functools.partial(run, sets, chunks))
+            for sets, chunks in job_plan(conditions, rows, sizes, memory_mb)]
 
 
 def input_masks(net, conds):

@@ -6,9 +6,9 @@ Both paths score the same conditions on the same fixed test set (lesion.make_tes
 give the same accuracies; the script checks that and prints the wall time of each, the ratio,
 and the s.e. of the intact network's per-rule accuracy. With --run it times the suite one
 experiment group at a time (modulation; single + combined, which share their input-lesion
-base runs; robust + prune) and prints per group its conditions, wall and process CPU time
-(torch on --threads threads: on a loaded machine the CPU time is the fair measure) and the
-s.e. achieved per cell (binomial, √(a(1 − a)/n) of every condition's per-rule `trial`
+base runs; robust + prune) and prints per group its conditions, wall time and the CPU time
+of the process and its --processes worker processes (torch on --threads threads: on a
+loaded machine the CPU time is the fair measure) and the s.e. achieved per cell (binomial, √(a(1 − a)/n) of every condition's per-rule `trial`
 accuracy a: median and largest); the suite's time is their sum.
   batched   lesion_engine.evaluate_conditions: for a dmpn, one base run per input-lesion set,
             the silenced units zeroed, and only the rows a condition's W / M perturbation
@@ -33,6 +33,7 @@ Example:
     python benchmarks/bench_lesion.py --run=everything_dmpn_seed749_L21e4_h64_b32
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,18 +151,25 @@ def timed(fn, *args):
     return time.perf_counter() - start, out
 
 
+def cpu_seconds():
+    """CPU seconds of this process and of its finished children (the lesion worker
+    processes, lesion_engine.run_jobs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def timed_cpu(fn, *args):
-    """(wall s, process CPU s, result)."""
-    start, cpu = time.perf_counter(), time.process_time()
+    """(wall s, CPU s of this process and its worker processes, result)."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     out = fn(*args)
-    return time.perf_counter() - start, time.process_time() - cpu, out
+    return time.perf_counter() - start, cpu_seconds() - cpu, out
 
 
 GROUPS = {"modulation": ("modulation",), "single+combined": ("single", "combined"),
           "robust+prune": ("robust", "prune")}  # experiments timed together (shared base runs)
 
 
-def time_groups(net, test, rules, conditions, groups, memory_mb, n_test):
+def time_groups(net, test, rules, conditions, groups, memory_mb, n_test, processes):
     """Per experiment group: (name, conditions, wall s, CPU s, median and largest s.e. per
     cell), and the accuracies of every condition (from the group that ran it last)."""
     rows, acc = [], {m: np.full((len(conditions), len(rules)), np.nan) for m in ("angle", "trial")}
@@ -171,7 +179,7 @@ def time_groups(net, test, rules, conditions, groups, memory_mb, n_test):
         if not ids.size:
             continue
         wall, cpu, out = timed_cpu(batched, net, test, rules, [conditions[i] for i in ids],
-                                   memory_mb)
+                                   memory_mb, processes)
         for m in acc:
             acc[m][ids] = out[m]
         a = out["trial"].astype(np.float64)
@@ -189,8 +197,9 @@ def print_groups(rows):
           f"{sum(r[3] for r in rows):8.1f}")
 
 
-def batched(net, test, rules, conditions, memory_mb):
-    scores = engine.evaluate_conditions(net, test["parts"], conditions, memory_mb)
+def batched(net, test, rules, conditions, memory_mb, processes):
+    scores = engine.evaluate_conditions(net, test["parts"], conditions, memory_mb,
+                                        processes=processes)
     return lesion.merge_parts(scores, test, len(rules))
 
 
@@ -209,6 +218,8 @@ def parse(argv):
     p.add_argument("--engine", default="auto")
     p.add_argument("--threads", type=int, default=lesion.CONFIG["num_threads"],
                    help="torch threads (0: torch's default)")
+    p.add_argument("--processes", type=int, default=lesion.CONFIG["processes"],
+                   help="processes sharing the batched path's jobs (0: one per core)")
     p.add_argument("--kernel_threads", type=int, default=lesion.CONFIG["kernel_threads"],
                    help="compiled-kernel threads (0: $MPN_KERNEL_THREADS, else 1)")
     p.add_argument("--skip_serial", action="store_true")
@@ -251,23 +262,27 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads; {len(conditions)} conditions x {len(rules)} rules "
           f"x {args.trials_per_rule} trials in {len(steps)} parts; T = {min(steps)}..{max(steps)} steps "
           f"(mean {np.mean(steps):.0f}); test set {t_test:.1f} s, conditions built in {t_build:.1f} s")
-    print(f"compiled kernel on {args.kernel_threads or mpn_cpp.threads()} thread(s)")
+    processes = engine.worker_processes(net, args.processes)
+    print(f"batched path in {processes} process(es), compiled kernel on "
+          f"{args.kernel_threads or mpn_cpp.threads()} thread(s) each")
     with torch.no_grad(), mpn_cpp.using_threads(args.kernel_threads):
         print_baseline(net, test, rules)
         if args.run and args.sample:
             keep = np.sort(np.random.default_rng(1).choice(len(conditions), args.sample,
                                                            replace=False))
-            t, _ = timed(batched, net, test, rules, [conditions[i] for i in keep], args.memory_mb)
+            t, _ = timed(batched, net, test, rules, [conditions[i] for i in keep], args.memory_mb,
+                         processes)
             print(f"batched on {args.sample} random conditions: {t:.1f} s -> the suite "
                   f"(scaled to {len(conditions)}): {t * len(conditions) / args.sample:.0f} s")
             return
         if args.run:
             groups_rows, acc_b = time_groups(net, test, rules, conditions, groups,
-                                             args.memory_mb, args.trials_per_rule)
+                                             args.memory_mb, args.trials_per_rule, processes)
             print_groups(groups_rows)
             t_batch = sum(r[2] for r in groups_rows)
         else:
-            t_batch, acc_b = timed(batched, net, test, rules, conditions, args.memory_mb)
+            t_batch, acc_b = timed(batched, net, test, rules, conditions, args.memory_mb,
+                                   processes)
         rows = [("batched (the suite)", t_batch)]
         if not args.skip_serial:
             t, acc_s = timed(run_serial, net, test, rules, [conditions[i] for i in sample])

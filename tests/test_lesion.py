@@ -3,8 +3,10 @@ conditions against one-at-a-time evaluation, failure kinds, random controls, lim
 every perturbation, the significance rule on planted and on structureless networks, and both
 scripts end to end on a tiny trained run with cluster files written here."""
 import copy
+import functools
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,69 @@ def test_batched_equals_one_at_a_time_and_weights_untouched(net, tests):
     assert np.ptp(big["angle"]) > 0  # the conditions really differ
     failures = sum(big[k] for k in mpn_tasks.FAILURE_KINDS)
     np.testing.assert_allclose(failures, 1 - big["trial"], atol=1e-6)  # a partition
+
+
+@pytest.mark.parametrize("options", [{}, {"recurrent": True}])
+def test_worker_processes_give_the_same_scores_as_one(tests, options):
+    """The jobs shared among 3 forked processes (rows shared, or conditions stacked for a
+    recurrent net) give bit-identical scores to one process, with small jobs (memory_mb)
+    so that every process gets several."""
+    net = mpn.build_model("dmpn", n_hidden=N_HIDDEN, seed=6, **options).eval()
+    conditions = conditions_for(net, np.random.default_rng(4))
+    one = lesion_engine.evaluate_conditions(net, tests, conditions, memory_mb=0.05)
+    three = lesion_engine.evaluate_conditions(net, tests, conditions, memory_mb=0.05,
+                                              processes=3)
+    for name in lesion_engine.SCORES:
+        assert not np.isnan(three[name]).any(), name
+        np.testing.assert_array_equal(three[name], one[name], err_msg=name)
+
+
+def square_jobs(n, fail_in_child=False):
+    """n jobs writing j² and the pid that ran them into shared memory; with fail_in_child a
+    job run outside this process raises."""
+    out, pids = lesion_engine.shared_array(n, np.int64), lesion_engine.shared_array(n, np.int64)
+    out.fill(-1)
+    parent = os.getpid()
+
+    def job(j):
+        if fail_in_child and os.getpid() != parent:
+            raise RuntimeError("planted failure")
+        time.sleep(0.02)  # long enough that a child claims jobs before the parent is done
+        out[j], pids[j] = j * j, os.getpid()
+
+    return [(1, functools.partial(job, j)) for j in range(n)], out, pids
+
+
+def test_run_jobs_runs_every_job_once_across_processes():
+    jobs, out, pids = square_jobs(30)
+    lesion_engine.run_jobs(jobs, processes=2)
+    np.testing.assert_array_equal(out, np.arange(30) ** 2)
+    assert len(set(pids.tolist())) == 2  # the child took a share
+    assert os.getpid() in pids
+
+
+def test_jobs_of_a_failed_worker_process_run_in_the_parent(capfd):
+    """A child that fails on its first job exits; the parent runs what it left and says so."""
+    jobs, out, pids = square_jobs(12, fail_in_child=True)
+    lesion_engine.run_jobs(jobs, processes=2)
+    np.testing.assert_array_equal(out, np.arange(12) ** 2)
+    assert set(pids.tolist()) == {os.getpid()}
+    captured = capfd.readouterr()  # the child writes to the file descriptor
+    assert "1 worker process(es) stopped before finishing" in captured.out
+    assert "planted failure" in captured.err
+
+
+def test_a_job_failing_in_the_parent_raises_and_stops_the_children():
+    def boom():
+        raise ValueError("parent job failed")
+
+    jobs = [(1, boom)] + [(1, functools.partial(time.sleep, 0.05)) for _ in range(40)]
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="parent job failed"):
+        lesion_engine.run_jobs(jobs, processes=2)
+    assert time.monotonic() - started < 1.5  # the child was stopped, not waited for (2 s)
+    with pytest.raises(ChildProcessError):  # and reaped: no child of ours is left
+        os.waitpid(-1, os.WNOHANG)
 
 
 def test_stacked_outputs_equal_single_condition_outputs(net, tests):
