@@ -762,6 +762,47 @@ def threads():
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
+class AdaptiveThreads:
+    """The kernel's threads for the next stretch of a training run, 1 or `most`, chosen from
+    what the last stretch measured (results do not depend on the choice). On `most` threads
+    the process uses more than one core while a core is free (the CPU preset on 2 idle cores:
+    1.4 cores, 34% more steps/s than on one thread); when other programs take the cores the
+    threads' per-trial joins wait for the OS and it falls to ~1 core or less, slower than
+    one thread (19 vs 38 steps/s at load 4), so the next stretch runs on one. A free core is
+    invisible from one thread, so after `probe_every` stretches on one it tries `most` for a
+    stretch again; each probe that fails doubles that wait (up to 8x), so a busy machine
+    loses at most one slow stretch in probe_every. adaptive=False keeps `most` throughout.
+    Call `update()` between stretches and run the kernel under `using_threads(self.threads)`."""
+
+    MIN_CORES = 1.2  # cores per wall second that show the extra threads ran in parallel
+
+    def __init__(self, most=2, probe_every=10, adaptive=True, clock=None):
+        self.most, self.adaptive = max(1, int(most)), adaptive
+        self.threads = self.most
+        self.probe_every, self.backoff, self.wait = probe_every, 1, 0
+        self.clock = clock or (lambda: (time.perf_counter(), time.process_time()))
+        self.last = self.clock()
+
+    def update(self):
+        """Ends a stretch: measures the cores it used, picks the next stretch's threads and
+        returns (threads the stretch ran on, cores it used)."""
+        wall, cpu = self.clock()
+        cores = (cpu - self.last[1]) / max(wall - self.last[0], 1e-9)
+        self.last, ran = (wall, cpu), self.threads
+        if not self.adaptive:
+            pass
+        elif self.threads > 1 and cores < self.MIN_CORES:  # the threads did not run side by side
+            self.threads, self.wait = 1, self.probe_every * self.backoff
+            self.backoff = min(8, 2 * self.backoff)
+        elif self.threads > 1:
+            self.backoff = 1
+        elif self.most > 1:
+            self.wait -= 1
+            if self.wait <= 0:
+                self.threads = self.most
+        return ran, cores
+
+
 def _segment(T, n_post, n_pre, itemsize):
     return int(max(1, min(T, SEG_BYTES // (n_post * n_pre * itemsize))))
 

@@ -22,6 +22,7 @@ Axis order: trials x time x channels, (B, T, C).
 """
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 
 import helper
 import mpn
+import mpn_cpp
 import mpn_tasks
 import net_helpers
 
@@ -81,6 +83,7 @@ CONFIG = dict(
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine {@engine}
     num_threads=0,  # torch CPU threads (0: torch's default) {>= 0}
+    kernel_threads=0,  # compiled-kernel threads; 0: 2 while a second core is free, else 1, re-chosen every evaluation (mpn_cpp.AdaptiveThreads; $MPN_KERNEL_THREADS fixes it); results do not depend on it {>= 0}
     runs_dir=None,  # root of the run folders (None: $MPN_RUNS_DIR or runs/) {None | @path}
     figures=True,  # draw the training figures into figures/ at the end {@bool}
     run_tag="",  # suffix of the run name, to keep variants apart {@run_name}
@@ -92,7 +95,8 @@ CONFIG = dict(
 # engine equals an uninterrupted one up to float rounding, not bit for bit (tests/
 # test_training.py checks both).
 RESUMABLE_KEYS = ("max_steps", "max_minutes", "target_acc", "patience_evals", "ckpt_every",
-                  "device", "engine", "num_threads", "runs_dir", "resume", "figures")
+                  "device", "engine", "num_threads", "kernel_threads", "runs_dir", "resume",
+                  "figures")
 CONFIG_ID_KEYS = ("ruleset", "net", "n_hidden", "batch_size", "seed")  # in every config.json
 
 
@@ -344,7 +348,7 @@ def on_evaluation(state, res, cfg, meta, opt, sched, sampler, scheduled):
         if state["train_count"] else {}
     state["train_sums"], state["train_count"] = {}, 0
     entry = {"step": state["step"], "wall_s": round(state["elapsed_s"], 3),
-             "cpu_s": round(state["cpu_s"], 3),
+             "cpu_s": round(state["cpu_s"], 3), **state.pop("kernel", {}),
              "lr": opt.param_groups[0]["lr"], "train": train, **res,
              "p": dict(zip(rules, sampler.p.tolist())), "scheduled": scheduled}
     state["log"].append(entry)
@@ -392,6 +396,17 @@ def events(state, ctx, bar):
                         ctx["sampler"], ctx["rng"])
 
 
+def kernel_threads(cfg):
+    """The compiled kernel's thread chooser of a training run: fixed at cfg["kernel_threads"]
+    or $MPN_KERNEL_THREADS where either is set, else adaptive between 1 and 2 threads where
+    this process may use 2 cores (mpn_cpp.AdaptiveThreads)."""
+    if cfg["kernel_threads"] or os.environ.get("MPN_KERNEL_THREADS"):
+        return mpn_cpp.AdaptiveThreads(cfg["kernel_threads"] or mpn_cpp.threads(),
+                                       adaptive=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return mpn_cpp.AdaptiveThreads(min(2, cores or 1))
+
+
 def train_loop(ctx, state, fresh):
     """Steps until a stop reason; a NaN/inf loss leaves the last checkpoint untouched."""
     cfg, rules = ctx["cfg"], ctx["meta"]["rules"]
@@ -401,12 +416,14 @@ def train_loop(ctx, state, fresh):
         c0 = time.process_time() - state["cpu_s"]  # new_state's 0 where a checkpoint lacks it
         if fresh:
             events(state, ctx, bar)
+        chooser = kernel_threads(cfg)
         while stop_reason(state, cfg) is None:
             if cfg["lr_schedule"] == "cosine":
                 for group in ctx["opt"].param_groups:
                     group["lr"] = cosine_lr(cfg, state["step"])
             batch = training_batch(cfg, rules, ctx["sampler"].p, ctx["rng"])
-            parts = train_step(ctx["net"], ctx["opt"], batch, cfg, ctx["device"])
+            with mpn_cpp.using_threads(chooser.threads):
+                parts = train_step(ctx["net"], ctx["opt"], batch, cfg, ctx["device"])
             for k, v in parts.items():
                 state["train_sums"][k] = state["train_sums"].get(k, 0.0) + v
             state["train_count"] += 1
@@ -414,7 +431,11 @@ def train_loop(ctx, state, fresh):
             state["elapsed_s"] = time.time() - t0
             state["cpu_s"] = time.process_time() - c0
             bar.update(1)
-            events(state, ctx, bar)
+            if state["step"] % cfg["eval_every"] == 0:  # a stretch ends; logged with the eval
+                ran, cores = chooser.update()
+                state["kernel"] = {"kernel_threads": ran, "cores": round(cores, 2)}
+            with mpn_cpp.using_threads(chooser.threads):
+                events(state, ctx, bar)
     except Diverged as err:
         kept = (f"the last good checkpoint (step "
                 f"{net_helpers.load_checkpoint(ctx['paths'].checkpoint)['step']}) is kept in "

@@ -298,3 +298,63 @@ def test_rules_per_batch_draws_distinct_rules_in_equal_shares():
     assert np.array_equal(one.inputs, ref.inputs) and np.array_equal(one.rule, ref.rule)
     with pytest.raises(helper.StageError, match="must divide"):
         mt.derived(dict(cfg, rules_per_batch=5))
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel threads chosen from the load (mpn_cpp.AdaptiveThreads)
+
+
+class FakeClock:
+    """(wall, cpu) readings: each stretch lasts 1 s of wall time and uses `cores` CPU s."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __call__(self):
+        return self.wall, self.cpu
+
+    def run(self, cores):
+        self.wall, self.cpu = self.wall + 1.0, self.cpu + cores
+
+
+def test_adaptive_threads_drop_to_one_under_load_and_probe_with_backoff():
+    import mpn_cpp
+    clock = FakeClock()
+    chooser = mpn_cpp.AdaptiveThreads(most=2, probe_every=3, clock=clock)
+
+    def stretch(cores_on_two, cores_on_one=1.0):
+        threads = chooser.threads
+        clock.run(cores_on_two if threads == 2 else cores_on_one)
+        chooser.update()
+        return threads
+
+    assert [stretch(1.4) for _ in range(5)] == [2] * 5  # idle: the second core is used
+    # busy: two threads got 0.9 cores -> one thread; probes after 3, then 6, 12, 24 stretches
+    ran = [stretch(0.9) for _ in range(1 + 3 + 1 + 6 + 1 + 12 + 1 + 24 + 1 + 24 + 1)]
+    probes = [i for i, t in enumerate(ran) if t == 2]
+    assert probes == [0, 4, 11, 24, 49, 74]  # the wait doubles up to 8 x probe_every
+    # the machine frees up: the next probe succeeds and two threads stay
+    while chooser.threads == 1:
+        stretch(0.9)
+    assert [stretch(1.4) for _ in range(4)] == [2] * 4
+    fixed = mpn_cpp.AdaptiveThreads(most=2, adaptive=False, clock=clock)
+    for _ in range(3):
+        clock.run(0.5)
+        assert fixed.update() == (2, 0.5) and fixed.threads == 2
+
+
+def test_kernel_threads_switching_mid_run_changes_nothing(tmp_path, monkeypatch):
+    """A run whose kernel alternates between 2 threads and 1 every evaluation (a chooser
+    that always sees too few cores and probes at once) trains the same weights as a run
+    on one thread, and logs the threads each stretch ran on."""
+    import mpn_cpp
+    if mpn_cpp.kernel() is None:
+        pytest.skip("the compiled kernel is not available")
+    one = mt.main(tiny(tmp_path / "one", kernel_threads=1))
+    monkeypatch.setattr(mpn_cpp.AdaptiveThreads, "MIN_CORES", 100.0)
+    monkeypatch.setattr(mt, "kernel_threads",
+                        lambda cfg: mpn_cpp.AdaptiveThreads(most=2, probe_every=1))
+    switching = mt.main(tiny(tmp_path / "switching", kernel_threads=0))
+    assert_same_params(params(switching["paths"]), params(one["paths"]))
+    ran = [e["kernel_threads"] for e in switching["log"] if "kernel_threads" in e]
+    assert ran == [2, 1, 2]  # 3 stretches of 10 steps
