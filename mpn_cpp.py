@@ -636,6 +636,30 @@ def _failed_marker(name):
     return os.path.join(_get_build_directory(name, verbose=False), f"BUILD_FAILED_{key}.txt")
 
 
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build (one takes < 2 min)
+
+
+def _clear_stale_lock(name):
+    """Removes the build directory's `lock` file when it is older than STALE_LOCK_S: torch
+    creates it for the duration of a build, and a build killed midway leaves it behind, after
+    which every later process would wait for it forever. Says so when it does."""
+    from torch.utils.cpp_extension import _get_build_directory
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    try:
+        os.remove(lock)
+    except OSError:
+        return False
+    log.warning("mpn_cpp: removed a build lock %.0f min old (%s), left by an interrupted "
+                "build; building again", age / 60, lock)
+    return True
+
+
 def kernel():
     """The compiled extension, building it on first call; None if it cannot be built."""
     if _state["tried"]:
@@ -653,6 +677,7 @@ def kernel():
                 marker = _failed_marker(name)
                 if os.path.exists(marker):
                     raise RuntimeError(f"an earlier build failed ({marker}; delete it to retry)")
+                _clear_stale_lock(name)
                 from torch.utils.cpp_extension import load_inline
                 _state["module"] = load_inline(name, cpp_sources=_SOURCE, extra_cflags=CFLAGS,
                                                verbose=False)

@@ -6,6 +6,8 @@ every input that requires grad: float64 to 1e-9, float32 to 1e-5 (relative to ea
 largest entry). Sizes are tiny so the whole file runs in seconds.
 """
 import itertools
+import os
+import time
 
 import pytest
 import numpy as np
@@ -382,6 +384,23 @@ def test_kernel_build_failure_falls_back_to_fast(monkeypatch, caplog):
             assert_close(run(engine, args, masks), run("fast", args, masks), 0.0)
     assert mpn_cpp.kernel() is None and "Ninja is required" in mpn_cpp._state["error"]
     assert len([r for r in caplog.records if r.name == "mpn_cpp"]) == 1
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path, caplog):
+    """A killed build leaves torch's `lock` file, on which every later build would wait
+    forever: one older than STALE_LOCK_S is removed (and said), a younger one (a build
+    running now) is left alone."""
+    import torch.utils.cpp_extension as cpp_extension
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not mpn_cpp._clear_stale_lock("x") and lock.exists()  # a build may be running
+    old = time.time() - mpn_cpp.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger="mpn_cpp"):
+        assert mpn_cpp._clear_stale_lock("x")
+    assert not lock.exists() and "interrupted build" in caplog.text
+    assert not mpn_cpp._clear_stale_lock("x")  # no lock: nothing to do
 
 
 def test_kernel_disabled_by_environment(monkeypatch):
