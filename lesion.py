@@ -32,7 +32,8 @@ m random controls and s_L the binomial s.e. of the lesion accuracy on the test s
 p from Student's t with m − 1 degrees of freedom; Benjamini–Hochberg q over the heatmap's
 cells. A cell is significant when q ≤ `alpha` and the lesion accuracy is below every control.
 
-Conditions are data (net_helpers.Perturbation), evaluated batched by lesion_engine.
+Conditions are data (net_helpers.Perturbation), evaluated batched by lesion_engine, shared
+among `processes` forked worker processes (same scores in any number).
 
 Reads:  runs/<aname>/checkpoint.pt, cluster_info.h5, cluster_info_mod.h5 (python clustering.py)
         (task_variance.h5 when a clustering lacks its variance matrix).
