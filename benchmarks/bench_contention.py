@@ -5,7 +5,8 @@ condition, while K competing processes (`python -c "while True: pass"`) each kee
 busy. Reports training steps/s (from log.json: the steps between the first scheduled
 evaluation and the last, evaluations included, so the start-up and the one-time kernel
 load are left out), each condition's rate as a fraction of the idle rate, the 1-minute load
-average just before each run, the final logged accuracies and validation loss, and a hash of
+average just before each run, the compiled kernel's mean thread count over the evaluation
+intervals (`kernel`; chosen per interval when kernel_threads = 0), the final logged accuracies and validation loss, and a hash of
 the trained weights: the weights and accuracies must be the same in every run (the kernel's
 result does not depend on its threads, and at batch 32 neither do torch's training ops). The
 validation loss may differ in the 8th digit between torch thread counts (its sums over 128
@@ -35,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSY = "while True: pass"
@@ -98,7 +101,9 @@ def measure(k, steps, extra, env, repo=ROOT):
     finally:
         stop_competitors(procs)
     last = evals[-1]
+    chosen = [e["kernel_threads"] for e in evals if "kernel_threads" in e]
     return dict(k=k, load=load, steps_per_s=rate(evals), wall_s=wall,
+                kernel=np.mean(chosen) if chosen else float("nan"),
                 acc=(last["mean_angle"], last["mean_trial"]),
                 loss=last["loss"], digest=digest)
 
@@ -124,7 +129,7 @@ def main():
     print(f"{os.cpu_count()} CPUs; {args.steps} steps of configs/cpu_quick.py per run; "
           f"variants run back to back in each condition")
     print(f"{'variant':>22} {'competitors':>11} {'load avg':>8} {'steps/s':>8} {'of idle':>8} "
-          f"{'wall s':>7} {'angle':>8} {'trial':>8} {'val loss':>12} {'weights':>12}")
+          f"{'wall s':>7} {'kernel':>6} {'angle':>8} {'trial':>8} {'val loss':>12} {'weights':>12}")
     idle, results = {}, []
     for k in counts:
         for v, repo, extra in variants:
@@ -134,7 +139,7 @@ def main():
                 idle[v] = r["steps_per_s"]
             frac = f"{100 * r['steps_per_s'] / idle[v]:7.0f}%" if v in idle else f"{'-':>8}"
             print(f"{v:>22} {k:11d} {r['load']:8.2f} {r['steps_per_s']:8.1f} "
-                  f"{frac} {r['wall_s']:7.0f} {r['acc'][0]:8.4f} {r['acc'][1]:8.4f} "
+                  f"{frac} {r['wall_s']:7.0f} {r['kernel']:6.2f} {r['acc'][0]:8.4f} {r['acc'][1]:8.4f} "
                   f"{r['loss']:.10f} {r['digest']:>12}", flush=True)
     same = len({(r["acc"], r["digest"]) for r in results}) == 1
     print("trained weights and logged accuracies bit-identical in every run: "

@@ -30,4 +30,4 @@ acc_measure = "angle"  # sample the rules weakest under `angle`, the measure tha
 target_acc = None
 ckpt_every = 1000
 device = "cpu"
-num_threads = 1  # torch's own ops: at N = 64 a second OpenMP thread gains nothing and, spinning between ops, collapses the speed on a busy machine; the compiled kernel runs on one thread of its own (mpn_cpp.threads) {>= 0}
+num_threads = 1  # torch's own ops: at N = 64 a second OpenMP thread gains nothing and, spinning between ops, collapses the speed on a busy machine; the compiled kernel runs threads of its own, 2 while a second core is free (kernel_threads = 0) {>= 0}
