@@ -791,7 +791,7 @@ class AdaptiveThreads:
     """The kernel's threads for the next stretch of a training run, 1 or `most`, chosen from
     what the last stretch measured (results do not depend on the choice). On `most` threads
     the process uses more than one core while a core is free (the CPU preset on 2 idle cores:
-    1.4 cores, 34% more steps/s than on one thread); when other programs take the cores the
+    1.45-1.5 cores, 10-30% more steps/s than on one thread); when other programs take the cores the
     threads' per-trial joins wait for the OS and it falls to ~1 core or less, slower than
     one thread (19 vs 38 steps/s at load 4), so the next stretch runs on one. A free core is
     invisible from one thread, so after `probe_every` stretches on one it tries `most` for a
