@@ -16,6 +16,7 @@ Axis order: trials x time x units, (B, T, N); W is (N_post, N_pre) and synapse i
 flattened post-major (i_post * N_pre + j_pre).
 """
 import functools
+import gc
 import mmap
 import multiprocessing
 import os
@@ -331,6 +332,9 @@ def run_jobs(jobs, processes, bar=None):
 
     sys.stdout.flush()
     sys.stderr.flush()  # else a child could write the parent's buffered text a second time
+    # frozen, the inherited objects are left alone by the children's garbage collector, which
+    # would otherwise write to (and so copy) every shared page of them that it visits
+    gc.freeze()
     children = []
     try:
         for _ in range(min(processes, len(jobs)) - 1):
@@ -347,6 +351,8 @@ def run_jobs(jobs, processes, bar=None):
         for pid in children:
             _stop(pid)
         raise
+    finally:
+        gc.unfreeze()
     left = np.flatnonzero(finished == 0)
     if left.size:
         print(f"{failed} worker process(es) stopped before finishing; running their "
