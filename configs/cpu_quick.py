@@ -22,7 +22,7 @@ batch_size = 32
 lr = 3e-3
 lr_schedule = "cosine"
 lr_decay_steps = 20000  # the whole run: extending it later continues at the floor lr
-max_steps = 20000  # 12 minutes on 2 idle cores at 28 steps/s
+max_steps = 20000  # 10-12 minutes on 2 idle cores at 28-34 steps/s
 max_minutes = 19.0  # safety cap on a slow machine; the step count normally ends training first
 eval_every = 200
 n_valid = 128  # 64 leaves a per-rule accuracy noise of ~0.06, too much for a >= 0.5 check
