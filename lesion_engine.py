@@ -319,17 +319,9 @@ def run_jobs(jobs, processes, bar=None):
             fn()
             tick.done(j)
         return
-    state = shared_array(1 + len(jobs), np.int64)
-    state.fill(0)
-    counter, finished = state[:1], state[1:]  # next unclaimed job; 1 where a job finished
-    lock = multiprocessing.get_context("fork").Lock()
-
-    def claim():
-        with lock:
-            j = int(counter[0])
-            counter[0] = j + 1
-        return j if j < len(jobs) else None
-
+    claim = JobCounter(len(jobs))
+    finished = shared_array(len(jobs), np.int64)  # 1 where a job finished
+    finished.fill(0)
     sys.stdout.flush()
     sys.stderr.flush()  # else a child could write the parent's buffered text a second time
     # frozen, the inherited objects are left alone by the children's garbage collector, which
@@ -355,12 +347,37 @@ def run_jobs(jobs, processes, bar=None):
         gc.unfreeze()
     left = np.flatnonzero(finished == 0)
     if left.size:
-        print(f"{failed} worker process(es) stopped before finishing; running their "
-              f"{left.size} unfinished job(s) in this process")
+        why = (f"{failed} worker process(es) stopped before finishing" if failed else
+               "a process was killed while it held the job counter")
+        print(f"{why}; running the {left.size} unfinished job(s) in this process")
     for j in left:
         jobs[j][1]()
         finished[j] = 1
         tick.sync(finished)
+
+
+class JobCounter:
+    """Hands out job numbers 0, 1, ..., n - 1 across forked processes, each once (a counter in
+    shared memory under a process-shared lock); calling it gives the next one, or None when
+    none is left. A holder keeps the lock for a few instructions, so a process that waits
+    `timeout` seconds for it saw the holder killed inside them: it gets None too, and the
+    parent then runs every unfinished job itself, rather than every process waiting forever."""
+
+    def __init__(self, n, timeout=10.0):
+        self.n, self.timeout = n, timeout
+        self.next = shared_array(1, np.int64)
+        self.next.fill(0)
+        self.lock = multiprocessing.get_context("fork").Lock()
+
+    def __call__(self):
+        if not self.lock.acquire(timeout=self.timeout):
+            return None
+        try:
+            j = int(self.next[0])
+            self.next[0] = j + 1
+        finally:
+            self.lock.release()
+        return j if j < self.n else None
 
 
 class _Ticker:

@@ -6,6 +6,7 @@ import copy
 import functools
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -143,8 +144,39 @@ def test_jobs_of_a_failed_worker_process_run_in_the_parent(capfd):
     np.testing.assert_array_equal(out, np.arange(12) ** 2)
     assert set(pids.tolist()) == {os.getpid()}
     captured = capfd.readouterr()  # the child writes to the file descriptor
-    assert "1 worker process(es) stopped before finishing" in captured.out
+    assert "1 worker process(es) stopped before finishing; running the 1 unfinished" \
+        in captured.out
     assert "planted failure" in captured.err
+
+
+def test_a_killed_worker_process_loses_no_job():
+    """A child killed outright (SIGKILL, no clean-up) mid-job: its job runs in the parent."""
+    out = lesion_engine.shared_array(12, np.int64)
+    out.fill(-1)
+    parent = os.getpid()
+
+    def job(j):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.02)
+        out[j] = j * j
+
+    lesion_engine.run_jobs([(1, functools.partial(job, j)) for j in range(12)], processes=2)
+    np.testing.assert_array_equal(out, np.arange(12) ** 2)
+
+
+def test_job_counter_hands_out_each_job_once_and_survives_a_dead_holder():
+    counter = lesion_engine.JobCounter(3, timeout=0.5)
+    assert [counter() for _ in range(5)] == [0, 1, 2, None, None]
+    counter = lesion_engine.JobCounter(3, timeout=0.5)
+    pid = os.fork()
+    if pid == 0:  # a child killed while it holds the lock
+        counter.lock.acquire()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    assert counter() is None  # not a wait forever
+    assert time.monotonic() - started < 5
 
 
 def test_a_job_failing_in_the_parent_raises_and_stops_the_children():
