@@ -177,6 +177,15 @@ def print_figures(paths):
         print(f"  {fig}")
 
 
+def seed_command(base, net, seed, cores):
+    """The command line of one (net, seed) pipeline of a parallel sweep; its lesion stage's
+    worker processes are held to the run's share of the cores unless base sets them."""
+    cmd = [sys.executable, __file__, *base, *([f"--net={net}"] if net else []), f"--seed={seed}"]
+    if not any(a.startswith("--processes") for a in base):
+        cmd.append(f"--processes={cores}")
+    return cmd
+
+
 def run_in_parallel(argv, runs, jobs):
     """Each (net, seed) in its own process (python run_pipeline.py ... --net=X --seed=S), jobs
     at a time, the slowest architecture's runs first."""
@@ -185,9 +194,7 @@ def run_in_parallel(argv, runs, jobs):
     base = [a for a in argv if not a.startswith(("--seeds", "--jobs", "--nets"))]
 
     def one(run):
-        net, seed = run
-        cmd = [sys.executable, __file__, *base, *([f"--net={net}"] if net else []), f"--seed={seed}"]
-        return run, subprocess.run(cmd, env=env).returncode
+        return run, subprocess.run(seed_command(base, *run, threads), env=env).returncode
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         failed = [run for run, rc in pool.map(one, runs) if rc != 0]

@@ -1,4 +1,5 @@
 """run_pipeline.py end to end on a tiny config: every stage runs, a second call skips them all."""
+import os
 from pathlib import Path
 
 import pytest
@@ -91,13 +92,19 @@ def test_several_nets_and_seeds_run_as_processes_then_one_summary(monkeypatch, r
                         lambda cmd, env: commands.append(cmd) or Done())
     monkeypatch.setattr(seed_summary, "main", lambda cfg: summaries.append(cfg))
     run_pipeline.main([TINY, "--nets=dmpn,gru", "--seeds=3,4", "--jobs=1", "--page=x.md"])
-    runs = [(c[-2], c[-1]) for c in commands]
+    runs = [(c[-3], c[-2]) for c in commands]
     assert runs == [("--net=gru", "--seed=3"), ("--net=dmpn", "--seed=3"),
                     ("--net=gru", "--seed=4"), ("--net=dmpn", "--seed=4")]
     assert all("--page=x.md" in c and TINY in c for c in commands)
+    cores = max(1, (os.cpu_count() or 1) // 1)  # the lesion workers: the run's share (--jobs=1)
+    assert all(c[-1] == f"--processes={cores}" for c in commands)
     (cfg,) = summaries
     assert cfg["runs"] == "everything_*_seed*_L21e4_h16_b16" and cfg["page"] == "x.md"
     assert cfg["preset"] == TINY
+    commands.clear()  # a --processes of the user's own is kept, not added to
+    run_pipeline.main([TINY, "--seeds=3,4", "--jobs=2", "--processes=1"])
+    assert all(c.count("--processes=1") == 1 and not any(
+        a.startswith("--processes=") and a != "--processes=1" for a in c) for c in commands)
 
 
 @pytest.mark.parametrize("arg, message", [
