@@ -104,7 +104,7 @@ CONFIG = dict(
     noise_rel_sigmas=[0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # noise std in units of the RMS weight ‖W‖_F/√(N·N_pre) {each >= 0}
     n_draws=10,  # random draws per robustness level (a curve of means: 10 draws x 1,920 test trials per point; 30 took a quarter of the suite's CPU time) {>= 1}
     memory_mb=None,  # memory budget of one forward pass in MB (how many conditions share it); None: 32 on CPU (more only spills the caches: 128 ran 25% slower with 40% more memory), 2048 on a GPU {None | > 0}
-    processes=0,  # processes sharing the conditions (lesion_engine.run_jobs; 0: one per core; CUDA or not Linux: 1); same scores in any number {>= 0}
+    processes=0,  # processes sharing the conditions (forked_jobs.run_jobs; 0: one per core; CUDA or not Linux: 1); same scores in any number {>= 0}
     kernel_threads=1,  # compiled-kernel threads per process (0: $MPN_KERNEL_THREADS, else 1); 2 helps only when processes leave cores idle {>= 0}
     num_threads=1,  # torch CPU threads (0: torch's default); 1 ran this stage 2x faster than 2 on the shared 2-core machine, and on idle cores 2 was slower too (> 400 s vs 337 s) {>= 0}
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}

@@ -16,18 +16,11 @@ Axis order: trials x time x units, (B, T, N); W is (N_post, N_pre) and synapse i
 flattened post-major (i_post * N_pre + j_pre).
 """
 import functools
-import gc
-import mmap
-import multiprocessing
-import os
-import signal
-import sys
-import time
-import traceback
 
 import numpy as np
 import torch
 
+import forked_jobs
 import helper
 import mpn
 import mpn_tasks
@@ -154,22 +147,12 @@ SCORES = ("angle", "trial", "broke_fixation", "wrong_go", "nogo_response")  # pe
 
 def new_scores(C, R, shared=False):
     """{score: (C, R) NaN array} for every name in SCORES; shared: in memory that forked
-    worker processes write into (shared_array)."""
-    make = shared_array if shared else np.empty
+    worker processes write into (forked_jobs.shared_array)."""
+    make = forked_jobs.shared_array if shared else np.empty
     out = {name: make((C, R), np.float32) for name in SCORES}
     for a in out.values():
         a.fill(np.nan)
     return out
-
-
-def shared_array(shape, dtype):
-    """An uninitialised array in anonymous shared memory: a process forked after this call
-    writes into the same pages (mmap's default MAP_SHARED), unlike ordinary copy-on-write
-    memory."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    buffer = mmap.mmap(-1, max(1, count * dtype.itemsize))
-    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
 
 
 def score_conditions(outputs, scorer):
@@ -215,8 +198,8 @@ def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions", pr
     rule (rules may differ in trial count). A dmpn whose hidden units run independently of
     each other (rows_independent) shares work between conditions (evaluate_by_rows); other
     networks stack conditions K at a time (evaluate_stacked). Either way the work is a list
-    of independent jobs, shared among `processes` processes (run_jobs; 0: one per core); the
-    scores are the same numbers in any number of processes."""
+    of independent jobs, shared among `processes` processes (forked_jobs.run_jobs; 0: one per
+    core); the scores are the same numbers in any number of processes."""
     processes = worker_processes(net, processes)
     acc = new_scores(len(conditions), len(tests), shared=processes > 1)
     if memory_mb is None:
@@ -224,7 +207,7 @@ def evaluate_conditions(net, tests, conditions, memory_mb, desc="conditions", pr
     make_jobs = evaluate_by_rows if net.rows_independent() else evaluate_stacked
     jobs = make_jobs(net, tests, conditions, memory_mb, acc)
     with helper.progress(total=len(conditions), desc=desc, unit="cond") as bar:
-        run_jobs(jobs, processes, bar)
+        forked_jobs.run_jobs(jobs, processes, bar)
     return {name: np.array(a) for name, a in acc.items()}  # out of the shared pages
 
 
@@ -284,162 +267,10 @@ def _run_over_rules(net, tests, cond, acc, cid):
         start += n
 
 
-# ----------------------------------------------------------------------------------------
-# Jobs in several processes
-#
-# The Python side of a job (building perturbations, scoring outputs) holds the interpreter
-# lock, so threads cannot overlap it with the kernel; forked processes can. They inherit the
-# network, the test set and the job list, claim jobs one at a time from a shared counter, and
-# write their scores into shared memory (new_scores(shared=True)), so nothing is sent
-# between them. Forking is safe only where the parent holds no CUDA context and the system
-# is Linux (macOS frameworks and Windows have no safe fork); elsewhere one process runs all.
-
-
 def worker_processes(net, processes):
-    """The number of processes evaluate_conditions uses: `processes`, where 0 means one per
-    core this process may run on; 1 for a CUDA network or off Linux."""
-    if not processes:
-        processes = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else os.cpu_count() or 1)
-    if net.W_out.is_cuda or not sys.platform.startswith("linux") or not hasattr(os, "fork"):
-        return 1
-    return max(1, int(processes))
-
-
-def run_jobs(jobs, processes, bar=None):
-    """Runs every job of jobs [(weight, fn)] once: fn() here or in one of processes - 1
-    forked children; each process takes the next unclaimed job when it finishes one, so long
-    and short jobs even out. fn must write its results into shared memory. A job that a child
-    claimed but did not finish (it failed or was killed) runs again here, so a lost child
-    costs time, never results; a job that fails here raises, and the children are stopped.
-    bar (a tqdm bar or None) advances by each finished job's weight."""
-    tick = _Ticker(bar, [w for w, _ in jobs])
-    if processes <= 1 or len(jobs) < 2:
-        for j, (_, fn) in enumerate(jobs):
-            fn()
-            tick.done(j)
-        return
-    claim = JobCounter(len(jobs))
-    finished = shared_array(len(jobs), np.int64)  # 1 where a job finished
-    finished.fill(0)
-    sys.stdout.flush()
-    sys.stderr.flush()  # else a child could write the parent's buffered text a second time
-    # frozen, the inherited objects are left alone by the children's garbage collector, which
-    # would otherwise write to (and so copy) every shared page of them that it visits
-    gc.freeze()
-    children = []
-    try:
-        for _ in range(min(processes, len(jobs)) - 1):
-            pid = os.fork()
-            if pid == 0:
-                _child(claim, jobs, finished)  # never returns
-            children.append(pid)
-        while (j := claim()) is not None:
-            jobs[j][1]()
-            finished[j] = 1
-            tick.sync(finished)
-        failed = _wait(children, tick, finished)
-    except BaseException:
-        for pid in children:
-            _stop(pid)
-        raise
-    finally:
-        gc.unfreeze()
-    left = np.flatnonzero(finished == 0)
-    if left.size:
-        why = (f"{failed} worker process(es) stopped before finishing" if failed else
-               "a process was killed while it held the job counter")
-        print(f"{why}; running the {left.size} unfinished job(s) in this process")
-    for j in left:
-        jobs[j][1]()
-        finished[j] = 1
-        tick.sync(finished)
-
-
-class JobCounter:
-    """Hands out job numbers 0, 1, ..., n - 1 across forked processes, each once (a counter in
-    shared memory under a process-shared lock); calling it gives the next one, or None when
-    none is left. A holder keeps the lock for a few instructions, so a process that waits
-    `timeout` seconds for it saw the holder killed inside them: it gets None too, and the
-    parent then runs every unfinished job itself, rather than every process waiting forever."""
-
-    def __init__(self, n, timeout=10.0):
-        self.n, self.timeout = n, timeout
-        self.next = shared_array(1, np.int64)
-        self.next.fill(0)
-        self.lock = multiprocessing.get_context("fork").Lock()
-
-    def __call__(self):
-        if not self.lock.acquire(timeout=self.timeout):
-            return None
-        try:
-            j = int(self.next[0])
-            self.next[0] = j + 1
-        finally:
-            self.lock.release()
-        return j if j < self.n else None
-
-
-class _Ticker:
-    """Advances a progress bar by the weight of the jobs finished so far."""
-
-    def __init__(self, bar, weights):
-        self.bar, self.weights, self.shown = bar, np.asarray(weights), 0
-
-    def done(self, j):
-        self._show(self.shown + int(self.weights[j]))
-
-    def sync(self, finished):
-        self._show(int(self.weights[finished == 1].sum()))
-
-    def _show(self, total):
-        if self.bar is not None and total > self.shown:
-            self.bar.update(total - self.shown)
-        self.shown = max(self.shown, total)
-
-
-def _child(claim, jobs, finished):
-    """A forked worker: claims and runs jobs until none is left, then exits without running
-    the parent's exit handlers or flushing its copies of the parent's buffers."""
-    code = 1
-    try:
-        torch.set_num_threads(1)  # torch's OpenMP pool is not fork-safe with more threads
-        while (j := claim()) is not None:
-            jobs[j][1]()
-            finished[j] = 1
-        code = 0
-    except KeyboardInterrupt:
-        pass
-    except BaseException:
-        print(f"worker process {os.getpid()} failed:", file=sys.stderr)
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _wait(children, tick, finished):
-    """Waits for every child, advancing the bar meanwhile; the number that failed."""
-    failed, running = 0, list(children)
-    while running:
-        for pid in list(running):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                running.remove(pid)
-                failed += os.waitstatus_to_exitcode(status) != 0
-        tick.sync(finished)
-        if running:
-            time.sleep(0.1)
-    return failed
-
-
-def _stop(pid):
-    try:
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
+    """How many processes evaluate_conditions uses (forked_jobs.process_count): `processes`,
+    0 meaning one per core; 1 for a CUDA network, whose context a forked child cannot use."""
+    return forked_jobs.process_count(processes, cuda=net.W_out.is_cuda)
 
 
 # ----------------------------------------------------------------------------------------

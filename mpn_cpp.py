@@ -777,9 +777,9 @@ def threads():
     $MPN_KERNEL_THREADS, else 1. One by default: the threads join
     once per trial in the backward, and on a busy machine each join waits for the OS to run
     the other thread (measured with the CPU preset at load average ~4: 38 steps/s on one
-    kernel thread, 19 on two). On an idle machine with large B·N², MPN_KERNEL_THREADS=2 lets
-    the backward recompute the next trial beside the reverse pass (expected ~1.4-1.6x,
-    unmeasured). They are independent of torch's intra-op threads (`num_threads`), which the
+    kernel thread, 19 on two). On an idle machine 2 let the backward recompute the next trial
+    beside the reverse pass (CPU preset: 10-30% more steps/s; training chooses per interval,
+    AdaptiveThreads). They are independent of torch's intra-op threads (`num_threads`), which the
     kernel never uses."""
     if _threads_override:
         return _threads_override
@@ -791,13 +791,14 @@ class AdaptiveThreads:
     """The kernel's threads for the next stretch of a training run, 1 or `most`, chosen from
     what the last stretch measured (results do not depend on the choice). On `most` threads
     the process uses more than one core while a core is free (the CPU preset on 2 idle cores:
-    1.45-1.5 cores, 10-30% more steps/s than on one thread); when other programs take the cores the
-    threads' per-trial joins wait for the OS and it falls to ~1 core or less, slower than
-    one thread (19 vs 38 steps/s at load 4), so the next stretch runs on one. A free core is
-    invisible from one thread, so after `probe_every` stretches on one it tries `most` for a
-    stretch again; each probe that fails doubles that wait (up to 8x), so a busy machine
-    loses at most one slow stretch in probe_every. adaptive=False keeps `most` throughout.
-    Call `update()` between stretches and run the kernel under `using_threads(self.threads)`."""
+    1.45-1.5 cores, 10-30% more steps/s than on one thread); when other programs take the
+    cores the threads' per-trial joins wait for the OS and it falls to ~1 core or less,
+    slower than one thread (19 vs 38 steps/s at load 4), so the next stretch runs on one. A
+    free core is invisible from one thread, so after `probe_every` stretches on one it tries
+    `most` for a stretch again; each probe that fails doubles that wait (up to 8x), so a busy
+    machine loses at most one slow stretch in probe_every. adaptive=False keeps `most`
+    throughout. Call `update()` between stretches and run the kernel under
+    `using_threads(self.threads)`."""
 
     MIN_CORES = 1.2  # cores per wall second that show the extra threads ran in parallel
 
@@ -815,8 +816,8 @@ class AdaptiveThreads:
         cores = (cpu - self.last[1]) / max(wall - self.last[0], 1e-9)
         self.last, ran = (wall, cpu), self.threads
         if not self.adaptive:
-            pass
-        elif self.threads > 1 and cores < self.MIN_CORES:  # the threads did not run side by side
+            return ran, cores
+        if self.threads > 1 and cores < self.MIN_CORES:  # the threads did not run side by side
             self.threads, self.wait = 1, self.probe_every * self.backoff
             self.backoff = min(8, 2 * self.backoff)
         elif self.threads > 1:

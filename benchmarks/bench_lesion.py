@@ -8,8 +8,9 @@ and the s.e. of the intact network's per-rule accuracy. With --run it times the 
 experiment group at a time (modulation; single + combined, which share their input-lesion
 base runs; robust + prune) and prints per group its conditions, wall time and the CPU time
 of the process and its --processes worker processes (torch on --threads threads: on a
-loaded machine the CPU time is the fair measure) and the s.e. achieved per cell (binomial, √(a(1 − a)/n) of every condition's per-rule `trial`
-accuracy a: median and largest); the suite's time is their sum.
+loaded machine the CPU time is the fair measure) and the s.e. achieved per cell (binomial,
+√(a(1 − a)/n) of every condition's per-rule `trial` accuracy a: median and largest); the
+suite's time is their sum.
   batched   lesion_engine.evaluate_conditions: for a dmpn, one base run per input-lesion set,
             the silenced units zeroed, and only the rows a condition's W / M perturbation
             touches run again, stacked over conditions into one virtual layer, with trials
@@ -153,7 +154,7 @@ def timed(fn, *args):
 
 def cpu_seconds():
     """CPU seconds of this process and of its finished children (the lesion worker
-    processes, lesion_engine.run_jobs)."""
+    processes, forked_jobs.run_jobs)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 

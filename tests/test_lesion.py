@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import forked_jobs
 import helper
 import lesion
 import lesion_engine
@@ -116,7 +117,7 @@ def test_worker_processes_give_the_same_scores_as_one(tests, options):
 def square_jobs(n, fail_in_child=False):
     """n jobs writing j² and the pid that ran them into shared memory; with fail_in_child a
     job run outside this process raises."""
-    out, pids = lesion_engine.shared_array(n, np.int64), lesion_engine.shared_array(n, np.int64)
+    out, pids = forked_jobs.shared_array(n, np.int64), forked_jobs.shared_array(n, np.int64)
     out.fill(-1)
     parent = os.getpid()
 
@@ -131,7 +132,7 @@ def square_jobs(n, fail_in_child=False):
 
 def test_run_jobs_runs_every_job_once_across_processes():
     jobs, out, pids = square_jobs(30)
-    lesion_engine.run_jobs(jobs, processes=2)
+    forked_jobs.run_jobs(jobs, processes=2)
     np.testing.assert_array_equal(out, np.arange(30) ** 2)
     assert len(set(pids.tolist())) == 2  # the child took a share
     assert os.getpid() in pids
@@ -140,7 +141,7 @@ def test_run_jobs_runs_every_job_once_across_processes():
 def test_jobs_of_a_failed_worker_process_run_in_the_parent(capfd):
     """A child that fails on its first job exits; the parent runs what it left and says so."""
     jobs, out, pids = square_jobs(12, fail_in_child=True)
-    lesion_engine.run_jobs(jobs, processes=2)
+    forked_jobs.run_jobs(jobs, processes=2)
     np.testing.assert_array_equal(out, np.arange(12) ** 2)
     assert set(pids.tolist()) == {os.getpid()}
     captured = capfd.readouterr()  # the child writes to the file descriptor
@@ -151,7 +152,7 @@ def test_jobs_of_a_failed_worker_process_run_in_the_parent(capfd):
 
 def test_a_killed_worker_process_loses_no_job():
     """A child killed outright (SIGKILL, no clean-up) mid-job: its job runs in the parent."""
-    out = lesion_engine.shared_array(12, np.int64)
+    out = forked_jobs.shared_array(12, np.int64)
     out.fill(-1)
     parent = os.getpid()
 
@@ -161,14 +162,14 @@ def test_a_killed_worker_process_loses_no_job():
         time.sleep(0.02)
         out[j] = j * j
 
-    lesion_engine.run_jobs([(1, functools.partial(job, j)) for j in range(12)], processes=2)
+    forked_jobs.run_jobs([(1, functools.partial(job, j)) for j in range(12)], processes=2)
     np.testing.assert_array_equal(out, np.arange(12) ** 2)
 
 
 def test_job_counter_hands_out_each_job_once_and_survives_a_dead_holder():
-    counter = lesion_engine.JobCounter(3, timeout=0.5)
+    counter = forked_jobs.JobCounter(3, timeout=0.5)
     assert [counter() for _ in range(5)] == [0, 1, 2, None, None]
-    counter = lesion_engine.JobCounter(3, timeout=0.5)
+    counter = forked_jobs.JobCounter(3, timeout=0.5)
     pid = os.fork()
     if pid == 0:  # a child killed while it holds the lock
         counter.lock.acquire()
@@ -186,7 +187,7 @@ def test_a_job_failing_in_the_parent_raises_and_stops_the_children():
     jobs = [(1, boom)] + [(1, functools.partial(time.sleep, 0.05)) for _ in range(40)]
     started = time.monotonic()
     with pytest.raises(ValueError, match="parent job failed"):
-        lesion_engine.run_jobs(jobs, processes=2)
+        forked_jobs.run_jobs(jobs, processes=2)
     assert time.monotonic() - started < 1.5  # the child was stopped, not waited for (2 s)
     with pytest.raises(ChildProcessError):  # and reaped: no child of ours is left
         os.waitpid(-1, os.WNOHANG)
