@@ -351,6 +351,44 @@ def test_kernel_lambda_without_column_factor_takes_the_general_path_bits(dtype, 
     assert torch.equal(one[0], per_pre[0]) and torch.equal(one[1], per_pre[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seg_bytes", [3 * N_PRE * N_POST * 4, 1 << 30])
+@pytest.mark.parametrize("m_freeze", [None, "per_trial"])
+def test_kernel_skips_a_padded_tail_bit_for_bit(dtype, seg_bytes, m_freeze, kernel_only,
+                                                monkeypatch):
+    """Trials padded with zero input after their own end (lengths 10, 6, 3, 0 of T = 10) and a
+    loss that ignores the padding: the kernel runs the tail's forward without its dot
+    products and skips it in the backward. A zero W_rec makes it run every step in full
+    (trial_end), and gives the same h, M and gradients bit for bit; a loss that reads the
+    padded steps too (dL/dh ≠ 0 there) is not skipped: both match the reference engine.
+    Segments of 3 and of the whole sequence, with 2 threads (the recompute beside the reverse
+    pass)."""
+    monkeypatch.setattr(mpn_cpp, "SEG_BYTES", seg_bytes)
+    monkeypatch.setenv("MPN_KERNEL_THREADS", "2")
+    args, masks = make_inputs(B=4, T=10, m_freeze=m_freeze, dtype=dtype,
+                              eta_scale=3.0 if dtype == torch.float64 else 2.0)
+    lengths = torch.tensor([10, 6, 3, 0])
+    real = (torch.arange(10)[None, :] < lengths[:, None]).to(dtype)  # (B, T)
+    with torch.no_grad():
+        args["x"].mul_(real[:, :, None])
+
+    def padded_run(engine, W_rec=None, masked=True):
+        h, M = mpn_engine.plastic_forward(**dict(args, W_rec=W_rec), **masks, engine=engine)
+        wh = torch.cos(torch.arange(h.numel(), dtype=h.dtype)).view_as(h)
+        if masked:
+            wh = wh * real[:, :, None]
+        inputs = [t for t in args.values() if t is not None and t.requires_grad]
+        return [h.detach(), M.detach(), *torch.autograd.grad((h * wh).sum(), inputs)]
+
+    skipped = padded_run("cpp")
+    every_step = padded_run("cpp", W_rec=torch.zeros(N_POST, N_POST, dtype=dtype))
+    assert all(torch.equal(a, b) for a, b in zip(skipped, every_step))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert_close(skipped, padded_run("reference"), tol)
+    assert skipped[1][3].abs().max() == 0 and skipped[1][2].abs().max() > 0  # M decays, kept
+    assert_close(padded_run("cpp", masked=False), padded_run("reference", masked=False), tol)
+
+
 def test_kernel_no_grad_and_default_training_config(kernel_only):
     """Paper defaults (mult, hebb_assoc, scalar trainable η, fixed λ = 0.99, clip ±1) at a
     size where the trials spread over the threads."""
