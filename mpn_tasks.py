@@ -581,9 +581,16 @@ def concat_batches(batches):
         if f.name in merged:
             continue
         parts = [getattr(b, f.name) for b in batches]
-        if f.name in ("inputs", "targets", "mask"):
-            parts = [np.pad(p, ((0, 0), (0, n_steps - p.shape[1]), (0, 0))) for p in parts]
-        merged[f.name] = np.concatenate(parts)
+        if f.name in ("inputs", "targets", "mask"):  # zero-padded in time (np.pad is slow)
+            out = np.zeros((sum(len(p) for p in parts), n_steps, parts[0].shape[2]),
+                           parts[0].dtype)
+            start = 0
+            for p in parts:
+                out[start:start + len(p), :p.shape[1]] = p
+                start += len(p)
+            merged[f.name] = out
+        else:
+            merged[f.name] = np.concatenate(parts)
     return Batch(**merged)
 
 
