@@ -7,10 +7,13 @@ one fused pass over (M_{t-1}, dL/dM, W, the dW accumulator). Each trial's M stay
 core's L2 for the whole sequence.
 
 Threads (`threads()`: one unless MPN_KERNEL_THREADS says more; the kernel's own std::threads,
-joined, never spinning): the forward hands trials out one at a time to the threads; the
+joined, never spinning): the forward hands trials out one at a time to the threads. The
 backward reverses trials one after another (the dW accumulator is one running sum in trial
-order) while a second thread recomputes the next trial's forward. Results are bit-identical
-for any thread count, so a run does not depend on it. (Until version 5 the kernel called
+order), each thread owning a band of M's rows: a row's recurrences read no other row, and the
+few sums over rows (dx_t; η's and λ's column gradients) pass from band to band at each step,
+continued where the band above stopped (version 9; before, a second thread only recomputed the
+next trial's forward, which W_rec still uses). Results are bit-identical for any thread count,
+so a run does not depend on it. (Until version 5 the kernel called
 at::parallel_for, but the extension is built without -fopenmp, so that always ran every trial
 on one thread; torch's own threads then only served the small ops around the kernel, and
 their OpenMP spin-waits made a loaded machine 5-7x slower: see configs/cpu_quick.py.)
@@ -69,7 +72,10 @@ _SOURCE = r"""
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <condition_variable>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -169,15 +175,20 @@ int64_t trial_end(const Prm<S>& p, int64_t b, const S* gh, bool keep_all) {
   return 0;
 }
 
-// One forward step of trial b: Msrc = M_{t-1} -> Mdst = M_t (may alias). Writes h_t, g_t into
-// the trial's (T, No) blocks h and g.
+// One forward step of trial b, rows [r0, r1) of M (all by default; r0 a multiple of RB):
+// Msrc = M_{t-1} -> Mdst = M_t (may alias), both holding row i at (i - r0) * Np. Writes h_t,
+// g_t into the trial's (T, No) blocks h and g. A row's step reads no other row (W_rec aside),
+// so rows split between threads give the same bits.
 // IDLE: x_t is all zero and there is no W_rec (a padded step after the trial's end), so the
 // dot product is skipped: with x_t = 0 it sums signed zeros to +0, and a = +0 + b as here.
 // Everything else (tanh, the M update with its zero Hebbian term) runs as for any step.
+constexpr int64_t RB = 16;  // rows per block of the forward step
+
 template <typename S, bool MULT, bool KEEP, bool IDLE = false>
 void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* h, S* g,
-              S* xe, S* rec) {
+              S* xe, S* rec, int64_t r0 = 0, int64_t r1 = -1) {
   const int64_t No = p.No, Np = p.Np;
+  if (r1 < 0) r1 = No;
   const S* xt = p.x + (b * p.T + t) * Np;
   for (int64_t j = 0; j < Np; ++j) xe[j] = p.ec[j] * xt[j];
   const bool has_rec = p.Wrec != nullptr && t > 0;
@@ -197,13 +208,12 @@ void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* 
   const S* lc = p.lc;
   // Rows in blocks of RB: the block's pre-activations, then its tanh as one vector loop,
   // then its M updates (each row's M is still in L1 from its dot product).
-  constexpr int64_t RB = 16;
   S pre[RB], gv[RB];
-  for (int64_t i0 = 0; i0 < No; i0 += RB) {
-    const int64_t nb = std::min(RB, No - i0);
+  for (int64_t i0 = r0; i0 < r1; i0 += RB) {
+    const int64_t nb = std::min(RB, r1 - i0);
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t i = i0 + r;
-      const S* Mr = Msrc + i * Np;
+      const S* Mr = Msrc + (i - r0) * Np;
       const S* Wr = p.W + i * Np;
       S s = 0;  // (W ⊙ (1 + M)) x  or  (W + M) x, never split: no cancellation in float32
       if (IDLE) {
@@ -221,8 +231,8 @@ void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* 
 #pragma omp simd
     for (int64_t r = 0; r < nb; ++r) gv[r] = tanh_vec(pre[r]);
     for (int64_t i = i0; i < i0 + nb; ++i) {
-      const S* Mr = Msrc + i * Np;
-      S* Md = Mdst + i * Np;
+      const S* Mr = Msrc + (i - r0) * Np;
+      S* Md = Mdst + (i - r0) * Np;
       const S gi = gv[i - i0];
       const S hv = mask ? gi * mask[i] : gi;
       g[t * No + i] = gi;
@@ -338,62 +348,117 @@ struct Hist {
         Mp(K + 1) {}
 };
 
-// The reverse pass of one trial. dL/dM (G) and the carried W_recᵀ δ live here across
-// segments; the dW accumulator is one buffer that every trial adds into in trial order, so
-// the sum is the same however the recompute work is spread over threads.
+// The running sums over rows of one reverse step (dx's two terms and λ's column gradient),
+// handed from the thread of one band of rows to the thread of the next, step after step.
+// The next band continues the sums where the previous stopped, so they add the rows in the
+// same order as one thread does. A ring of `slots` steps; both sides wait on a condition
+// variable (never spinning) when it is empty or full.
+template <typename S>
+struct Link {
+  const int64_t width, slots;
+  std::vector<S> buf;
+  int64_t produced = 0, consumed = 0;  // steps handed over / taken, guarded by mu
+  std::mutex mu;
+  std::condition_variable cv;
+  Link(int64_t width_, int64_t slots_)
+      : width(width_), slots(slots_), buf(width_ * slots_) {}
+  void put(int64_t q, const S* a, const S* b, const S* c) {
+    {
+      std::unique_lock<std::mutex> lk(mu);
+      cv.wait(lk, [&] { return q - consumed < slots; });
+    }
+    S* d = buf.data() + (q % slots) * width;
+    const int64_t n = width / 3;
+    std::copy(a, a + n, d);
+    std::copy(b, b + n, d + n);
+    std::copy(c, c + n, d + 2 * n);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      produced = q + 1;
+    }
+    cv.notify_all();
+  }
+  void take(int64_t q, S* a, S* b, S* c) {
+    {
+      std::unique_lock<std::mutex> lk(mu);
+      cv.wait(lk, [&] { return produced > q; });
+    }
+    const S* d = buf.data() + (q % slots) * width;
+    const int64_t n = width / 3;
+    std::copy(d, d + n, a);
+    std::copy(d + n, d + 2 * n, b);
+    std::copy(d + 2 * n, d + 3 * n, c);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      consumed = q + 1;
+    }
+    cv.notify_all();
+  }
+};
+
+// The reverse pass of rows [r0, r1) (a band; all rows by default) of one trial at a time.
+// dL/dM (G, the band's rows) and the carried W_recᵀ δ live here across segments; the dW
+// accumulator is one buffer that every trial adds into in trial order, so the sum is the
+// same however the work is spread over threads. A band takes the row sums of each step
+// from the band above (`in`) and hands them to the band below (`out`); the last band
+// finishes the step (dx_t, η's and λ's column gradients).
 template <typename S, bool MULT, bool KEEP>
 struct Reverse {
   const Prm<S>& p;
   const BwdOut& o;
-  const int64_t No, Np, T, NN, K, nseg;
+  const int64_t No, Np, T, NN, K, nseg, r0, r1, RN;
   std::vector<S> G, post, carry, dh, u, dxm, lamc, xe;
-  std::vector<int64_t> end;  // per trial: steps t >= end[b] are skipped (trial_end)
+  const std::vector<int64_t>& end;  // per trial: steps t >= end[b] are skipped (trial_end)
   S* acc;
-  Reverse(const Prm<S>& p_, const BwdOut& o_)
+  Link<S>*in, *out;
+  int64_t q = 0;  // steps reversed so far (the Link sequence number)
+  Reverse(const Prm<S>& p_, const BwdOut& o_, const std::vector<int64_t>& end_,
+          int64_t r0_ = 0, int64_t r1_ = -1, Link<S>* in_ = nullptr, Link<S>* out_ = nullptr)
       : p(p_), o(o_), No(p_.No), Np(p_.Np), T(p_.T), NN(p_.No * p_.Np), K(o_.seg),
-        nseg((p_.T + o_.seg - 1) / o_.seg), G(NN), post(No), carry(No), dh(No), u(Np),
-        dxm(Np), lamc(Np), xe(Np), end(p_.B),
-        acc(o_.need_acc ? static_cast<S*>(o_.acc) : nullptr) {
-    for (int64_t b = 0; b < p.B; ++b)
-      end[b] = trial_end(p, b, static_cast<const S*>(o.gh), o.gM != nullptr);
-  }
+        nseg((p_.T + o_.seg - 1) / o_.seg), r0(r0_), r1(r1_ < 0 ? p_.No : r1_),
+        RN((r1 - r0) * p_.Np), G(RN), post(No), carry(No), dh(No), u(Np), dxm(Np), lamc(Np),
+        xe(Np), end(end_), acc(o_.need_acc ? static_cast<S*>(o_.acc) : nullptr), in(in_),
+        out(out_) {}
 
   S* hs(int64_t b) const { return static_cast<S*>(o.hs) + b * T * No; }
 
   // checkpoint pass: H.ckpt[s] = M entering segment s (M_{s K - 1}), for the segments that
   // start before the trial's end
   void checkpoints(int64_t b, Hist<S>& H) const {
-    std::fill(H.ckpt.begin(), H.ckpt.begin() + NN, S(0));
+    std::fill(H.ckpt.begin(), H.ckpt.begin() + RN, S(0));
     for (int64_t s = 0; s + 1 < nseg && (s + 1) * K < end[b]; ++s) {
-      S* Mc = H.ckpt.data() + (s + 1) * NN;
-      std::memcpy(Mc, H.ckpt.data() + s * NN, NN * sizeof(S));
+      S* Mc = H.ckpt.data() + (s + 1) * RN;
+      std::memcpy(Mc, H.ckpt.data() + s * RN, RN * sizeof(S));
       for (int64_t t = s * K; t < (s + 1) * K; ++t)
-        fwd_step<S, MULT, KEEP>(p, b, t, Mc, Mc, hs(b), H.g.data(), H.xe.data(), H.rec.data());
+        fwd_step<S, MULT, KEEP>(p, b, t, Mc, Mc, hs(b), H.g.data(), H.xe.data(), H.rec.data(),
+                                r0, r1);
     }
   }
 
   // recompute segment s from its checkpoint: H.Mp[t - t0] = M_{t-1}, up to the trial's end
   void recompute(int64_t b, int64_t s, Hist<S>& H) const {
     const int64_t t0 = s * K, t1 = std::min({T, t0 + K, end[b]});
-    if (nseg == 1) std::fill(H.ckpt.begin(), H.ckpt.begin() + NN, S(0));
-    H.Mp[0] = H.ckpt.data() + s * NN;
+    if (nseg == 1) std::fill(H.ckpt.begin(), H.ckpt.begin() + RN, S(0));
+    H.Mp[0] = H.ckpt.data() + s * RN;
     for (int64_t t = t0; t < t1; ++t) {
-      S* dst = (t + 1 < t1) ? H.hist.data() + (t - t0) * NN : H.scratch.data();
+      S* dst = (t + 1 < t1) ? H.hist.data() + (t - t0) * RN : H.scratch.data();
       H.Mp[t - t0 + 1] = dst;
       fwd_step<S, MULT, KEEP>(p, b, t, H.Mp[t - t0], dst, hs(b), H.g.data(), H.xe.data(),
-                              H.rec.data());
+                              H.rec.data(), r0, r1);
     }
   }
 
   void start(int64_t b) {
     const S* gM = static_cast<const S*>(o.gM);
-    if (gM) std::memcpy(G.data(), gM + b * NN, NN * sizeof(S));
+    if (gM) std::memcpy(G.data(), gM + b * NN + r0 * Np, RN * sizeof(S));
     else std::fill(G.begin(), G.end(), S(0));
     std::fill(carry.begin(), carry.end(), S(0));
-    std::fill(static_cast<S*>(o.eta_r) + b * No, static_cast<S*>(o.eta_r) + (b + 1) * No, S(0));
-    std::fill(static_cast<S*>(o.eta_c) + b * Np, static_cast<S*>(o.eta_c) + (b + 1) * Np, S(0));
-    std::fill(static_cast<S*>(o.lam_r) + b * No, static_cast<S*>(o.lam_r) + (b + 1) * No, S(0));
-    std::fill(static_cast<S*>(o.lam_c) + b * Np, static_cast<S*>(o.lam_c) + (b + 1) * Np, S(0));
+    std::fill_n(static_cast<S*>(o.eta_r) + b * No + r0, r1 - r0, S(0));
+    std::fill_n(static_cast<S*>(o.lam_r) + b * No + r0, r1 - r0, S(0));
+    if (!out) {  // the last band finishes the column sums
+      std::fill_n(static_cast<S*>(o.eta_c) + b * Np, Np, S(0));
+      std::fill_n(static_cast<S*>(o.lam_c) + b * Np, Np, S(0));
+    }
   }
 
   // walk back through segment s of trial b (recomputed into H); past the trial's end δ, dx
@@ -401,9 +466,9 @@ struct Reverse {
   void segment(int64_t b, int64_t s, const Hist<S>& H) {
     const int64_t t0 = s * K, t1 = std::min({T, t0 + K, end[b]});
     for (int64_t t = std::max(t0, t1); t < std::min(T, t0 + K); ++t) {
-      std::fill_n(static_cast<S*>(o.delta) + (b * T + t) * No, No, S(0));
-      std::fill_n(hs(b) + t * No, No, S(0));
-      if (o.need_x) std::fill_n(static_cast<S*>(o.dx) + (b * T + t) * Np, Np, S(0));
+      std::fill_n(static_cast<S*>(o.delta) + (b * T + t) * No + r0, r1 - r0, S(0));
+      std::fill_n(hs(b) + t * No + r0, r1 - r0, S(0));
+      if (o.need_x && !out) std::fill_n(static_cast<S*>(o.dx) + (b * T + t) * Np, Np, S(0));
     }
     const S* gh = static_cast<const S*>(o.gh);
     const S* h = hs(b);
@@ -419,13 +484,17 @@ struct Reverse {
       const S* Mprev = H.Mp[t - t0];
       const S* xt = p.x + (b * T + t) * Np;
       for (int64_t j = 0; j < Np; ++j) xe[j] = p.ec[j] * xt[j];
-      for (int64_t i = 0; i < No; ++i) {
+      for (int64_t i = r0; i < r1; ++i) {
         post[i] = p.assoc ? h[t * No + i] : p.pc;
         dh[i] = (gh ? gh[(b * T + t) * No + i] : S(0)) + carry[i];
       }
-      std::fill(u.begin(), u.end(), S(0));
-      if (o.need_x) std::fill(dxm.begin(), dxm.end(), S(0));
-      if (o.need_lamc) std::fill(lamc.begin(), lamc.end(), S(0));
+      if (in) {
+        in->take(q, u.data(), dxm.data(), lamc.data());
+      } else {
+        std::fill(u.begin(), u.end(), S(0));
+        if (o.need_x) std::fill(dxm.begin(), dxm.end(), S(0));
+        if (o.need_lamc) std::fill(lamc.begin(), lamc.end(), S(0));
+      }
       S* dl = delta + t * No;
       const S lo = p.lo, hi = p.hi;
       const S* lc = p.lc;
@@ -433,9 +502,9 @@ struct Reverse {
       S* dxv = dxm.data();
       S* lcv = lamc.data();
       const bool strict = p.strict;
-      for (int64_t i = 0; i < No; ++i) {
-        S* Gr = G.data() + i * Np;
-        const S* Mr = Mprev + i * Np;
+      for (int64_t i = r0; i < r1; ++i) {
+        S* Gr = G.data() + (i - r0) * Np;
+        const S* Mr = Mprev + (i - r0) * Np;
         const S* Wr = p.W + i * Np;
         const S pe = p.er[i] * post[i];
         const S li = p.lr[i];
@@ -500,6 +569,11 @@ struct Reverse {
           }
         }
       }
+      if (out) {
+        out->put(q++, uu, dxv, lcv);
+        continue;
+      }
+      ++q;
       if (o.need_x) {
         S* dxt = static_cast<S*>(o.dx) + (b * T + t) * Np;
         for (int64_t j = 0; j < Np; ++j) dxt[j] = dxv[j] + p.ec[j] * uu[j];
@@ -520,37 +594,68 @@ struct Reverse {
   }
 };
 
+// One band's whole reverse pass: every trial in trial order, segment by segment.
+template <typename S, bool MULT, bool KEEP>
+void reverse_all(Reverse<S, MULT, KEEP>& R) {
+  Hist<S> H(R.nseg, R.K, R.RN, R.T, R.No, R.Np);
+  for (int64_t b = 0; b < R.p.B; ++b) {
+    R.checkpoints(b, H);
+    R.start(b);
+    for (int64_t s = R.nseg - 1; s >= 0; --s) {
+      R.recompute(b, s, H);
+      R.segment(b, s, H);
+    }
+  }
+}
+
 // Trials are reversed one after another in trial order (the dW accumulator is one running
-// sum, so its rounding is the same whatever the thread count). When a trial's whole history
-// fits in one segment and a second thread is allowed, that thread recomputes trial b + 1's
-// forward while trial b is reversed (two history buffers, one join per trial): the recompute
-// is a third of the backward's work, and the result is bit-identical to one thread.
+// sum, so its rounding is the same whatever the thread count). With more than one thread
+// and no W_rec, the rows are split into bands (whole blocks of RB rows), one thread each:
+// a row's forward and reverse recurrences read no other row, and the sums over rows (dx_t,
+// η's and λ's column gradients) pass from band to band each step (Link), so every sum adds
+// its terms in the order one thread does: bit-identical for any thread count. With W_rec
+// (rows coupled through h_{t-1}) and a trial's whole history in one segment, a second thread
+// recomputes trial b + 1's forward while trial b is reversed (one join per trial).
 template <typename S, bool MULT, bool KEEP>
 void backward_impl(const Prm<S>& p, const BwdOut& o, int64_t nthr) {
-  Reverse<S, MULT, KEEP> R(p, o);
-  const int64_t nseg = R.nseg, B = p.B;
-  Hist<S> H0(nseg, R.K, R.NN, p.T, p.No, p.Np);
-  if (nseg == 1 && nthr > 1 && B > 1) {
-    Hist<S> H1(1, R.K, R.NN, p.T, p.No, p.Np);
+  std::vector<int64_t> end(p.B);
+  for (int64_t b = 0; b < p.B; ++b)
+    end[b] = trial_end(p, b, static_cast<const S*>(o.gh), o.gM != nullptr);
+  const int64_t blocks = (p.No + RB - 1) / RB;
+  const int64_t bands = p.Wrec ? 1 : std::min(nthr, blocks);
+  if (bands > 1) {
+    std::vector<std::unique_ptr<Link<S>>> links;
+    for (int64_t k = 0; k + 1 < bands; ++k)
+      links.emplace_back(new Link<S>(3 * p.Np, 2 * p.T));
+    std::vector<std::unique_ptr<Reverse<S, MULT, KEEP>>> rev;
+    for (int64_t k = 0; k < bands; ++k) {
+      const int64_t r0 = RB * (k * blocks / bands);
+      const int64_t r1 = std::min(p.No, RB * ((k + 1) * blocks / bands));
+      rev.emplace_back(new Reverse<S, MULT, KEEP>(p, o, end, r0, r1,
+                                                  k ? links[k - 1].get() : nullptr,
+                                                  k + 1 < bands ? links[k].get() : nullptr));
+    }
+    std::vector<std::thread> pool;
+    for (int64_t k = 1; k < bands; ++k) pool.emplace_back([&, k]() { reverse_all(*rev[k]); });
+    reverse_all(*rev[0]);
+    for (auto& t : pool) t.join();
+    return;
+  }
+  Reverse<S, MULT, KEEP> R(p, o, end);
+  if (R.nseg == 1 && nthr > 1 && p.B > 1) {
+    Hist<S> H0(1, R.K, R.RN, p.T, p.No, p.Np), H1(1, R.K, R.RN, p.T, p.No, p.Np);
     Hist<S>* H[2] = {&H0, &H1};
     R.recompute(0, 0, H0);
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < p.B; ++b) {
       std::thread next;
-      if (b + 1 < B) next = std::thread([&, b]() { R.recompute(b + 1, 0, *H[(b + 1) % 2]); });
+      if (b + 1 < p.B) next = std::thread([&, b]() { R.recompute(b + 1, 0, *H[(b + 1) % 2]); });
       R.start(b);
       R.segment(b, 0, *H[b % 2]);
       if (next.joinable()) next.join();
     }
     return;
   }
-  for (int64_t b = 0; b < B; ++b) {
-    R.checkpoints(b, H0);
-    R.start(b);
-    for (int64_t s = nseg - 1; s >= 0; --s) {
-      R.recompute(b, s, H0);
-      R.segment(b, s, H0);
-    }
-  }
+  reverse_all(R);
 }
 
 template <typename S>
@@ -650,7 +755,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the GIL is released while a kerne
 }
 """
 
-_VERSION = 8  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
+_VERSION = 9  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
 
 
 def _name():

@@ -318,6 +318,51 @@ def test_kernel_result_does_not_depend_on_its_threads(seg_bytes, kernel_only, mo
     assert_close(results[0][:len(results[0]) - 2], run("reference", args, masks), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seg_bytes", [3 * 40 * 24 * 8, 1 << 30])
+@pytest.mark.parametrize("lam_kind", ["scalar", "pre"])
+def test_kernel_row_bands_are_bit_identical_to_one_thread(dtype, seg_bytes, lam_kind,
+                                                          kernel_only, monkeypatch):
+    """N_post = 40 (row blocks of 16, 16 and 8): on 2 and 3 threads the backward splits the
+    rows into bands, one thread each, handing the sums over rows from band to band. Outputs
+    and gradients equal one thread's bit for bit (a loss on h and M, and one on h alone over
+    unpadded steps, which skips the padded tails), and the reference engine's values;
+    frozen-M and hidden masks, a trainable λ per presynaptic unit (λ's column gradient is a
+    sum over rows too), segments of 3 steps and of the whole sequence."""
+    monkeypatch.setattr(mpn_cpp, "SEG_BYTES", seg_bytes)
+    g = torch.Generator().manual_seed(3)
+    B, T, n_pre, n_post = 5, 9, 24, 40
+    x = torch.tanh(2 * torch.randn(B, T, n_pre, generator=g, dtype=dtype))
+    real = (torch.arange(T)[None, :] < torch.tensor([9, 4, 9, 1, 6])[:, None]).to(dtype)
+    x = (x * real[:, :, None]).requires_grad_()
+    lam_shape = () if lam_kind == "scalar" else (1, n_pre)
+    args = dict(x=x,
+                W=(torch.randn(n_post, n_pre, generator=g, dtype=dtype) / 3).requires_grad_(),
+                b=torch.randn(n_post, generator=g, dtype=dtype).requires_grad_(),
+                eta=(2.0 + 0.3 * torch.randn(1, n_pre, generator=g, dtype=dtype)).requires_grad_(),
+                lam=(0.9 + 0.09 * torch.rand(lam_shape, generator=g, dtype=dtype)).requires_grad_(),
+                W_rec=None)
+    masks = dict(hid_mask=(torch.rand(B, n_post, generator=g) > 0.2).to(dtype),
+                 m_freeze=(torch.rand(B, n_post, n_pre, generator=g) > 0.8).to(dtype))
+    inputs = [t for t in args.values() if t is not None]
+
+    def both_losses(engine):
+        h, M = mpn_engine.plastic_forward(**args, **masks, engine=engine)
+        wh = torch.cos(torch.arange(h.numel(), dtype=dtype)).view_as(h)
+        wM = torch.sin(torch.arange(M.numel(), dtype=dtype)).view_as(M)
+        full = torch.autograd.grad((h * wh).sum() + (M * wM).sum(), inputs, retain_graph=True)
+        tail_free = torch.autograd.grad((h * wh * real[:, :, None]).sum(), inputs)
+        return [h.detach(), M.detach(), *full, *tail_free]
+
+    results = []
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("MPN_KERNEL_THREADS", n)
+        results.append(both_losses("cpp"))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert_close(results[0], both_losses("reference"), 1e-9 if dtype == torch.float64 else 1e-5)
+
+
 def test_using_threads_overrides_the_environment_inside_its_block_only(kernel_only,
                                                                       monkeypatch):
     monkeypatch.setenv("MPN_KERNEL_THREADS", "3")
