@@ -1,0 +1,112 @@
+"""Where a training step of the CPU preset spends its time, per part, on 1 and 2 kernel threads.
+
+Builds the network of `configs/cpu_quick.py` (or the config given), draws training batches as
+multiple_task does (uniform rule probabilities) and times --steps steps after --warmup, split
+into: batch (mpn_tasks.random_batch), to_torch, forward, loss, backward (the compiled
+kernel's reverse pass and the small ops around it), opt (clip, Adam, clamp). Also times one
+validation pass (15 rules x n_valid trials, forward only; the preset runs one every
+eval_every steps) and prints ms per step with it spread over eval_every steps. Wall and
+process CPU time; on 2 idle cores the kernel's threads run side by side (CPU > wall).
+
+The weights after the timed steps are hashed: they must be the same for every thread count
+(the kernel's result does not depend on its threads).
+
+Example:
+    python benchmarks/bench_train_step.py                       # 300 steps, threads 1 and 2
+    python benchmarks/bench_train_step.py --threads=2 --steps=1000 -- --rules_per_batch=4
+Arguments after `--` are config overrides, as for multiple_task.py.
+"""
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import helper  # noqa: E402
+import mpn_cpp  # noqa: E402
+import multiple_task  # noqa: E402
+import net_helpers  # noqa: E402
+
+PARTS = ("batch", "to_torch", "forward", "loss", "backward", "opt")
+
+
+def time_steps(cfg, threads, steps, warmup):
+    """ms per step of each part (wall), wall and CPU ms per step, eval seconds, weight hash."""
+    torch.manual_seed(0)
+    meta = multiple_task.derived(cfg)
+    net, opt, _ = multiple_task.build(cfg, meta, torch.device("cpu"))
+    rules = meta["rules"]
+    p = np.full(len(rules), 1.0 / len(rules))
+    rng = np.random.default_rng(0)
+    sums = dict.fromkeys(PARTS, 0.0)
+    with mpn_cpp.using_threads(threads):
+        for i in range(warmup + steps):
+            if i == warmup:
+                sums = dict.fromkeys(PARTS, 0.0)
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+            t = [time.perf_counter()]
+            batch = multiple_task.training_batch(cfg, rules, p, rng)
+            t.append(time.perf_counter())
+            batch_t = net_helpers.batch_to_torch(batch, "cpu")
+            t.append(time.perf_counter())
+            out = net(batch_t["inputs"])
+            t.append(time.perf_counter())
+            loss, _ = net_helpers.compute_loss(out, batch_t, net, cfg["weight_reg"],
+                                               cfg["activity_reg"])
+            t.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t.append(time.perf_counter())
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
+            opt.step()
+            net.clamp_parameters()
+            t.append(time.perf_counter())
+            for k, name in enumerate(PARTS):
+                sums[name] += t[k + 1] - t[k]
+        wall = time.perf_counter() - wall0
+        cpu = time.process_time() - cpu0
+        valid = multiple_task.validation_set(cfg, rules)
+        e0 = time.perf_counter()
+        multiple_task.evaluate_rules(net, valid, cfg)
+        eval_s = time.perf_counter() - e0
+    digest = hashlib.sha1(b"".join(v.detach().numpy().tobytes()
+                                   for v in net.state_dict().values())).hexdigest()[:12]
+    per = {k: 1000 * v / steps for k, v in sums.items()}
+    return per, 1000 * wall / steps, 1000 * cpu / steps, eval_s, digest
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/cpu_quick.py")
+    ap.add_argument("--threads", default="1,2", help="kernel thread counts, comma-separated")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20)
+    args, overrides = ap.parse_known_args()
+    overrides = [o for o in overrides if o != "--"]
+    os.chdir(Path(__file__).resolve().parent.parent)
+    cfg = helper.load_config(multiple_task.CONFIG, [args.config] + overrides, echo=False)
+    torch.set_num_threads(cfg["num_threads"] or 1)
+    if mpn_cpp.kernel() is None:
+        print("compiled kernel unavailable: timing the 'fast' engine")
+    print(f"{args.config} {' '.join(overrides)}: N = {cfg['n_hidden']}, batch "
+          f"{cfg['batch_size']}, {args.steps} steps after {args.warmup}; torch threads "
+          f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")
+    head = ["kernel threads", *PARTS, "step wall", "step CPU",
+            f"eval (s, /{cfg['eval_every']} steps)", "wall + eval", "steps/s", "weights"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for threads in (int(t) for t in args.threads.split(",")):
+        per, wall, cpu, eval_s, digest = time_steps(cfg, threads, args.steps, args.warmup)
+        with_eval = wall + 1000 * eval_s / cfg["eval_every"]
+        cells = [str(threads), *(f"{per[k]:.2f}" for k in PARTS), f"{wall:.1f}", f"{cpu:.1f}",
+                 f"{eval_s:.2f}", f"{with_eval:.1f}", f"{1000 / with_eval:.1f}", digest]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
