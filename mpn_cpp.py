@@ -184,11 +184,13 @@ int64_t trial_end(const Prm<S>& p, int64_t b, const S* gh, bool keep_all) {
 // Everything else (tanh, the M update with its zero Hebbian term) runs as for any step.
 constexpr int64_t RB = 16;  // rows per block of the forward step
 
-template <typename S, bool MULT, bool KEEP, bool IDLE = false>
+template <typename S, bool MULT, bool KEEP, bool IDLE = false, bool BAND = false>
 void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* h, S* g,
-              S* xe, S* rec, int64_t r0 = 0, int64_t r1 = -1) {
+              S* xe, S* rec, int64_t band0 = 0, int64_t band1 = 0) {
   const int64_t No = p.No, Np = p.Np;
-  if (r1 < 0) r1 = No;
+  // all rows unless BAND (a separate instantiation: the row range as runtime values slowed
+  // the all-rows step by ~10%)
+  const int64_t r0 = BAND ? band0 : 0, re = BAND ? band1 : No;
   const S* xt = p.x + (b * p.T + t) * Np;
   for (int64_t j = 0; j < Np; ++j) xe[j] = p.ec[j] * xt[j];
   const bool has_rec = p.Wrec != nullptr && t > 0;
@@ -209,8 +211,8 @@ void fwd_step(const Prm<S>& p, int64_t b, int64_t t, const S* Msrc, S* Mdst, S* 
   // Rows in blocks of RB: the block's pre-activations, then its tanh as one vector loop,
   // then its M updates (each row's M is still in L1 from its dot product).
   S pre[RB], gv[RB];
-  for (int64_t i0 = r0; i0 < r1; i0 += RB) {
-    const int64_t nb = std::min(RB, r1 - i0);
+  for (int64_t i0 = r0; i0 < re; i0 += RB) {
+    const int64_t nb = std::min(RB, re - i0);
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t i = i0 + r;
       const S* Mr = Msrc + (i - r0) * Np;
@@ -402,11 +404,11 @@ struct Link {
 // same however the work is spread over threads. A band takes the row sums of each step
 // from the band above (`in`) and hands them to the band below (`out`); the last band
 // finishes the step (dx_t, η's and λ's column gradients).
-template <typename S, bool MULT, bool KEEP>
+template <typename S, bool MULT, bool KEEP, bool BAND = false>
 struct Reverse {
   const Prm<S>& p;
   const BwdOut& o;
-  const int64_t No, Np, T, NN, K, nseg, r0, r1, RN;
+  const int64_t No, Np, T, NN, K, nseg, band0, band1, RN;
   std::vector<S> G, post, carry, dh, u, dxm, lamc, xe;
   const std::vector<int64_t>& end;  // per trial: steps t >= end[b] are skipped (trial_end)
   S* acc;
@@ -415,8 +417,8 @@ struct Reverse {
   Reverse(const Prm<S>& p_, const BwdOut& o_, const std::vector<int64_t>& end_,
           int64_t r0_ = 0, int64_t r1_ = -1, Link<S>* in_ = nullptr, Link<S>* out_ = nullptr)
       : p(p_), o(o_), No(p_.No), Np(p_.Np), T(p_.T), NN(p_.No * p_.Np), K(o_.seg),
-        nseg((p_.T + o_.seg - 1) / o_.seg), r0(r0_), r1(r1_ < 0 ? p_.No : r1_),
-        RN((r1 - r0) * p_.Np), G(RN), post(No), carry(No), dh(No), u(Np), dxm(Np), lamc(Np),
+        nseg((p_.T + o_.seg - 1) / o_.seg), band0(r0_), band1(r1_ < 0 ? p_.No : r1_),
+        RN((band1 - band0) * p_.Np), G(RN), post(No), carry(No), dh(No), u(Np), dxm(Np), lamc(Np),
         xe(Np), end(end_), acc(o_.need_acc ? static_cast<S*>(o_.acc) : nullptr), in(in_),
         out(out_) {}
 
@@ -425,37 +427,40 @@ struct Reverse {
   // checkpoint pass: H.ckpt[s] = M entering segment s (M_{s K - 1}), for the segments that
   // start before the trial's end
   void checkpoints(int64_t b, Hist<S>& H) const {
+    const int64_t r0 = BAND ? band0 : 0, r1 = BAND ? band1 : No;  // constants unless BAND
     std::fill(H.ckpt.begin(), H.ckpt.begin() + RN, S(0));
     for (int64_t s = 0; s + 1 < nseg && (s + 1) * K < end[b]; ++s) {
       S* Mc = H.ckpt.data() + (s + 1) * RN;
       std::memcpy(Mc, H.ckpt.data() + s * RN, RN * sizeof(S));
       for (int64_t t = s * K; t < (s + 1) * K; ++t)
-        fwd_step<S, MULT, KEEP>(p, b, t, Mc, Mc, hs(b), H.g.data(), H.xe.data(), H.rec.data(),
-                                r0, r1);
+        fwd_step<S, MULT, KEEP, false, BAND>(p, b, t, Mc, Mc, hs(b), H.g.data(), H.xe.data(),
+                                             H.rec.data(), r0, r1);
     }
   }
 
   // recompute segment s from its checkpoint: H.Mp[t - t0] = M_{t-1}, up to the trial's end
   void recompute(int64_t b, int64_t s, Hist<S>& H) const {
+    const int64_t r0 = BAND ? band0 : 0, r1 = BAND ? band1 : No;  // constants unless BAND
     const int64_t t0 = s * K, t1 = std::min({T, t0 + K, end[b]});
     if (nseg == 1) std::fill(H.ckpt.begin(), H.ckpt.begin() + RN, S(0));
     H.Mp[0] = H.ckpt.data() + s * RN;
     for (int64_t t = t0; t < t1; ++t) {
       S* dst = (t + 1 < t1) ? H.hist.data() + (t - t0) * RN : H.scratch.data();
       H.Mp[t - t0 + 1] = dst;
-      fwd_step<S, MULT, KEEP>(p, b, t, H.Mp[t - t0], dst, hs(b), H.g.data(), H.xe.data(),
-                              H.rec.data(), r0, r1);
+      fwd_step<S, MULT, KEEP, false, BAND>(p, b, t, H.Mp[t - t0], dst, hs(b), H.g.data(),
+                                           H.xe.data(), H.rec.data(), r0, r1);
     }
   }
 
   void start(int64_t b) {
+    const int64_t r0 = BAND ? band0 : 0, r1 = BAND ? band1 : No;  // constants unless BAND
     const S* gM = static_cast<const S*>(o.gM);
     if (gM) std::memcpy(G.data(), gM + b * NN + r0 * Np, RN * sizeof(S));
     else std::fill(G.begin(), G.end(), S(0));
     std::fill(carry.begin(), carry.end(), S(0));
     std::fill_n(static_cast<S*>(o.eta_r) + b * No + r0, r1 - r0, S(0));
     std::fill_n(static_cast<S*>(o.lam_r) + b * No + r0, r1 - r0, S(0));
-    if (!out) {  // the last band finishes the column sums
+    if (!(BAND && out)) {  // the last band finishes the column sums
       std::fill_n(static_cast<S*>(o.eta_c) + b * Np, Np, S(0));
       std::fill_n(static_cast<S*>(o.lam_c) + b * Np, Np, S(0));
     }
@@ -464,11 +469,13 @@ struct Reverse {
   // walk back through segment s of trial b (recomputed into H); past the trial's end δ, dx
   // and h are 0 (h is only read for W_rec's gradient, and with W_rec nothing is skipped)
   void segment(int64_t b, int64_t s, const Hist<S>& H) {
+    const int64_t r0 = BAND ? band0 : 0, r1 = BAND ? band1 : No;  // constants unless BAND
     const int64_t t0 = s * K, t1 = std::min({T, t0 + K, end[b]});
     for (int64_t t = std::max(t0, t1); t < std::min(T, t0 + K); ++t) {
       std::fill_n(static_cast<S*>(o.delta) + (b * T + t) * No + r0, r1 - r0, S(0));
       std::fill_n(hs(b) + t * No + r0, r1 - r0, S(0));
-      if (o.need_x && !out) std::fill_n(static_cast<S*>(o.dx) + (b * T + t) * Np, Np, S(0));
+      if (o.need_x && !(BAND && out))
+        std::fill_n(static_cast<S*>(o.dx) + (b * T + t) * Np, Np, S(0));
     }
     const S* gh = static_cast<const S*>(o.gh);
     const S* h = hs(b);
@@ -488,7 +495,7 @@ struct Reverse {
         post[i] = p.assoc ? h[t * No + i] : p.pc;
         dh[i] = (gh ? gh[(b * T + t) * No + i] : S(0)) + carry[i];
       }
-      if (in) {
+      if (BAND && in) {
         in->take(q, u.data(), dxm.data(), lamc.data());
       } else {
         std::fill(u.begin(), u.end(), S(0));
@@ -569,7 +576,7 @@ struct Reverse {
           }
         }
       }
-      if (out) {
+      if (BAND && out) {
         out->put(q++, uu, dxv, lcv);
         continue;
       }
@@ -595,8 +602,8 @@ struct Reverse {
 };
 
 // One band's whole reverse pass: every trial in trial order, segment by segment.
-template <typename S, bool MULT, bool KEEP>
-void reverse_all(Reverse<S, MULT, KEEP>& R) {
+template <typename S, bool MULT, bool KEEP, bool BAND>
+void reverse_all(Reverse<S, MULT, KEEP, BAND>& R) {
   Hist<S> H(R.nseg, R.K, R.RN, R.T, R.No, R.Np);
   for (int64_t b = 0; b < R.p.B; ++b) {
     R.checkpoints(b, H);
@@ -627,11 +634,11 @@ void backward_impl(const Prm<S>& p, const BwdOut& o, int64_t nthr) {
     std::vector<std::unique_ptr<Link<S>>> links;
     for (int64_t k = 0; k + 1 < bands; ++k)
       links.emplace_back(new Link<S>(3 * p.Np, 2 * p.T));
-    std::vector<std::unique_ptr<Reverse<S, MULT, KEEP>>> rev;
+    std::vector<std::unique_ptr<Reverse<S, MULT, KEEP, true>>> rev;
     for (int64_t k = 0; k < bands; ++k) {
       const int64_t r0 = RB * (k * blocks / bands);
       const int64_t r1 = std::min(p.No, RB * ((k + 1) * blocks / bands));
-      rev.emplace_back(new Reverse<S, MULT, KEEP>(p, o, end, r0, r1,
+      rev.emplace_back(new Reverse<S, MULT, KEEP, true>(p, o, end, r0, r1,
                                                   k ? links[k - 1].get() : nullptr,
                                                   k + 1 < bands ? links[k].get() : nullptr));
     }
