@@ -492,18 +492,22 @@ def _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter):
 def _epoch_windows(task, steps):
     """[start, stop) step windows per epoch name from per-trial durations (B, n_epochs)."""
     stops = np.cumsum(steps, axis=1)
-    starts = stops - steps
-    epochs = {name: np.full((len(steps), 2), -1, dtype=np.int64) for name in EPOCH_NAMES}
+    pairs = np.stack([stops - steps, stops], axis=2)  # (B, n_epochs, 2)
+    absent = np.full((len(steps), 2), -1, dtype=np.int64)
+    epochs = {name: absent.copy() for name in EPOCH_NAMES}
     for j, (name, _, _) in enumerate(task.epochs):
-        epochs[name] = np.stack([starts[:, j], stops[:, j]], axis=1)
+        epochs[name] = pairs[:, j].copy()
     return epochs, epochs["go1"][:, 0].copy(), stops[:, -1].copy()
 
 
 def _encode(theta, strength, io_mode):
     """(B,) angles and strengths -> (B, width): strength·(sin, cos), or a ring of bumps."""
-    theta = np.nan_to_num(theta)  # absent stimuli have strength 0 anyway
-    if io_mode == "low_dim":
-        return np.stack([strength * np.sin(theta), strength * np.cos(theta)], axis=1)
+    theta = np.where(np.isnan(theta), 0.0, theta)  # absent stimuli have strength 0 anyway
+    if io_mode == "low_dim":  # filled in place: np.stack and nan_to_num took a quarter of a batch
+        sin, cos = strength * np.sin(theta), strength * np.cos(theta)
+        code = np.empty((len(theta), 2), dtype=np.result_type(sin, cos))
+        code[:, 0], code[:, 1] = sin, cos
+        return code
     return _bumps(theta, strength)
 
 
