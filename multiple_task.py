@@ -510,7 +510,7 @@ def plot_sampling(ax, log, rules):
     ax.set_xlim(steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1)
     ax.set_ylim(0, 1)
     step_axis(ax)
-    ax.set_ylabel("rule sampling probability")
+    ax.set_ylabel("rule sampling weight p")  # with rules_per_batch > 1, drawn without replacement
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=6, loc="center left",
               bbox_to_anchor=(1.0, 0.5))  # top-down, as stacked
