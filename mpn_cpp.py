@@ -357,44 +357,39 @@ struct Hist {
 // variable (never spinning) when it is empty or full.
 template <typename S>
 struct Link {
-  const int64_t width, slots;
+  const int64_t n, slots;  // n values per sum, three sums per step
   std::vector<S> buf;
   int64_t produced = 0, consumed = 0;  // steps handed over / taken, guarded by mu
   std::mutex mu;
   std::condition_variable cv;
-  Link(int64_t width_, int64_t slots_)
-      : width(width_), slots(slots_), buf(width_ * slots_) {}
-  void put(int64_t q, const S* a, const S* b, const S* c) {
-    {
-      std::unique_lock<std::mutex> lk(mu);
-      cv.wait(lk, [&] { return q - consumed < slots; });
-    }
-    S* d = buf.data() + (q % slots) * width;
-    const int64_t n = width / 3;
-    std::copy(a, a + n, d);
-    std::copy(b, b + n, d + n);
-    std::copy(c, c + n, d + 2 * n);
+  Link(int64_t n_, int64_t slots_) : n(n_), slots(slots_), buf(3 * n_ * slots_) {}
+  template <typename F>
+  void await(const F& ready) {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, ready);
+  }
+  void advance(int64_t& counter, int64_t value) {
     {
       std::lock_guard<std::mutex> lk(mu);
-      produced = q + 1;
+      counter = value;
     }
     cv.notify_all();
   }
+  void put(int64_t q, const S* a, const S* b, const S* c) {
+    await([&] { return q - consumed < slots; });
+    S* d = buf.data() + (q % slots) * 3 * n;
+    std::copy(a, a + n, d);
+    std::copy(b, b + n, d + n);
+    std::copy(c, c + n, d + 2 * n);
+    advance(produced, q + 1);
+  }
   void take(int64_t q, S* a, S* b, S* c) {
-    {
-      std::unique_lock<std::mutex> lk(mu);
-      cv.wait(lk, [&] { return produced > q; });
-    }
-    const S* d = buf.data() + (q % slots) * width;
-    const int64_t n = width / 3;
+    await([&] { return produced > q; });
+    const S* d = buf.data() + (q % slots) * 3 * n;
     std::copy(d, d + n, a);
     std::copy(d + n, d + 2 * n, b);
     std::copy(d + 2 * n, d + 3 * n, c);
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      consumed = q + 1;
-    }
-    cv.notify_all();
+    advance(consumed, q + 1);
   }
 };
 
@@ -633,7 +628,7 @@ void backward_impl(const Prm<S>& p, const BwdOut& o, int64_t nthr) {
   if (bands > 1) {
     std::vector<std::unique_ptr<Link<S>>> links;
     for (int64_t k = 0; k + 1 < bands; ++k)
-      links.emplace_back(new Link<S>(3 * p.Np, 2 * p.T));
+      links.emplace_back(new Link<S>(p.Np, 2 * p.T));
     std::vector<std::unique_ptr<Reverse<S, MULT, KEEP, true>>> rev;
     for (int64_t k = 0; k < bands; ++k) {
       const int64_t r0 = RB * (k * blocks / bands);
