@@ -11,6 +11,7 @@ Provides
 - n_inputs(io_mode), n_outputs(io_mode) for io_mode "low_dim" (21 in, 3 out) or "ring"
   (1 + 2·32 + 15 in, 1 + 32 out);
 - Batch, random_batch (training: every trial draws its own durations and conditions),
+  mixed_batch (training: random_batch trials of several rules, rendered together),
   aligned_batch (analysis: shared epoch boundaries, stim1 directions balanced),
   condition_set (analysis and lesion tests: the complete factorial condition set of a rule,
   aligned durations, SPEC §5.1), concat_batches;
@@ -18,7 +19,8 @@ Provides
   the failure kinds, vectorised, on numpy arrays or torch tensors.
 
 Every sampling function takes an explicit numpy.random.Generator (same seed -> same batch).
-Generation is vectorised over trials; Python loops run only over epochs, stimuli and rings.
+Generation is vectorised over trials; Python loops run only over rules, epochs, stimuli and
+rings.
 """
 from dataclasses import dataclass, fields, replace
 
@@ -170,14 +172,15 @@ def _single_conditions(task, i1, ring):
 
 
 COHERENCES = np.array([0.08, 0.16, 0.32])  # c of the strength pairs μ ± c·s
+_SIGNS = np.array([-1.0, 1.0])
 DM_OFFSETS = np.arange(2, 7)  # θ2 - θ1 of dm rules in grid steps: 90°, 135°, ..., 270°
 
 
 def _strength_pair(rng, n):
     """Strengths μ ± c·s: μ ~ U(0.8, 1.2), c ∈ {0.08, 0.16, 0.32}, s = ±1 (never equal)."""
     mu = rng.uniform(0.8, 1.2, size=n)
-    c = rng.choice(COHERENCES, size=n)
-    s = rng.choice(np.array([-1.0, 1.0]), size=n)
+    c = COHERENCES[rng.integers(0, len(COHERENCES), size=n)]  # = rng.choice, draw for draw
+    s = _SIGNS[rng.integers(0, 2, size=n)]
     return np.stack([mu + c * s, mu - c * s], axis=1)
 
 
@@ -229,7 +232,7 @@ def _sample_multidm(task, rng, i1):
     """Stimulus i shows s_i ± d_i/2 on ring 1/2, d_i = ±s_i·U(0.2, 0.8); larger 2·s_i wins."""
     n = len(i1)
     s = _strength_pair(rng, n)
-    d = s * rng.uniform(0.2, 0.8, size=(n, 2)) * rng.choice(np.array([-1.0, 1.0]), size=(n, 2))
+    d = s * rng.uniform(0.2, 0.8, size=(n, 2)) * _SIGNS[rng.integers(0, 2, size=(n, 2))]
     return _multidm_conditions(i1, i1 + rng.integers(2, 7, size=n), s, d)
 
 
@@ -401,14 +404,30 @@ def random_batch(rule, batch_size, rng, *, sigma_x=0.0, io_mode="low_dim"):
     uniform jitter of at most ±22.5°, which keeps every relation of the rule (and the dmc
     categories, whose usable directions sit 45° from the boundaries) intact.
     """
-    task = _task(rule)
+    return mixed_batch([rule], batch_size, rng, sigma_x=sigma_x, io_mode=io_mode)
+
+
+def mixed_batch(rules, trials_per_rule, rng, *, sigma_x=0.0, io_mode="low_dim"):
+    """Training batch of several rules, `trials_per_rule` random_batch trials of each in the
+    order given, zero-padded to the longest trial.
+
+    Equal, array for array, to concat_batches([random_batch(r, trials_per_rule, rng) for r in
+    rules]) (the same draws from `rng`, in the same order), and faster: the trials are
+    rendered into time series together, not rule by rule.
+    """
     _check_io_mode(io_mode)
-    ms = np.stack([rng.uniform(lo, hi, size=batch_size) for _, lo, hi in task.epochs], axis=1)
-    steps = (ms / DT_MS).astype(np.int64)
-    choices = np.asarray(task.stim1_dirs)
-    i1 = choices[rng.integers(0, len(choices), size=batch_size)]
-    cond = FAMILIES[task.family](task, rng, i1)
-    return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=io_mode == "ring")
+    parts = []
+    for rule in rules:
+        task = _task(rule)
+        lo, hi = np.array([bounds for _, *bounds in task.epochs]).T[:, :, None]
+        ms = rng.uniform(lo, hi, size=(len(task.epochs), trials_per_rule))  # epoch by epoch
+        steps = (ms.T / DT_MS).astype(np.int64)
+        choices = np.asarray(task.stim1_dirs)
+        i1 = choices[rng.integers(0, len(choices), size=trials_per_rule)]
+        cond = FAMILIES[task.family](task, rng, i1)
+        parts.append(_draw_part(rule, steps, cond, rng, sigma_x, io_mode,
+                                jitter=io_mode == "ring"))
+    return _render(parts, sigma_x, io_mode)
 
 
 def aligned_batch(rule, n_trials, rng, *, quantile=1.0, sigma_x=0.0, io_mode="low_dim",
@@ -427,7 +446,8 @@ def aligned_batch(rule, n_trials, rng, *, quantile=1.0, sigma_x=0.0, io_mode="lo
     i1 = choices[np.arange(n_trials) % len(choices)]
     steps = _aligned_steps(task, quantile, n_trials, long_delay)
     cond = FAMILIES[task.family](task, rng, i1)
-    return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)
+    return _render([_draw_part(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)],
+                   sigma_x, io_mode)
 
 
 def condition_set(rule, rng=None, quantile=1.0, sigma_x=0.0, io_mode="low_dim"):
@@ -445,7 +465,8 @@ def condition_set(rule, rng=None, quantile=1.0, sigma_x=0.0, io_mode="low_dim"):
         raise ValueError("condition_set needs an rng for input noise (sigma_x > 0)")
     i1, cond = CONDITION_GRIDS[task.family](task, np.asarray(task.stim1_dirs))
     steps = _aligned_steps(task, quantile, len(i1))
-    return _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)
+    return _render([_draw_part(rule, steps, cond, rng, sigma_x, io_mode, jitter=False)],
+                   sigma_x, io_mode)
 
 
 def _aligned_steps(task, quantile, n_trials, long_delay=None):
@@ -465,23 +486,46 @@ def _aligned_steps(task, quantile, n_trials, long_delay=None):
     return np.tile((ms / DT_MS).astype(np.int64), (n_trials, 1))
 
 
-def _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter):
-    """Render conditions into a Batch; `rng` draws the ring-mode rotation (jitter) and the
-    input noise (sigma_x > 0) only, in that order."""
-    task = TASKS[rule]
+@dataclass
+class _Part:
+    """One rule's trials of a batch, drawn and not yet rendered into time series."""
+    rule: str
+    steps: np.ndarray  # (B, n_epochs) duration of each epoch in steps
+    cond: _Conditions
+    noise: np.ndarray  # (B, T, n_in) float32 input noise, None when sigma_x = 0
+
+
+def _draw_part(rule, steps, cond, rng, sigma_x, io_mode, jitter):
+    """`rng` draws the ring-mode rotation (jitter) and the input noise (sigma_x > 0) only, in
+    that order (noise for every channel and step up to the part's longest trial)."""
     n = len(cond.dirs)
     rotation = rng.uniform(-np.pi / N_DIRS, np.pi / N_DIRS, size=n) if jitter else np.zeros(n)
     cond.dirs = np.mod(cond.dirs + rotation[:, None], 2 * np.pi)
     cond.resp_dir = np.mod(cond.resp_dir + rotation, 2 * np.pi)
-    epochs, go, length = _epoch_windows(task, steps)
-    inputs = _render_inputs(task, RULES.index(rule), cond, epochs, go, length, io_mode)
+    noise = None
     if sigma_x > 0:
-        valid = (np.arange(inputs.shape[1]) < length[:, None])[:, :, None]
-        noise = rng.standard_normal(inputs.shape, dtype=np.float32)
-        inputs += noise * np.float32(sigma_x * NOISE_SCALE) * valid
+        shape = (n, int(steps.sum(axis=1).max()), n_inputs(io_mode))
+        noise = rng.standard_normal(shape, dtype=np.float32)
+    return _Part(rule, steps, cond, noise)
+
+
+def _render(parts, sigma_x, io_mode):
+    """One Batch from drawn parts, all trials rendered together, padded to the longest."""
+    cond = _Conditions(*(np.concatenate([getattr(p.cond, f.name) for p in parts])
+                         for f in fields(_Conditions)))
+    epochs, go, length = _epoch_windows(parts)
+    rule_index = np.concatenate([np.full(len(p.steps), RULES.index(p.rule)) for p in parts])
+    inputs = _render_inputs(parts, rule_index, cond, epochs, go, length, io_mode)
+    if sigma_x > 0:
+        start = 0
+        for p in parts:
+            rows, n_steps = slice(start, start + len(p.steps)), p.noise.shape[1]
+            valid = (np.arange(n_steps) < length[rows, None])[:, :, None]
+            inputs[rows, :n_steps] += p.noise * np.float32(sigma_x * NOISE_SCALE) * valid
+            start += len(p.steps)
     return Batch(
         inputs=inputs, targets=_render_targets(cond, go, length, io_mode),
-        mask=_cost_mask(go, length, n_outputs(io_mode)), rule=np.full(n, RULES.index(rule)),
+        mask=_cost_mask(go, length, n_outputs(io_mode)), rule=rule_index,
         length=length, go_step=go, epochs=epochs, stim1_dir=cond.dirs[:, 0],
         stim2_dir=cond.dirs[:, 1], stim1_strength=cond.strength[:, 0],
         stim2_strength=cond.strength[:, 1], stim1_ring=cond.stim1_ring.astype(np.int64),
@@ -489,15 +533,21 @@ def _make_batch(rule, steps, cond, rng, sigma_x, io_mode, jitter):
         ring_strength=cond.ring_strength, resp_amp=np.where(cond.is_go, cond.resp_amp, 0.0))
 
 
-def _epoch_windows(task, steps):
-    """[start, stop) step windows per epoch name from per-trial durations (B, n_epochs)."""
-    stops = np.cumsum(steps, axis=1)
-    pairs = np.stack([stops - steps, stops], axis=2)  # (B, n_epochs, 2)
-    absent = np.full((len(steps), 2), -1, dtype=np.int64)
-    epochs = {name: absent.copy() for name in EPOCH_NAMES}
-    for j, (name, _, _) in enumerate(task.epochs):
-        epochs[name] = pairs[:, j].copy()
-    return epochs, epochs["go1"][:, 0].copy(), stops[:, -1].copy()
+def _epoch_windows(parts):
+    """[start, stop) step windows per epoch name ((-1, -1) where a trial's rule lacks the
+    epoch), go-cue steps and lengths of the parts' trials, concatenated."""
+    n = sum(len(p.steps) for p in parts)
+    epochs = {name: np.full((n, 2), -1, dtype=np.int64) for name in EPOCH_NAMES}
+    start = 0
+    for p in parts:
+        stops = np.cumsum(p.steps, axis=1)
+        rows = slice(start, start + len(p.steps))
+        for j, (name, _, _) in enumerate(TASKS[p.rule].epochs):
+            epochs[name][rows, 0] = stops[:, j] - p.steps[:, j]
+            epochs[name][rows, 1] = stops[:, j]
+        start += len(p.steps)
+    length = epochs["go1"][:, 1].copy()  # go1 is every rule's last epoch
+    return epochs, epochs["go1"][:, 0].copy(), length
 
 
 def _encode(theta, strength, io_mode):
@@ -526,25 +576,42 @@ def _ring_channels(io_mode):
     return slice(1, 1 + 2 * N_RING), 1 + 2 * N_RING
 
 
-def _render_inputs(task, rule_index, cond, epochs, go, length, io_mode):
+def _render_inputs(parts, rule_index, cond, epochs, go, length, io_mode):
     n, n_steps = len(length), int(length.max())
     t = np.arange(n_steps)[None, :]
     valid = t < length[:, None]
     after_go = valid & (t >= go[:, None])
     x = np.zeros((n, n_steps, n_inputs(io_mode)), dtype=np.float32)
-    x[:, :, 0] = valid if task.fixate_whole_trial else valid & ~after_go
+    fixate_whole = np.concatenate([np.full(len(p.steps), TASKS[p.rule].fixate_whole_trial)
+                                   for p in parts])
+    x[:, :, 0] = valid & (fixate_whole[:, None] | ~after_go)
     if io_mode == "low_dim":  # the ring format signals the go cue by fixation off only
         x[:, :, 1] = after_go
     rings, rule0 = _ring_channels(io_mode)
-    for k, (first, last) in enumerate(task.stim_windows):
-        shown = (t >= epochs[first][:, :1]) & (t < epochs[last][:, 1:])
+    for k in range(2):
+        shown = (t >= _stim_bound(parts, epochs, k, 0)[:, None]) & (
+            t < _stim_bound(parts, epochs, k, 1)[:, None])
         # both rings in one write: they are adjacent channels in either layout
         code = np.concatenate([_encode(cond.dirs[:, k], cond.ring_strength[:, k, r], io_mode)
                                for r in range(2)], axis=1).astype(np.float32)
         x_rings = x[:, :, rings]  # a view: writing only the shown steps is what keeps this fast
         x_rings[shown] += np.repeat(code, shown.sum(axis=1), axis=0)
-    x[:, :, rule0 + rule_index] = valid
+    x[np.arange(n), :, rule0 + rule_index] = valid
     return x
+
+
+def _stim_bound(parts, epochs, k, side):
+    """Per trial, the first (side 0) or one-past-last (side 1) step showing stimulus k: from
+    the start of its first epoch to the stop of its last (both 0 where the rule has none)."""
+    bound = np.zeros(len(epochs["go1"]), dtype=np.int64)
+    start = 0
+    for p in parts:
+        windows = TASKS[p.rule].stim_windows
+        rows = slice(start, start + len(p.steps))
+        if k < len(windows):
+            bound[rows] = epochs[windows[k][side]][rows, side]
+        start += len(p.steps)
+    return bound
 
 
 def _render_targets(cond, go, length, io_mode):

@@ -290,8 +290,7 @@ def training_batch(cfg, rules, p, rng):
         return mpn_tasks.random_batch(rules[rng.choice(len(rules), p=p)], cfg["batch_size"],
                                       rng, **kw)
     picks = rng.choice(len(rules), size=r, replace=False, p=p)
-    return mpn_tasks.concat_batches([mpn_tasks.random_batch(rules[i], cfg["batch_size"] // r,
-                                                            rng, **kw) for i in picks])
+    return mpn_tasks.mixed_batch([rules[i] for i in picks], cfg["batch_size"] // r, rng, **kw)
 
 
 def train_step(net, opt, batch, cfg, device):
