@@ -32,7 +32,7 @@ max_steps = 32000  # ~12 minutes on 2 idle cores at ~45 steps/s
 max_minutes = 19.0  # safety cap on a slow machine; the step count normally ends training first
 eval_every = 200
 n_valid = 128  # 64 leaves a per-rule accuracy noise of ~0.06, too much for a >= 0.5 check
-acc_measure = "angle"  # sample the rules weakest under `angle`, the measure that rises slowest here (SPEC §3 calls `trial` the strict one; see above)
+acc_measure = "angle"  # sample the rules weakest under `angle`, the measure that rises slowest here (SPEC §3 calls `trial` the strict one and samples by it: over 3 seeds 0.878 / 0.977 against 0.893 / 0.970, README "Measured")
 target_acc = None
 ckpt_every = 1000
 device = "cpu"
