@@ -496,7 +496,7 @@ class _Part:
 
 
 def _draw_part(rule, steps, cond, rng, sigma_x, io_mode, jitter):
-    """`rng` draws the ring-mode rotation (jitter) and the input noise (sigma_x > 0) only, in
+    """A _Part: the conditions rotated (ring-mode jitter) and the input noise drawn. `rng` draws the ring-mode rotation (jitter) and the input noise (sigma_x > 0) only, in
     that order (noise for every channel and step up to the part's longest trial)."""
     n = len(cond.dirs)
     rotation = rng.uniform(-np.pi / N_DIRS, np.pi / N_DIRS, size=n) if jitter else np.zeros(n)
@@ -509,6 +509,12 @@ def _draw_part(rule, steps, cond, rng, sigma_x, io_mode, jitter):
     return _Part(rule, steps, cond, noise)
 
 
+def _part_rows(parts):
+    """(part, rows): each part with the slice its trials occupy in the rendered batch."""
+    stops = np.cumsum([len(p.steps) for p in parts])
+    return [(p, slice(stop - len(p.steps), stop)) for p, stop in zip(parts, stops)]
+
+
 def _render(parts, sigma_x, io_mode):
     """One Batch from drawn parts, all trials rendered together, padded to the longest."""
     cond = _Conditions(*(np.concatenate([getattr(p.cond, f.name) for p in parts])
@@ -517,12 +523,10 @@ def _render(parts, sigma_x, io_mode):
     rule_index = np.concatenate([np.full(len(p.steps), RULES.index(p.rule)) for p in parts])
     inputs = _render_inputs(parts, rule_index, cond, epochs, go, length, io_mode)
     if sigma_x > 0:
-        start = 0
-        for p in parts:
-            rows, n_steps = slice(start, start + len(p.steps)), p.noise.shape[1]
+        for p, rows in _part_rows(parts):
+            n_steps = p.noise.shape[1]
             valid = (np.arange(n_steps) < length[rows, None])[:, :, None]
             inputs[rows, :n_steps] += p.noise * np.float32(sigma_x * NOISE_SCALE) * valid
-            start += len(p.steps)
     return Batch(
         inputs=inputs, targets=_render_targets(cond, go, length, io_mode),
         mask=_cost_mask(go, length, n_outputs(io_mode)), rule=rule_index,
@@ -538,14 +542,11 @@ def _epoch_windows(parts):
     epoch), go-cue steps and lengths of the parts' trials, concatenated."""
     n = sum(len(p.steps) for p in parts)
     epochs = {name: np.full((n, 2), -1, dtype=np.int64) for name in EPOCH_NAMES}
-    start = 0
-    for p in parts:
+    for p, rows in _part_rows(parts):
         stops = np.cumsum(p.steps, axis=1)
-        rows = slice(start, start + len(p.steps))
         for j, (name, _, _) in enumerate(TASKS[p.rule].epochs):
             epochs[name][rows, 0] = stops[:, j] - p.steps[:, j]
             epochs[name][rows, 1] = stops[:, j]
-        start += len(p.steps)
     length = epochs["go1"][:, 1].copy()  # go1 is every rule's last epoch
     return epochs, epochs["go1"][:, 0].copy(), length
 
@@ -604,13 +605,10 @@ def _stim_bound(parts, epochs, k, side):
     """Per trial, the first (side 0) or one-past-last (side 1) step showing stimulus k: from
     the start of its first epoch to the stop of its last (both 0 where the rule has none)."""
     bound = np.zeros(len(epochs["go1"]), dtype=np.int64)
-    start = 0
-    for p in parts:
+    for p, rows in _part_rows(parts):
         windows = TASKS[p.rule].stim_windows
-        rows = slice(start, start + len(p.steps))
         if k < len(windows):
             bound[rows] = epochs[windows[k][side]][rows, side]
-        start += len(p.steps)
     return bound
 
 
