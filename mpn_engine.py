@@ -14,7 +14,8 @@ implementation every faster engine is tested against. engine="fast" is the same 
 chunk by chunk in place with a hand-derived backward (section "Fast engine" below).
 engine="cpp" runs the compiled CPU kernel of mpn_cpp.py (one fused pass over M per step,
 built on first use) and hands every call it does not handle, or every call when the kernel
-cannot be built, to "fast". engine="auto" takes "cpp" whenever `fast_unsupported` finds
+cannot be built, to "fast". engine="fused" (mpn_fused.py) is meant for CUDA: each time step
+is one pure function that torch.compile fuses into a few kernels. engine="auto" takes "cpp" whenever `fast_unsupported` finds
 nothing against it, and the reference loop otherwise.
 
 Cost floor (2-core Xeon, measured with a 1 GB tensor copy: ~28 GB/s read+write when the
@@ -34,8 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import mpn_cpp
+import mpn_fused  # engine "fused"; it imports this module back for the shared helpers
 
-ENGINES = ("reference", "fast", "cpp", "auto")
+ENGINES = ("reference", "fast", "cpp", "fused", "auto")
 
 
 def _post_term(h, m_update, n_post):
@@ -109,10 +111,11 @@ def plastic_forward_reference(x, W, b, eta, lam, *, mp_type="mult", m_update="he
 # (W⊙M, bmm, add, tanh, λM, addcmul, clamp) and ~18 per reverse step, ~3,200 per training
 # step at T = 100. At the paper size each moves 46-92 MB (15-30 µs on an H100/H200), longer
 # than its launch, so the step is bandwidth-bound (~190 GB; expected 45-60 ms, measured 70 ms
-# forward+backward on an H200); at N = 64 it is launch-bound (~20 ms expected, unmeasured). Fusing each step's
-# elementwise chain (torch.compile or Triton) is the next gain; CUDA graphs only help small
-# networks. Numbers and reasoning: benchmarks/GPU_NOTES.md; tests/test_cuda.py checks this
-# engine on CUDA against the reference loop.
+# forward+backward on an H200); at N = 64 it is launch-bound (~20 ms expected, unmeasured).
+# Fusing each step's elementwise chain is the next gain: engine "fused" (mpn_fused.py) does it
+# with torch.compile (~15 ms expected, unmeasured); CUDA graphs only help small networks.
+# Numbers and reasoning: benchmarks/GPU_NOTES.md; tests/test_cuda.py checks this engine on
+# CUDA against the reference loop.
 # ---------------------------------------------------------------------------------------
 CHUNK_BYTES = 1 << 20  # size of one chunk's M block; ~L2-sized blocks keep the step in cache
 
@@ -521,18 +524,24 @@ class _PlasticSequence(torch.autograd.Function):
                 free.put(buf)
 
         parts = _map_chunks(one, L.chunks(), not x.is_cuda)
-        total = {k: None if parts[0][k] is None else sum(p[k] for p in parts)
-                 for k in ("db", "deta", "dlam", "dW", "dW_rec")}
-        if dW is None:
-            dW = total["dW"]
-        db = total["db"] if n_in[2] else None
-        dW_rec = total["dW_rec"] if n_in[5] else None
-        deta, dlam = total["deta"], total["dlam"]
-        if n_in[5] and dW_rec is None:  # T == 1: W_rec never acts
-            dW_rec = torch.zeros_like(W_rec)
-        deta = None if deta is None else deta.reshape(eta.shape)
-        dlam = None if dlam is None else dlam.reshape(lam.shape)
-        return dx, dW, db, deta, dlam, dW_rec, None, None, None, None
+        return _finish_grads(parts, n_in, dx, dW, eta, lam, W_rec) + (None,) * 4
+
+
+def _finish_grads(parts, n_in, dx, dW, eta, lam, W_rec):
+    """Sum the chunks' shared contributions (from `_chunk_grads`) into the gradients of
+    x, W, b, eta, lam and W_rec, in the shapes of those inputs (None where not needed)."""
+    total = {k: None if parts[0][k] is None else sum(p[k] for p in parts)
+             for k in ("db", "deta", "dlam", "dW", "dW_rec")}
+    if dW is None:
+        dW = total["dW"]
+    db = total["db"] if n_in[2] else None
+    dW_rec = total["dW_rec"] if n_in[5] else None
+    deta, dlam = total["deta"], total["dlam"]
+    if n_in[5] and dW_rec is None:  # T == 1: W_rec never acts
+        dW_rec = torch.zeros_like(W_rec)
+    deta = None if deta is None else deta.reshape(eta.shape)
+    dlam = None if dlam is None else dlam.reshape(lam.shape)
+    return dx, dW, db, deta, dlam, dW_rec
 
 
 def plastic_forward_fast(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
@@ -603,4 +612,7 @@ def plastic_forward(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
         return plastic_forward_fast(x, W, b, eta, lam, record=record, m_init=m_init, **kwargs)
     if engine == "cpp":
         return plastic_forward_cpp(x, W, b, eta, lam, record=record, m_init=m_init, **kwargs)
+    if engine == "fused":
+        return mpn_fused.plastic_forward_fused(x, W, b, eta, lam, record=record, m_init=m_init,
+                                               **kwargs)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

@@ -1,9 +1,12 @@
-"""Benchmark the plastic-layer engines: reference loop vs fast vs cpp, one table per device.
+"""Benchmark the plastic-layer engines: reference loop vs fast vs cpp (vs fused), one table per device.
 
 For (N, B, T) in SIZES: median wall time of forward+backward and of a no-grad forward, and
 the peak resident memory of the process that ran it (CPU; on CUDA the peak allocated GPU
 memory). "cpp" is the compiled kernel of mpn_cpp (CPU only; built on first use, outside the
-timing; on CUDA, or where it cannot be built, it runs "fast" and its column says so). Every measurement runs in its own subprocess so the peaks do not mix. The default
+timing; on CUDA, or where it cannot be built, it runs "fast" and its column says so). "fused"
+(mpn_fused: each time step one torch.compile'd function) is measured on CUDA, and on the CPU
+with --fused; its compile happens in the untimed warm-up call, whose time is printed below
+the table. Every measurement runs in its own subprocess so the peaks do not mix. The default
 workload is SPEC §1.1 at its defaults (mult, hebb_assoc, scalar trainable η, λ = 0.99, clip
 ±1), loss = sum(h²) + sum(M), so both outputs carry gradient.
 
@@ -64,8 +67,10 @@ def worker(N, B, T, engine, mode, repeats, warmup, device):
             (h.square().sum() + M.sum()).backward()
         sync()
 
+    t0 = time.perf_counter()
     for _ in range(warmup):
         once()
+    first_s = time.perf_counter() - t0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -76,7 +81,7 @@ def worker(N, B, T, engine, mode, repeats, warmup, device):
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
     kernel = engine == "cpp" and device == "cpu" and mpn_cpp.kernel() is not None
     print(json.dumps(dict(times=times, peak_bytes=peak, base_bytes=base, kernel=kernel,
-                          build_s=mpn_cpp._state["build_s"])))
+                          build_s=mpn_cpp._state["build_s"], warmup_s=first_s)))
 
 
 def peak_rss():
@@ -148,16 +153,19 @@ def run_device(device, args):
     print(f"load average at start: {os.getloadavg()}")
     bw = bandwidth_gbs(device)
     print(f"measured bandwidth (512 MB copy): {bw:.1f} GB/s")
+    with_fused = device == "cuda" or args.fused
     header = (f"{'N':>4} {'B':>4} {'T':>4} {'mode':>7} | {'ref s':>8} {'fast s':>8} {'cpp s':>8}"
               f" {'fast x':>7} {'cpp x':>7} | {'ref MB':>8} {'fast MB':>8} {'cpp MB':>8}"
-              f" {'ref/fast':>8} {'ref/cpp':>8} | {'floor s':>7}")
+              f" {'ref/fast':>8} {'ref/cpp':>8} | {'floor s':>7} | {'fused s':>8} {'fused x':>7}"
+              f" {'fused MB':>8}")
     print(header + "\n" + "-" * len(header), flush=True)
-    rows = []
+    rows, notes = [], []
     for N, B, T in SIZES:
         for mode in ("grad", "nograd"):
             rep = 1 if args.quick else args.repeats
             fast = measure(N, B, T, "fast", mode, rep, 1, device)
             cpp = measure(N, B, T, "cpp", mode, rep, 1, device)
+            fused = measure(N, B, T, "fused", mode, rep, 1, device) if with_fused else None
             t_ref = reference_steps(N, B, T, mode, args)
             big = B * N * N >= 128 * 300 * 300
             ref = measure(N, B, t_ref, "reference", mode, min(rep, 2) if big else rep,
@@ -175,12 +183,21 @@ def run_device(device, args):
             ft, fm = fast["median"], fast["peak_bytes"] / 2 ** 20
             ct, cm = cpp["median"], cpp["peak_bytes"] / 2 ** 20
             kmark = " " if cpp["kernel"] else "*"
+            fused_cols = f" | {'-':>8} {'-':>7} {'-':>8}"
+            if fused is not None:
+                ut, um = fused["median"], fused["peak_bytes"] / 2 ** 20
+                fused_cols = f" | {ut:>8.3f} {rt / ut:>6.1f}x {um:>8.0f}"
+                notes.append(f"fused {mode} N={N} B={B} T={T}: warm-up call (compiles) "
+                             f"{fused['warmup_s']:.1f} s")
+            elif with_fused:
+                fused_cols = f" | {'failed':>8} {'-':>7} {'-':>8}"
             rows.append(dict(N=N, B=B, T=T, mode=mode, ref_s=rt, fast_s=ft, cpp_s=ct, ref_MB=rm,
                              fast_MB=fm, cpp_MB=cm, cpp_kernel=cpp["kernel"],
+                             fused_s=None if fused is None else fused["median"],
                              extrapolated_from_T=t_ref if scale != 1 else None))
             print(f"{N:>4} {B:>4} {T:>4} {mode:>7} | {rt:>7.2f}{mark} {ft:>8.3f} {ct:>7.3f}{kmark}"
                   f" {rt / ft:>6.1f}x {rt / ct:>6.1f}x | {rm:>7.0f}{mark} {fm:>8.0f} {cm:>8.0f}"
-                  f" {rm / fm:>7.1f}x {rm / cm:>7.1f}x | {floor:>7.3f}", flush=True)
+                  f" {rm / fm:>7.1f}x {rm / cm:>7.1f}x | {floor:>7.3f}{fused_cols}", flush=True)
     print(f"load average at end: {os.getloadavg()}")
     print("~ = reference run for fewer steps (memory guard); its time, and its memory above"
           " the inputs, scaled to T.")
@@ -188,6 +205,8 @@ def run_device(device, args):
           " floor = minimum DRAM bytes moved / measured bandwidth.")
     print("* = the compiled kernel was not used (CUDA, or it could not be built): 'cpp' ran"
           " 'fast'.")
+    for note in notes:
+        print(note)
     return rows
 
 
@@ -199,6 +218,8 @@ def main():
                    help="steps for a paper-size reference that would not fit in memory")
     p.add_argument("--sizes", default=None, help="e.g. '64,32,100;100,64,100' (N,B,T)")
     p.add_argument("--device", default="all", help="'cpu', 'cuda' or 'all' (cuda if present)")
+    p.add_argument("--fused", action="store_true",
+                   help="also measure engine 'fused' on the CPU (always measured on CUDA)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -2,17 +2,18 @@
 # One-shot check of every CUDA path, for the first minutes on a GPU workstation (no network).
 #   (a) the tests marked `cuda` (tests/test_cuda.py): every engine on CUDA against the reference
 #       loop on the CPU in float64 and float32, lesion batched = one at a time, checkpoints
-#       moved between devices
-#   (b) benchmarks/bench_engine.py and bench_models.py on CUDA at the paper size
-#       (N = 300, B = 128, T = 100)
-#   (c) the paper preset (configs/paper.py) trained for ~90 s: steps/s
+#       moved between devices; engine "fused" (torch.compile, Triton) apart, as it compiles
+#   (b) benchmarks/bench_engine.py (fast and fused engines) and bench_models.py on CUDA at
+#       the paper size (N = 300, B = 128, T = 100)
+#   (c) the paper preset (configs/paper.py) trained for ~30 s with the default engine and
+#       ~60 s (its compile included) with engine "fused": steps/s of each
 #   (d) the pipeline up to the lesion stage on a tiny run, on CUDA
-# then prints one table. Every part has its own time limit; the whole check stays under
-# 8 minutes on one GPU. Without a GPU it says so and exits 0.
+# then prints one table. Every part has its own time limit; the limits sum to 8.4 minutes.
+# Without a GPU it says so and exits 0.
 #
 #   bash benchmarks/gpu_check.sh              # logs and runs in a temporary folder
 #   GPU_CHECK_OUT=gpu_check bash benchmarks/gpu_check.sh   # keep them in ./gpu_check
-#   GPU_CHECK_TRAIN_MIN=0.5 bash benchmarks/gpu_check.sh   # shorter part (c) when GPU time is short
+#   GPU_CHECK_TRAIN_MIN=0.3 bash benchmarks/gpu_check.sh   # shorter part (c) when GPU time is short
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh       # dry run of this script on the CPU
 #                                    (tests the script and its table, not CUDA; parts time out)
 set -u
@@ -56,23 +57,25 @@ part() {
 }
 
 # (a) the CUDA tests
-part a_tests 120 $PY -m pytest -q -m cuda tests/test_cuda.py
+part a_tests 65 $PY -m pytest -q -m cuda tests/test_cuda.py -k "not fused"
 ROWS+=("a  cuda tests|$LAST_STATUS|$LAST_SECONDS|$(grep -E '(passed|failed|error)' "$OUT/a_tests.log" | tail -1)")
+part a_fused 90 $PY -m pytest -q -m cuda tests/test_cuda.py -k fused
+ROWS+=("a  cuda tests (fused)|$LAST_STATUS|$LAST_SECONDS|$(grep -E '(passed|failed|error)' "$OUT/a_fused.log" | tail -1)")
 
-# (b) engines and models at the paper size
-part b_engine 90 $PY benchmarks/bench_engine.py --device=$DEV --sizes=300,128,100 --quick --ref_steps=10
-ROWS+=("b  bench_engine fwd+bwd|$LAST_STATUS|$LAST_SECONDS|$(grep -E '^ *300 +128 +100 +grad' "$OUT/b_engine.log" | tr -s ' ' | cut -c1-80)")
-ROWS+=("b  bench_engine no-grad| | |$(grep -E '^ *300 +128 +100 +nograd' "$OUT/b_engine.log" | tr -s ' ' | cut -c1-80)")
-part b_models 45 $PY benchmarks/bench_models.py --device=$DEV --quick
+# (b) engines and models at the paper size; the table's last three columns are "fused"
+part b_engine 100 $PY benchmarks/bench_engine.py --device=$DEV --sizes=300,128,100 --quick --ref_steps=10
+ROWS+=("b  bench_engine fwd+bwd|$LAST_STATUS|$LAST_SECONDS|$(grep -E '^ *300 +128 +100 +grad' "$OUT/b_engine.log" | tr -s ' ' | cut -c1-60) ... fused:$(grep -E '^ *300 +128 +100 +grad' "$OUT/b_engine.log" | awk -F'|' '{print $NF}' | tr -s ' ')")
+ROWS+=("b  bench_engine no-grad| | |$(grep -E '^ *300 +128 +100 +nograd' "$OUT/b_engine.log" | tr -s ' ' | cut -c1-60) ... fused:$(grep -E '^ *300 +128 +100 +nograd' "$OUT/b_engine.log" | awk -F'|' '{print $NF}' | tr -s ' ')")
+part b_models 30 $PY benchmarks/bench_models.py --device=$DEV --quick
 ROWS+=("b  bench_models (T=20)|$LAST_STATUS|$LAST_SECONDS|$(grep -E "^$DEV +dmpn +300" "$OUT/b_models.log" | tr -s ' ' | cut -c1-80)")
 
-# (c) the paper preset for ~90 s of training
-TRAIN_MIN=${GPU_CHECK_TRAIN_MIN:-1.5}  # minutes of paper-preset training in part (c)
-part c_paper 140 $PY multiple_task.py configs/paper.py --device=$DEV --max_minutes=$TRAIN_MIN \
-    --figures=False --runs_dir="$OUT/runs" --run_tag=gpucheck
-RATE=$($PY - "$OUT/runs" <<'EOF'
+# (c) the paper preset: ~30 s of training with the default engine, ~60 s with "fused"
+TRAIN_MIN=${GPU_CHECK_TRAIN_MIN:-0.5}  # minutes of default-engine training in part (c)
+FUSED_MIN=$($PY -c "print(round(2 * float('$TRAIN_MIN'), 2))")  # "fused" first compiles
+rate() {  # steps/s between the first and the last evaluation after step 0 of run tag $1
+$PY - "$OUT/runs" "$1" <<'EOF'
 import json, sys, pathlib
-logs = list(pathlib.Path(sys.argv[1]).glob("*gpucheck*/log.json"))
+logs = list(pathlib.Path(sys.argv[1]).glob(f"*{sys.argv[2]}*/log.json"))
 ev = [e for e in json.loads(logs[0].read_text())["evals"] if e["step"] > 0] if logs else []
 if len(ev) < 2:
     print("no rate: fewer than two evaluations after step 0")
@@ -81,11 +84,16 @@ else:
     print(f"{s:.1f} steps/s = {1e3 / s:.0f} ms/step (evals incl.); step {ev[-1]['step']}, "
           f"angle {ev[-1]['mean_angle']:.3f}")
 EOF
-)
-ROWS+=("c  paper preset training|$LAST_STATUS|$LAST_SECONDS|$RATE")
+}
+part c_paper 55 $PY multiple_task.py configs/paper.py --device=$DEV --max_minutes=$TRAIN_MIN \
+    --figures=False --runs_dir="$OUT/runs" --run_tag=gpucheck
+ROWS+=("c  paper preset training|$LAST_STATUS|$LAST_SECONDS|$(rate gpucheck)")
+part c_fused 95 $PY multiple_task.py configs/paper.py --device=$DEV --max_minutes=$FUSED_MIN \
+    --engine=fused --figures=False --runs_dir="$OUT/runs" --run_tag=gpufused
+ROWS+=("c  same, engine fused|$LAST_STATUS|$LAST_SECONDS|$(rate gpufused)")
 
 # (d) a tiny run through the lesion stage on CUDA
-part d_lesion 80 env MPN_RUNS_DIR="$OUT/tiny" $PY run_pipeline.py configs/tiny.py --device=$DEV \
+part d_lesion 70 env MPN_RUNS_DIR="$OUT/tiny" $PY run_pipeline.py configs/tiny.py --device=$DEV \
     --stages=train,analyze,cluster,lesion --stability_seeds=1 --stability_epoch_quantiles=[0.5] \
     --n_groups=20 --n_restarts=2 --n_random=2 --n_random_combined=1 --n_draws=2 --trials_per_rule=8 \
     --figures=False

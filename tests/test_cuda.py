@@ -18,6 +18,7 @@ import torch
 import lesion_engine
 import mpn
 import mpn_engine
+import mpn_fused
 import mpn_tasks
 import multiple_task
 import helper
@@ -53,7 +54,7 @@ def run(engine, args, masks, **opts):
 CASES = ["kernel_all", "everything", "recurrent", "per_trial_W", "freeze_fractional"]
 
 
-@pytest.mark.parametrize("engine", mpn_engine.ENGINES)
+@pytest.mark.parametrize("engine", [e for e in mpn_engine.ENGINES if e != "fused"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("mp_type", ["mult", "add"])
 # float32: cuBLAS sums in another order than the CPU; on an H200 one of these cases reached
@@ -70,13 +71,32 @@ def test_every_engine_on_device_equals_the_reference_on_cpu(engine, case, mp_typ
     assert_close(got, want, tol)
 
 
+# Engine "fused" compiles each option set (Triton on a GPU: seconds each), so it gets two:
+# between them every branch of its step functions (eta per synapse and per presynaptic unit,
+# λ per postsynaptic unit, W_rec, unit mask, per-trial W and freeze mask, add and hebb_pre)
+@pytest.mark.parametrize("case,dtype,tol,opts", [
+    ("everything", torch.float64, 1e-9, dict()),
+    ("kernel_all", torch.float32, 3e-5, dict(mp_type="add", m_update="hebb_pre"))])
+def test_fused_engine_on_device_equals_the_reference_on_cpu(case, dtype, tol, opts):
+    eta_scale = 3.0 if dtype == torch.float64 else 2.0
+    args, masks = make_inputs(**dict(OPTION_CASES[case], eta_scale=eta_scale), B=4, T=20,
+                              dtype=dtype)
+    want = run("reference", args, masks, **opts)
+    got = run("fused", *to_device(args, masks), **opts)
+    assert_close(got, want, tol)
+    assert mpn_fused._state["error"] is None, mpn_fused._state["error"]  # really compiled
+
+
+@pytest.mark.parametrize("engine", ["auto", "fused"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_dmpn_training_step_on_device_equals_cpu(dtype, tol):
+def test_dmpn_training_step_on_device_equals_cpu(dtype, tol, engine):
     """A whole network (embedding, plastic layer, readout, loss) at a realistic size: the
-    gradients of every parameter agree between devices."""
+    gradients of every parameter agree between devices (the CPU runs engine "auto")."""
     grads = {}
     for device in ("cpu", DEVICE):
-        net = mpn.build_model("dmpn", n_hidden=64, seed=1).to(device=device, dtype=dtype)
+        net = mpn.build_model("dmpn", n_hidden=64, seed=1,
+                              engine="auto" if device == "cpu" else engine)
+        net = net.to(device=device, dtype=dtype)
         gen = torch.Generator().manual_seed(0)
         u = torch.randn(16, 60, 21, generator=gen, dtype=dtype).to(device)
         out = net(u)

@@ -1,5 +1,6 @@
-"""The fast plastic-layer engines ("fast", and "cpp": the compiled kernel of mpn_cpp) against
-the plain reference loop (SPEC §1.1).
+"""The fast plastic-layer engines ("fast"; "cpp": the compiled kernel of mpn_cpp; "fused": the
+per-step functions of mpn_fused) against the plain reference loop (SPEC §1.1). "fused" runs
+its step functions uncompiled here (conftest: the equations); the tests at the end compile them.
 
 Axis order (B, T, N). Every case compares outputs h, the final M and the gradients w.r.t.
 every input that requires grad: float64 to 1e-9, float32 to 1e-5 (relative to each tensor's
@@ -15,6 +16,7 @@ import torch
 
 import mpn_cpp
 import mpn_engine
+import mpn_fused
 
 N_PRE, N_POST = 5, 4
 SHAPES = {"scalar": (), "pre": (1, N_PRE), "post": (N_POST, 1), "matrix": (N_POST, N_PRE)}
@@ -93,7 +95,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(mpn_engine, "CHUNK_BYTES", 1)
 
 
-FAST = ["fast", "cpp"]  # "cpp" runs the kernel where it handles the call, "fast" elsewhere
+FAST = ["fast", "cpp", "fused"]  # "cpp" runs the kernel where it handles the call, "fast" elsewhere
 
 
 @pytest.mark.parametrize("engine", FAST)
@@ -195,7 +197,7 @@ def test_m_init_is_refused_with_a_gradient_or_w_rec():
 def test_record_sees_the_same_M_history(grad):
     args, masks = make_inputs(recurrent=True, m_freeze="per_trial")
     seen = {}
-    for engine in ("reference", "fast"):
+    for engine in ("reference", "fast", "fused"):
         Ms = []  # stored without copying: each step must hand over its own tensor
         with torch.set_grad_enabled(grad):
             h, _ = mpn_engine.plastic_forward(**args, **masks, engine=engine,
@@ -205,20 +207,23 @@ def test_record_sees_the_same_M_history(grad):
         seen[engine] = [M.detach() for _, M in Ms]
     assert seen["reference"][0].abs().max() == 0  # M_{-1} = 0
     assert_close(seen["fast"], seen["reference"], 1e-9)
+    assert_close(seen["fused"], seen["reference"], 1e-9)
     if grad:  # the recorded forward still trains
         args2, masks2 = make_inputs(recurrent=True, m_freeze="per_trial")
-        got = run("fast", args2, masks2, record=lambda t, M: None)
-        assert_close(got, run("reference", args2, masks2), 1e-9)
+        for engine in ("fast", "fused"):
+            got = run(engine, args2, masks2, record=lambda t, M: None)
+            assert_close(got, run("reference", args2, masks2), 1e-9)
 
 
-def test_gradcheck_custom_function():
+@pytest.mark.parametrize("engine", ["fast", "fused"])
+def test_gradcheck_custom_function(engine):
     args, masks = make_inputs(B=2, T=4, eta_kind="matrix", lam_kind="pre", eta_scale=1.5,
                               recurrent=True, hid_mask=True, m_freeze="shared")
     names = [k for k, v in args.items() if v is not None]
 
     def f(*tensors):
         kw = dict(zip(names, tensors))
-        return mpn_engine.plastic_forward_fast(**kw, **masks)
+        return mpn_engine.plastic_forward(**kw, **masks, engine=engine)
 
     assert torch.autograd.gradcheck(f, [args[k] for k in names], eps=1e-6, atol=1e-7)
 
@@ -232,7 +237,7 @@ def test_auto_picks_cpp_when_it_can_and_reference_otherwise():
     h, _ = mpn_engine.plastic_forward(**args, **masks, engine="auto")
     h.sum().backward()
     assert masks["hid_mask"].grad is not None
-    for engine in ("fast", "cpp"):
+    for engine in ("fast", "cpp", "fused"):
         with pytest.raises(ValueError, match=f"engine '{engine}' cannot run"):
             mpn_engine.plastic_forward(**args, **masks, engine=engine)
     with pytest.raises(ValueError, match="unknown engine"):
@@ -240,7 +245,60 @@ def test_auto_picks_cpp_when_it_can_and_reference_otherwise():
 
 
 def test_engines_listed():
-    assert set(mpn_engine.ENGINES) == {"reference", "fast", "cpp", "auto"}
+    assert set(mpn_engine.ENGINES) == {"reference", "fast", "cpp", "fused", "auto"}
+
+
+# ---------------------------------------------------------------------------------------
+# Engine "fused" compiled (torch.compile; inductor's C++ backend here, Triton on a GPU):
+# compiling keeps the answer, a new trial length or new parameter values compile nothing
+# new, and a failed compile falls back to the same functions uncompiled.
+
+@pytest.fixture
+def fused_compiled(monkeypatch):
+    monkeypatch.setattr(mpn_fused, "COMPILE", True)
+    monkeypatch.setitem(mpn_fused._state, "error", None)
+    yield
+    if mpn_fused._state["error"] is not None:
+        pytest.skip(f"torch.compile unavailable here: {mpn_fused._state['error']}")
+
+
+@pytest.mark.parametrize("case,dtype,tol,opts", [
+    ("everything", torch.float64, 1e-9, dict()),
+    ("kernel_all", torch.float32, 1e-5, dict(mp_type="add", m_update="hebb_pre",
+                                            m_bounds=(-0.5, 0.8)))])
+def test_fused_compiled_matches_reference(case, dtype, tol, opts, fused_compiled):
+    from torch._dynamo.utils import counters
+    eta_scale = 3.0 if dtype == torch.float64 else 2.0  # see test_kernel_used_and_segments
+    args, masks = make_inputs(**dict(OPTION_CASES[case], eta_scale=eta_scale), B=4, T=8,
+                              dtype=dtype)
+    assert clip_binds(args, masks, **opts)
+    before = counters["stats"]["unique_graphs"]
+    assert_close(run("fused", args, masks, **opts), run("reference", args, masks, **opts), tol)
+    assert mpn_fused._state["error"] is None
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # compiled (the forward and reverse steps), not run eagerly
+    # another trial length and other parameter values: the same graphs serve
+    args, masks = make_inputs(**dict(OPTION_CASES[case], eta_scale=eta_scale), B=4, T=11,
+                              dtype=dtype, seed=1)
+    assert_close(run("fused", args, masks, **opts), run("reference", args, masks, **opts), tol)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_fused_falls_back_uncompiled_when_compile_fails(monkeypatch, caplog):
+    def broken(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fail
+    monkeypatch.setattr(mpn_fused, "COMPILE", True)
+    monkeypatch.setitem(mpn_fused._state, "error", None)
+    monkeypatch.setitem(mpn_fused._state, "compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    args, masks = make_inputs(**OPTION_CASES["kernel_all"])
+    with caplog.at_level("WARNING", logger="mpn_fused"):
+        got = run("fused", args, masks)
+    assert_close(got, run("reference", args, masks), 1e-9)
+    assert "no compiler here" in mpn_fused._state["error"]
+    assert "torch.compile failed" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------
