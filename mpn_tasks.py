@@ -15,7 +15,8 @@ Provides
   aligned_batch (analysis: shared epoch boundaries, stim1 directions balanced),
   condition_set (analysis and lesion tests: the complete factorial condition set of a rule,
   aligned durations, SPEC §5.1), concat_batches;
-- Scorer, score_angle, score_trial, failure_kind, accuracy_by_rule: both accuracy measures and
+- Scorer, score_angle, score_trial, failure_kind, accuracy_by_rule (and its standard errors,
+  accuracy_and_se_by_rule, ratio_se, mean_se): both accuracy measures and
   the failure kinds, vectorised, on numpy arrays or torch tensors.
 
 Every sampling function takes an explicit numpy.random.Generator (same seed -> same batch).
@@ -797,12 +798,44 @@ def accuracy_by_rule(outputs, batch):
     `angle` accuracy is the mean over the rule's scored (trial, step) points; `trial`
     accuracy the fraction of its trials that are correct.
     """
+    return accuracy_and_se_by_rule(outputs, batch)[0]
+
+
+def accuracy_and_se_by_rule(outputs, batch):
+    """(accuracy_by_rule's dict, the same dict of standard errors, `ratio_se` over the
+    rule's trials)."""
     scorer = Scorer(batch)
     scores = scorer(outputs)
     n_correct, n_scored, correct = scores["n_correct"], scorer.n_scored, scores["kind"] == 0
-    result = {"angle": {}, "trial": {}}
+    acc, se = {"angle": {}, "trial": {}}, {"angle": {}, "trial": {}}
     for r in np.unique(batch.rule):
-        trials = batch.rule == r
-        result["angle"][RULES[r]] = float(n_correct[trials].sum() / max(n_scored[trials].sum(), 1))
-        result["trial"][RULES[r]] = float(correct[trials].mean())
-    return result
+        trials, rule = batch.rule == r, RULES[r]
+        acc["angle"][rule] = float(n_correct[trials].sum() / max(n_scored[trials].sum(), 1))
+        acc["trial"][rule] = float(correct[trials].mean())
+        se["angle"][rule] = ratio_se(n_correct[trials], n_scored[trials])
+        se["trial"][rule] = ratio_se(correct[trials], np.ones(trials.sum()))
+    return acc, se
+
+
+def ratio_se(n_correct, n_scored):
+    """Standard error of an accuracy Σ n_correct / Σ n_scored over independent trials (the
+    trials are the sampling units: `angle`'s points within a trial are not independent), by
+    the ratio estimator's variance, sqrt(n/(n-1) Σ (c_i - p s_i)²) / Σ s_i. Two pseudo-trials
+    of the mean trial's size, one all right and one all wrong, are added first (Laplace's
+    rule for a proportion), so that a rule scored 0 or 1 on its n trials still reports the
+    uncertainty of n trials (~1/(n+2)) rather than 0. For `trial`, s_i = 1 and c_i ∈ {0, 1}:
+    the binomial s.e. of (k + 1)/(n + 2). NaN for no scored trial."""
+    c = np.asarray(n_correct, dtype=np.float64).ravel()
+    s = np.asarray(n_scored, dtype=np.float64).ravel()
+    if c.size == 0 or s.sum() <= 0:
+        return float("nan")
+    size = s.mean()
+    c, s = np.append(c, [size, 0.0]), np.append(s, [size, size])
+    p = c.sum() / s.sum()
+    return float(np.sqrt(c.size / (c.size - 1) * np.sum((c - p * s) ** 2)) / s.sum())
+
+
+def mean_se(se_by_rule):
+    """Standard error of the mean over rules of independently scored rules' accuracies."""
+    values = np.asarray(list(se_by_rule.values()), dtype=np.float64)
+    return float(np.sqrt(np.sum(values ** 2)) / max(values.size, 1))

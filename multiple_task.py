@@ -320,12 +320,16 @@ def evaluate_rules(net, valid, cfg):
     per_rule = {rule: net_helpers.evaluate(net, batch, weight_reg=cfg["weight_reg"],
                                            activity_reg=cfg["activity_reg"])
                 for rule, batch in valid.items()}
-    acc = {m: {rule: r["acc"][m][rule] for rule, r in per_rule.items()} for m in ("angle", "trial")}
+    acc, se = ({m: {rule: r[key][m][rule] for rule, r in per_rule.items()}
+                for m in ("angle", "trial")} for key in ("acc", "acc_se"))
     res = {"loss": float(np.mean([r["loss"] for r in per_rule.values()])),
            "loss_mse": float(np.mean([r["loss_mse"] for r in per_rule.values()])),
            "loss_by_rule": {rule: r["loss"] for rule, r in per_rule.items()}, "acc": acc,
+           "acc_se": se,
            "mean_angle": float(np.mean(list(acc["angle"].values()))),
-           "mean_trial": float(np.mean(list(acc["trial"].values())))}
+           "mean_trial": float(np.mean(list(acc["trial"].values()))),
+           "mean_angle_se": mpn_tasks.mean_se(se["angle"]),
+           "mean_trial_se": mpn_tasks.mean_se(se["trial"])}
     if not math.isfinite(res["loss"]):
         raise Diverged(f"validation loss is {res['loss']}")
     return res
@@ -359,6 +363,21 @@ def log_line(entry, cfg):
     return (f"step {entry['step']:7d} | {entry['wall_s']:7.0f} s | lr {entry['lr']:.2e} | "
             f"val loss {entry['loss']:.4f} | acc angle {entry['mean_angle']:.3f} "
             f"trial {entry['mean_trial']:.3f} | worst {worst[0]} {worst[1]:.2f}")
+
+
+def accuracy_summary(log, cfg):
+    """The last evaluation's mean accuracies ± their s.e. over the validation trials, with
+    the untrained network's (step 0) as the baseline to read them against."""
+    last = log[-1]
+    parts = [f"{m} {last[f'mean_{m}']:.3f}" + (f" ± {last[f'mean_{m}_se']:.3f}"
+                                              if f"mean_{m}_se" in last else "")
+             for m in ("angle", "trial")]
+    text = (f"mean accuracy {', '.join(parts)} (s.e. over the {cfg['n_valid']} validation "
+            f"trials per rule)")
+    if log[0]["step"] == 0 and len(log) > 1:
+        text += (f", untrained (step 0) angle {log[0]['mean_angle']:.3f}, "
+                 f"trial {log[0]['mean_trial']:.3f}")
+    return text
 
 
 def stop_reason(state, cfg):
@@ -477,11 +496,19 @@ def step_axis(ax):
 
 
 def plot_mean_accuracy(ax, log):
-    steps = [e["step"] for e in log]
+    """Mean accuracy with a ±2 s.e. band (over validation trials; entries logged before the
+    s.e. existed have none), the worst rule, and the untrained network (step 0) as baseline."""
+    steps = np.array([e["step"] for e in log])
     for measure, color in (("angle", "C0"), ("trial", "C1")):
-        ax.plot(steps, [e[f"mean_{measure}"] for e in log], color=color, label=measure)
+        mean = np.array([e[f"mean_{measure}"] for e in log])
+        se = np.array([e.get(f"mean_{measure}_se", np.nan) for e in log])
+        ax.plot(steps, mean, color=color, label=f"{measure} (mean over rules, ±2 s.e.)")
+        ax.fill_between(steps, mean - 2 * se, mean + 2 * se, color=color, alpha=0.3, lw=0)
         ax.plot(steps, [min(e["acc"][measure].values()) for e in log], color=color, ls=":",
                 label=f"{measure} (worst rule)")
+        if log[0]["step"] == 0:
+            ax.axhline(log[0][f"mean_{measure}"], color=color, ls="--", lw=0.8,
+                       label=f"{measure}, untrained (step 0)")
     ax.set_ylim(0, 1.02)
     step_axis(ax)
     ax.set_ylabel("validation accuracy")
@@ -647,8 +674,8 @@ def train(cfg, meta, paths):
         save_snapshot(paths, net, cfg, state["step"])
     if cfg["figures"]:
         make_figures(paths, state["log"], meta["rules"], example_trials(net, valid))
-    print(f"stopped at step {state['step']} ({state['stop_reason']}); mean accuracy angle "
-          f"{last['mean_angle']:.3f}, trial {last['mean_trial']:.3f}; run folder {paths.dir}")
+    print(f"stopped at step {state['step']} ({state['stop_reason']}); "
+          f"{accuracy_summary(state['log'], cfg)}; run folder {paths.dir}")
     if state["stop_reason"] == "max_minutes":  # say how to finish (max_minutes is resumable)
         more = math.ceil(1.1 * state["elapsed_s"] / 60 * cfg["max_steps"] / max(state["step"], 1))
         print(f"max_minutes={cfg['max_minutes']:g} stopped training before max_steps="

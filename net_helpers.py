@@ -250,8 +250,9 @@ def evaluate(net, batch, *, weight_reg=1e-4, activity_reg=1e-4, perturbation=Non
 
     Runs in chunks of `chunk_size` trials (all at once if None); per-trial perturbation
     fields are sliced with the trials. Returns dict(loss, loss_mse (floats),
-    acc={"angle": {rule: acc}, "trial": {rule: acc}}, mean_angle, mean_trial (means over the
-    rules present), outputs (B, T, n_out) numpy).
+    acc={"angle": {rule: acc}, "trial": {rule: acc}}, acc_se (the same, standard errors over
+    the trials: mpn_tasks.ratio_se), mean_angle, mean_trial (means over the rules present),
+    mean_angle_se, mean_trial_se, outputs (B, T, n_out) numpy).
     """
     p0 = next(net.parameters())
     batch_t = batch_to_torch(batch, p0.device, p0.dtype)
@@ -272,13 +273,16 @@ def evaluate(net, batch, *, weight_reg=1e-4, activity_reg=1e-4, perturbation=Non
     loss, parts = _combine(sq, y.numel(), h2, n_h, weight_penalty(net), weight_reg,
                            activity_reg)
     outputs = y.float().cpu().numpy()
-    acc = mpn_tasks.accuracy_by_rule(outputs, batch)
+    acc, se = mpn_tasks.accuracy_and_se_by_rule(outputs, batch)
     return {
         "loss": float(loss),
         "loss_mse": float(parts["mse"]),
         "acc": acc,
+        "acc_se": se,
         "mean_angle": float(np.mean(list(acc["angle"].values()))),
         "mean_trial": float(np.mean(list(acc["trial"].values()))),
+        "mean_angle_se": mpn_tasks.mean_se(se["angle"]),
+        "mean_trial_se": mpn_tasks.mean_se(se["trial"]),
         "outputs": outputs,
     }
 

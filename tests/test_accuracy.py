@@ -195,3 +195,51 @@ def test_scorer_of_stacked_outputs_equals_a_plain_loop():
         np.testing.assert_array_equal(scores["n_correct"][k], n_correct)
         np.testing.assert_array_equal(scores["kind"][k], kind)
     assert len(set(scores["kind"].ravel())) == 4  # all four outcomes occur
+
+
+# ---------------------------------------------------------------------------------------
+# Standard errors of the accuracies (over trials, the sampling units)
+
+@pytest.mark.parametrize("measure", ["angle", "trial"])
+def test_ratio_se_matches_the_spread_over_fresh_validation_sets(measure):
+    """Planted: trials whose own accuracy varies (heterogeneous trials, points within a trial
+    correlated through it) and, for `angle`, lengths 5-20 scored points. Over 2,000 fresh sets
+    of 128 trials, the accuracy's standard deviation equals the mean reported s.e. to 10%."""
+    rng = np.random.default_rng(0)
+    n, reps = 128, 2000
+    estimates, ses = np.empty(reps), np.empty(reps)
+    for i in range(reps):
+        p_trial = rng.beta(6, 1.5, n)  # mean ~0.8, trial to trial spread
+        if measure == "angle":
+            size = rng.integers(5, 21, n)
+            correct = rng.binomial(size, p_trial)
+        else:
+            size = np.ones(n)
+            correct = rng.random(n) < p_trial
+        estimates[i] = correct.sum() / size.sum()
+        ses[i] = mt.ratio_se(correct, size)
+    assert ses.mean() == pytest.approx(estimates.std(), rel=0.10)
+    # a measure that ignored the trials (points as independent) would be too small for angle
+    if measure == "angle":
+        naive = np.sqrt(estimates.mean() * (1 - estimates.mean()) / (128 * 12.5))
+        assert naive < 0.8 * estimates.std()
+
+
+def test_ratio_se_of_a_perfect_or_empty_rule():
+    """A rule right (or wrong) on all its n trials keeps the uncertainty of n trials, about
+    1/(n+2), instead of 0; no scored trial gives NaN."""
+    for correct in (np.ones(128), np.zeros(128)):
+        se = mt.ratio_se(correct, np.ones(128))
+        assert 0.5 / 130 < se < 1.5 / 130
+    assert mt.ratio_se(np.full(40, 10), np.full(40, 10)) > 0
+    assert np.isnan(mt.ratio_se([], []))
+
+
+def test_mean_se_and_evaluate_report_the_se_of_the_mean_over_rules():
+    assert mt.mean_se({r: 0.02 for r in mt.RULES}) == pytest.approx(0.02 / np.sqrt(15))
+    b = mixed_batch(n=16)
+    acc, se = mt.accuracy_and_se_by_rule(b.targets, b)
+    assert acc == mt.accuracy_by_rule(b.targets, b)
+    assert set(se["angle"]) == set(se["trial"]) == set(mt.RULES)
+    for rule in mt.RULES:  # targets score 1 everywhere: every s.e. is the 16-trial floor
+        assert 0 < se["trial"][rule] < 1.5 / 18

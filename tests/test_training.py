@@ -104,6 +104,13 @@ def test_tiny_run_writes_every_artifact(reference_run):
         assert set(e["acc"]["angle"]) == set(rules) == set(e["acc"]["trial"]) == set(e["p"])
         assert {"wall_s", "lr", "loss", "loss_mse", "mean_angle", "mean_trial"} <= set(e)
         assert sum(e["p"].values()) == pytest.approx(1.0)
+        for m in ("angle", "trial"):  # each accuracy with its s.e. over validation trials
+            assert set(e["acc_se"][m]) == set(rules)
+            assert e[f"mean_{m}_se"] == pytest.approx(mpn_tasks.mean_se(e["acc_se"][m]))
+            assert 0 < e[f"mean_{m}_se"] < 0.5
+    summary = mt.accuracy_summary(log, cfg)
+    assert f"angle {log[-1]['mean_angle']:.3f} ± {log[-1]['mean_angle_se']:.3f}" in summary
+    assert f"untrained (step 0) angle {log[0]['mean_angle']:.3f}" in summary
     assert set(log[-1]["train"]) >= {"loss", "mse", "weight", "activity"}
     for step in (0, 1, cfg["max_steps"]):
         snap = torch.load(paths.snapshot(step), map_location="cpu", weights_only=True)
