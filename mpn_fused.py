@@ -161,15 +161,18 @@ def _compiled(fn):
 
 
 def _step(fn, *args, **kw):
-    """fn compiled where possible; uncompiled after a compile failure (warned once)."""
-    if COMPILE and _state["error"] is None:
-        try:
-            return _compiled(fn)(*args, **kw)
-        except Exception as e:  # noqa: BLE001 -- a real bug fails again uncompiled, below
-            _state["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.warning("engine 'fused': torch.compile failed (%s); its steps now run "
-                        "uncompiled (correct, but slower than engine 'fast')", _state["error"])
-    return fn(*args, **kw)
+    """fn compiled where possible; uncompiled from a compile failure on (warned once). A call
+    that fails uncompiled too is wrong in itself: its error is raised and compiling stays on."""
+    if not COMPILE or _state["error"] is not None:
+        return fn(*args, **kw)
+    try:
+        return _compiled(fn)(*args, **kw)
+    except Exception as e:  # noqa: BLE001 -- judged by the uncompiled rerun below
+        out = fn(*args, **kw)
+        _state["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("engine 'fused': torch.compile failed (%s); its steps now run "
+                    "uncompiled (correct, but slower than engine 'fast')", _state["error"])
+        return out
 
 
 def _flags(L):

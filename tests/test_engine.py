@@ -576,3 +576,16 @@ def test_kernel_empty_sequence_goes_to_fast():
     assert mpn_cpp.unsupported(**args, **masks) is not None
     h, M = mpn_engine.plastic_forward(**args, **masks, engine="cpp")
     assert h.shape == (3, 0, N_POST) and M.abs().max() == 0
+
+
+def test_fused_step_that_fails_uncompiled_too_raises_and_keeps_compiling(monkeypatch):
+    """A call wrong in itself is not a compiler failure: it raises, and later calls still
+    compile."""
+    def wrong(x):
+        raise ValueError("bad call")
+    monkeypatch.setattr(mpn_fused, "COMPILE", True)
+    monkeypatch.setitem(mpn_fused._state, "error", None)
+    monkeypatch.setitem(mpn_fused._state, "compiled", {"wrong": wrong})
+    with pytest.raises(ValueError, match="bad call"):
+        mpn_fused._step(wrong, torch.zeros(1))
+    assert mpn_fused._state["error"] is None
