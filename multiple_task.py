@@ -513,7 +513,7 @@ def plot_mean_accuracy(ax, log):
     step_axis(ax)
     ax.set_ylabel("validation accuracy")
     ax.set_title("mean accuracy over rules, and the worst rule", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, frameon=True, framealpha=1, edgecolor="none")  # the baselines pass behind it
 
 
 def plot_accuracy_heatmap(ax, log, rules, measure):
