@@ -488,19 +488,14 @@ def merge_parts(scores, test, n_rules):
 
 def baseline_accuracy(net, test, rules):
     """Per-rule accuracy of the intact network under both measures (one plain evaluate of
-    each rule's trials) with its s.e.: binomial for `trial`, over trials for `angle`."""
+    each rule's trials) with its s.e. over the trials (mpn_tasks.ratio_se, as in training)."""
     out = {k: np.zeros(len(rules)) for k in ("angle", "trial", "se_angle", "se_trial")}
     for r, rule in enumerate(rules):
         parts = [b for b, pr in zip(test["parts"], test["part_rule"]) if pr == r]
-        batch = mpn_tasks.concat_batches(parts)
-        res = net_helpers.evaluate(net, batch)
+        res = net_helpers.evaluate(net, mpn_tasks.concat_batches(parts))
         for measure in MEASURES:
             out[measure][r] = res["acc"][measure][rule]
-        n_correct, n_scored = mpn_tasks.score_angle(res["outputs"], batch)
-        per_trial = n_correct / np.maximum(n_scored, 1)
-        n = len(batch.rule)
-        out["se_angle"][r] = per_trial.std(ddof=1) / np.sqrt(n)
-        out["se_trial"][r] = np.sqrt(out["trial"][r] * (1 - out["trial"][r]) / n)
+            out[f"se_{measure}"][r] = res["acc_se"][measure][rule]
     return out
 
 

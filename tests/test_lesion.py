@@ -219,8 +219,10 @@ def test_no_lesion_equals_the_unperturbed_network(net):
     base = lesion.baseline_accuracy(net, test, RULES)
     for m in ("angle", "trial"):
         np.testing.assert_allclose(acc[m][0], base[m], atol=1e-6)
-    np.testing.assert_allclose(base["se_trial"],
-                               np.sqrt(base["trial"] * (1 - base["trial"]) / 24))
+    # ratio_se with s_i = 1: the binomial s.e. of (k + 1)/(n + 2) over n + 1 degrees
+    p = (base["trial"] * 24 + 1) / 26
+    np.testing.assert_allclose(base["se_trial"], np.sqrt(p * (1 - p) / 25))
+    assert (base["se_angle"] > 0).all()
 
 
 def test_every_hidden_unit_lesioned_fails_every_go_trial(net, tests):
