@@ -482,49 +482,75 @@ def _chunk_grads(L, sl, x, r, need, n_in, dx, dW):
     return out
 
 
+def _fast_backward(L, x, gh, gM, need, n_in, dx, dW):
+    """The reverse pass chunk by chunk (one set of work buffers per worker thread); returns
+    each chunk's `_chunk_grads` contributions."""
+    shape = (L.chunk, L.n_post, L.n_pre)
+    free = queue.SimpleQueue()
+    for _ in range(min(torch.get_num_threads(), len(L.chunks()))):
+        free.put(dict(store=x.new_empty((L.T + 1,) + shape), tmp=x.new_empty(shape),
+                      tmp2=x.new_empty(shape), G=x.new_empty(shape),
+                      acc=x.new_empty(shape) if (L.mult and need["W"]) else None))
+
+    def one(sl):
+        # r["acc"] is a view of this worker's buffer: consume it before handing the
+        # buffer to the next chunk
+        buf = free.get()
+        try:
+            r = _backward_chunk(L, sl, x[sl], None if gh is None else gh[sl],
+                                None if gM is None else gM[sl], buf, need)
+            return _chunk_grads(L, sl, x, r, need, n_in, dx, dW)
+        finally:
+            free.put(buf)
+
+    return _map_chunks(one, L.chunks(), not x.is_cuda)
+
+
 class _PlasticSequence(torch.autograd.Function):
-    """The whole plastic sequence as one autograd node; saves only its inputs."""
+    """The whole plastic sequence as one autograd node; saves only its inputs. `passes` is
+    the engine's pair (forward(L, x, record, m_init) -> h, M; backward(L, x, gh, gM, need,
+    n_in, dx, dW) -> list of `_chunk_grads` contributions): "fast" and "fused" share the rest."""
 
     @staticmethod
-    def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg, record):
+    def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg, record, passes):
         L = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg)
-        h, M = _run_forward(L, x, record)
+        h, M = passes[0](L, x, record, None)
         ctx.save_for_backward(x, W, b, eta, lam, W_rec, hid_mask, keep)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.passes = cfg, passes
         ctx.set_materialize_grads(False)
         return h, M
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gh, gM):
+        if gh is None and gM is None:
+            return (None,) * 11
         x, W, b, eta, lam, W_rec, hid_mask, keep = ctx.saved_tensors
         L = _prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, ctx.cfg)
         n_in = ctx.needs_input_grad
         need = dict(x=n_in[0], W=n_in[1], eta=n_in[3], lam=n_in[4])
-        if gh is None and gM is None:
-            return (None,) * 10
-        shape = (L.chunk, L.n_post, L.n_pre)
-        free = queue.SimpleQueue()  # one set of work buffers per worker thread
-        for _ in range(min(torch.get_num_threads(), len(L.chunks()))):
-            free.put(dict(store=x.new_empty((L.T + 1,) + shape), tmp=x.new_empty(shape),
-                          tmp2=x.new_empty(shape), G=x.new_empty(shape),
-                          acc=x.new_empty(shape) if (L.mult and need["W"]) else None))
         dx = torch.zeros_like(x) if need["x"] else None
         dW = torch.zeros_like(W) if (need["W"] and L.per_trial_W) else None
+        parts = ctx.passes[1](L, x, gh, gM, need, n_in, dx, dW)
+        return _finish_grads(parts, n_in, dx, dW, eta, lam, W_rec) + (None,) * 5
 
-        def one(sl):
-            # r["acc"] is a view of this worker's buffer: consume it before handing the
-            # buffer to the next chunk
-            buf = free.get()
-            try:
-                r = _backward_chunk(L, sl, x[sl], None if gh is None else gh[sl],
-                                    None if gM is None else gM[sl], buf, need)
-                return _chunk_grads(L, sl, x, r, need, n_in, dx, dW)
-            finally:
-                free.put(buf)
 
-        parts = _map_chunks(one, L.chunks(), not x.is_cuda)
-        return _finish_grads(parts, n_in, dx, dW, eta, lam, W_rec) + (None,) * 4
+def run_sequence(engine, passes, x, W, b, eta, lam, *, mp_type, m_update, m_bounds, W_rec,
+                 hid_mask, m_freeze, record, m_init):
+    """Check the call, then run `passes` (see `_PlasticSequence`) with or without autograd."""
+    why = fast_unsupported(x, W, b, eta, lam, mp_type=mp_type, m_update=m_update,
+                           m_bounds=m_bounds, W_rec=W_rec, hid_mask=hid_mask, m_freeze=m_freeze)
+    if why is not None:
+        raise ValueError(f"engine '{engine}' cannot run this call: {why}; use engine='reference'")
+    keep = None if m_freeze is None else 1.0 - m_freeze
+    cfg = (mp_type, m_update, None if m_bounds is None else tuple(m_bounds))
+    args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
+    grad = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
+    _check_m_init(m_init, W_rec, grad)
+    if grad:
+        return _PlasticSequence.apply(*args, cfg, record, passes)
+    with torch.no_grad():
+        return passes[0](_prepare(*args, cfg), x, record, m_init)
 
 
 def _finish_grads(parts, n_in, dx, dW, eta, lam, W_rec):
@@ -548,19 +574,9 @@ def plastic_forward_fast(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_as
                          m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
                          record=None, m_init=None):
     """Chunked, in-place, recompute-in-backward engine. Same arguments as `plastic_forward`."""
-    why = fast_unsupported(x, W, b, eta, lam, mp_type=mp_type, m_update=m_update,
-                           m_bounds=m_bounds, W_rec=W_rec, hid_mask=hid_mask, m_freeze=m_freeze)
-    if why is not None:
-        raise ValueError(f"engine 'fast' cannot run this call: {why}; use engine='reference'")
-    keep = None if m_freeze is None else 1.0 - m_freeze
-    cfg = (mp_type, m_update, None if m_bounds is None else tuple(m_bounds))
-    args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
-    grad = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
-    _check_m_init(m_init, W_rec, grad)
-    if grad:
-        return _PlasticSequence.apply(*args, cfg, record)
-    with torch.no_grad():
-        return _run_forward(_prepare(*args, cfg), x, record, m_init)
+    return run_sequence("fast", (_run_forward, _fast_backward), x, W, b, eta, lam,
+                        mp_type=mp_type, m_update=m_update, m_bounds=m_bounds, W_rec=W_rec,
+                        hid_mask=hid_mask, m_freeze=m_freeze, record=record, m_init=m_init)
 
 
 def plastic_forward_cpp(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",

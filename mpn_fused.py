@@ -42,7 +42,7 @@ import logging
 
 import torch
 
-import mpn_engine  # this module's helpers (_prepare, _chunk_grads) live there; it imports us
+import mpn_engine  # the autograd node and call checks live there; it imports this module
 
 COMPILE = True  # False: run the step functions uncompiled (same equations, many more kernels)
 RECOMPILE_LIMIT = 64  # graphs per step function per process (torch's default, 8, is too few
@@ -242,50 +242,22 @@ def _backward(L, x, gh, gM, need):
     return dict(dx=dx, deltas=torch.stack(deltas, 1), hs=hs, acc=acc, deta=deta, dlam=dlam)
 
 
-class _FusedSequence(torch.autograd.Function):
-    """The whole plastic sequence as one autograd node; saves only its inputs."""
+def _forward_pass(L, x, record, m_init):
+    h, _, M, _ = _forward(L, x, record, m_init)
+    return h, M
 
-    @staticmethod
-    def forward(ctx, x, W, b, eta, lam, W_rec, hid_mask, keep, cfg, record):
-        L = mpn_engine._prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, cfg)
-        h, _, M, _ = _forward(L, x, record)
-        ctx.save_for_backward(x, W, b, eta, lam, W_rec, hid_mask, keep)
-        ctx.cfg = cfg
-        ctx.set_materialize_grads(False)
-        return h, M
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gh, gM):
-        x, W, b, eta, lam, W_rec, hid_mask, keep = ctx.saved_tensors
-        if gh is None and gM is None:
-            return (None,) * 10
-        L = mpn_engine._prepare(x, W, b, eta, lam, W_rec, hid_mask, keep, ctx.cfg)
-        n_in = ctx.needs_input_grad
-        need = dict(x=n_in[0], W=n_in[1], eta=n_in[3], lam=n_in[4])
-        dx = torch.zeros_like(x) if need["x"] else None
-        dW = torch.zeros_like(W) if (need["W"] and L.per_trial_W) else None
-        r = _backward(L, x, gh, gM, need)
-        part = mpn_engine._chunk_grads(L, slice(None), x, r, need, n_in, dx, dW)
-        return mpn_engine._finish_grads([part], n_in, dx, dW, eta, lam, W_rec) + (None,) * 4
+def _backward_pass(L, x, gh, gM, need, n_in, dx, dW):
+    r = _backward(L, x, gh, gM, need)
+    return [mpn_engine._chunk_grads(L, slice(None), x, r, need, n_in, dx, dW)]
 
 
 def plastic_forward_fused(x, W, b, eta, lam, *, mp_type="mult", m_update="hebb_assoc",
                           m_bounds=(-1.0, 1.0), W_rec=None, hid_mask=None, m_freeze=None,
                           record=None, m_init=None):
-    """Same arguments and calls as the fast engine (`mpn_engine.plastic_forward`)."""
-    why = mpn_engine.fast_unsupported(x, W, b, eta, lam, mp_type=mp_type, m_update=m_update,
-                                      m_bounds=m_bounds, W_rec=W_rec, hid_mask=hid_mask,
-                                      m_freeze=m_freeze)
-    if why is not None:
-        raise ValueError(f"engine 'fused' cannot run this call: {why}; use engine='reference'")
-    keep = None if m_freeze is None else 1.0 - m_freeze
-    cfg = (mp_type, m_update, None if m_bounds is None else tuple(m_bounds))
-    args = (x, W, b, eta, lam, W_rec, hid_mask, keep)
-    grad = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
-    mpn_engine._check_m_init(m_init, W_rec, grad)
-    if grad:
-        return _FusedSequence.apply(*args, cfg, record)
-    with torch.no_grad():
-        h, _, M, _ = _forward(mpn_engine._prepare(*args, cfg), x, record, m_init)
-        return h, M
+    """Same arguments and calls as the fast engine (`mpn_engine.plastic_forward`), with the
+    same autograd node around this module's forward and reverse passes."""
+    return mpn_engine.run_sequence(
+        "fused", (_forward_pass, _backward_pass), x, W, b, eta, lam, mp_type=mp_type,
+        m_update=m_update, m_bounds=m_bounds, W_rec=W_rec, hid_mask=hid_mask,
+        m_freeze=m_freeze, record=record, m_init=m_init)

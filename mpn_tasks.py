@@ -16,7 +16,7 @@ Provides
   condition_set (analysis and lesion tests: the complete factorial condition set of a rule,
   aligned durations, SPEC §5.1), concat_batches;
 - Scorer, score_angle, score_trial, failure_kind, accuracy_by_rule (and its standard errors,
-  accuracy_and_se_by_rule, ratio_se, mean_se): both accuracy measures and
+  accuracy_and_se_by_rule, ratio_se, mean_se, rule_means): both accuracy measures and
   the failure kinds, vectorised, on numpy arrays or torch tensors.
 
 Every sampling function takes an explicit numpy.random.Generator (same seed -> same batch).
@@ -839,3 +839,13 @@ def mean_se(se_by_rule):
     """Standard error of the mean over rules of independently scored rules' accuracies."""
     values = np.asarray(list(se_by_rule.values()), dtype=np.float64)
     return float(np.sqrt(np.sum(values ** 2)) / max(values.size, 1))
+
+
+def rule_means(acc, se):
+    """{mean_angle, mean_trial, mean_angle_se, mean_trial_se}: the means over rules of
+    accuracy_and_se_by_rule's two dicts, and their standard errors."""
+    out = {}
+    for m in ("angle", "trial"):
+        out[f"mean_{m}"] = float(np.mean(list(acc[m].values())))
+        out[f"mean_{m}_se"] = mean_se(se[m])
+    return out

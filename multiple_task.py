@@ -325,11 +325,7 @@ def evaluate_rules(net, valid, cfg):
     res = {"loss": float(np.mean([r["loss"] for r in per_rule.values()])),
            "loss_mse": float(np.mean([r["loss_mse"] for r in per_rule.values()])),
            "loss_by_rule": {rule: r["loss"] for rule, r in per_rule.items()}, "acc": acc,
-           "acc_se": se,
-           "mean_angle": float(np.mean(list(acc["angle"].values()))),
-           "mean_trial": float(np.mean(list(acc["trial"].values()))),
-           "mean_angle_se": mpn_tasks.mean_se(se["angle"]),
-           "mean_trial_se": mpn_tasks.mean_se(se["trial"])}
+           "acc_se": se, **mpn_tasks.rule_means(acc, se)}
     if not math.isfinite(res["loss"]):
         raise Diverged(f"validation loss is {res['loss']}")
     return res

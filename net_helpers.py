@@ -279,10 +279,7 @@ def evaluate(net, batch, *, weight_reg=1e-4, activity_reg=1e-4, perturbation=Non
         "loss_mse": float(parts["mse"]),
         "acc": acc,
         "acc_se": se,
-        "mean_angle": float(np.mean(list(acc["angle"].values()))),
-        "mean_trial": float(np.mean(list(acc["trial"].values()))),
-        "mean_angle_se": mpn_tasks.mean_se(se["angle"]),
-        "mean_trial_se": mpn_tasks.mean_se(se["trial"]),
+        **mpn_tasks.rule_means(acc, se),
         "outputs": outputs,
     }
 
