@@ -820,17 +820,17 @@ def accuracy_and_se_by_rule(outputs, batch):
 def ratio_se(n_correct, n_scored):
     """Standard error of an accuracy Σ n_correct / Σ n_scored over independent trials (the
     trials are the sampling units: `angle`'s points within a trial are not independent), by
-    the ratio estimator's variance, sqrt(n/(n-1) Σ (c_i - p s_i)²) / Σ s_i. Two pseudo-trials
-    of the mean trial's size, one all right and one all wrong, are added first (Laplace's
-    rule for a proportion), so that a rule scored 0 or 1 on its n trials still reports the
-    uncertainty of n trials (~1/(n+2)) rather than 0. For `trial`, s_i = 1 and c_i ∈ {0, 1}:
-    the binomial s.e. of (k + 1)/(n + 2). NaN for no scored trial."""
-    c = np.asarray(n_correct, dtype=np.float64).ravel()
-    s = np.asarray(n_scored, dtype=np.float64).ravel()
-    if c.size == 0 or s.sum() <= 0:
+    the ratio estimator's variance, sqrt(n/(n-1) Σ (c_i - p s_i)²) / Σ s_i. One right and one
+    wrong point are added first, each as a unit of its own (Laplace's rule), so that a rule
+    scored 0 or 1 still reports an uncertainty rather than 0: for `trial` (s_i = 1, c_i in
+    {0, 1}) the binomial s.e. of (k + 1)/(n + 2), ~1/(n + 2) at the ends; for `angle` at its
+    ends ~1 / (scored points), as if the points were independent (such data cannot show how
+    they cluster). Away from the ends the two points change the s.e. by well under 1%.
+    NaN for no scored trial."""
+    c = np.append(np.asarray(n_correct, dtype=np.float64).ravel(), [1.0, 0.0])
+    s = np.append(np.asarray(n_scored, dtype=np.float64).ravel(), [1.0, 1.0])
+    if s.sum() <= 2:
         return float("nan")
-    size = s.mean()
-    c, s = np.append(c, [size, 0.0]), np.append(s, [size, size])
     p = c.sum() / s.sum()
     return float(np.sqrt(c.size / (c.size - 1) * np.sum((c - p * s) ** 2)) / s.sum())
 

@@ -225,14 +225,33 @@ def test_ratio_se_matches_the_spread_over_fresh_validation_sets(measure):
         assert naive < 0.8 * estimates.std()
 
 
+def test_ratio_se_adds_nothing_where_trials_do_not_cluster():
+    """No structure: every point right with the same probability, independently of its
+    trial. The s.e. then matches both the spread over 2,000 fresh sets and the binomial s.e.
+    of the pooled points (to 10%): treating trials as units costs nothing when they are
+    not clusters."""
+    rng = np.random.default_rng(1)
+    n, reps, p = 128, 2000, 0.7
+    estimates, ses = np.empty(reps), np.empty(reps)
+    size = rng.integers(5, 21, n)
+    for i in range(reps):
+        correct = rng.binomial(size, p)
+        estimates[i] = correct.sum() / size.sum()
+        ses[i] = mt.ratio_se(correct, size)
+    binomial = np.sqrt(p * (1 - p) / size.sum())
+    assert ses.mean() == pytest.approx(estimates.std(), rel=0.10)
+    assert ses.mean() == pytest.approx(binomial, rel=0.10)
+
+
 def test_ratio_se_of_a_perfect_or_empty_rule():
     """A rule right (or wrong) on all its n trials keeps the uncertainty of n trials, about
-    1/(n+2), instead of 0; no scored trial gives NaN."""
+    1/(n+2), instead of 0 (`angle`: of its points); no scored trial gives NaN."""
     for correct in (np.ones(128), np.zeros(128)):
         se = mt.ratio_se(correct, np.ones(128))
         assert 0.5 / 130 < se < 1.5 / 130
-    assert mt.ratio_se(np.full(40, 10), np.full(40, 10)) > 0
+    assert 0.5 / 402 < mt.ratio_se(np.full(40, 10), np.full(40, 10)) < 1.5 / 402
     assert np.isnan(mt.ratio_se([], []))
+    assert np.isnan(mt.ratio_se([0, 0], [0, 0]))
 
 
 def test_mean_se_and_evaluate_report_the_se_of_the_mean_over_rules():
