@@ -5,9 +5,9 @@ Writes runs/<aname>/ (aname = helper.run_name(cfg), e.g. everything_dmpn_seed749
     config.json                  the resolved configuration
     checkpoint.pt                model + optimiser, scheduler, sampler and RNG states (atomic)
     log.json                     one entry per evaluation: step, wall and process CPU time,
-                                 lr, losses, both accuracies per rule, sampling probabilities
+                                 lr, losses, both accuracies per rule, sampling weights p
     snapshots/weights_step*.pt   weights at steps 0, 1, 32, 1024, 32768 and the end
-    figures/training_*.png       curves, accuracy heatmap, sampling probabilities, example trials
+    figures/training_*.png       curves, accuracy heatmap, each rule's share of the trials, examples
     manifest.json, .lock         sha256 and producer of each file; the writer lock (helper.run_lock)
 
 Example:
@@ -20,6 +20,7 @@ resolved config (only the keys in RESUMABLE_KEYS may change); a different config
 
 Axis order: trials x time x channels, (B, T, C).
 """
+import itertools
 import json
 import math
 import os
@@ -131,6 +132,39 @@ class AdaptiveSampler:
 
     def load_state_dict(self, state):
         self.S, self.p = np.array(state["S"]), np.array(state["p"])
+
+
+def inclusion_probabilities(p, k):
+    """P(rule r is among a step's k rules) for sampling weights p (..., n): the k rules are
+    drawn without replacement as numpy's Generator.choice(n, k, replace=False, p=p) draws
+    them, i.e. the first k distinct values of a stream of independent draws from p (each
+    draw from p renormalised over the rules not yet drawn). Exact: with P(S) the probability
+    that the first |S| draws are the set S, P(S) = sum over r in S of
+    P(S - r) p_r / (1 - p(S - r)), and the result sums P(S) over the sets of size k that
+    hold r. k = 1 gives p; the result sums to k over the rules (a rule's share of a step's
+    trials is this / k, as each of the k rules gets batch_size / k trials). Sets up to size k
+    are enumerated: fine for the 15 rules of SPEC §2 (1,941 sets at k = 4)."""
+    p = np.asarray(p, dtype=float)
+    n = p.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    zero = np.zeros(p.shape[:-1])
+    prob = {(): zero + 1.0}  # set (sorted tuple) -> P(the first |S| draws are S)
+    for size in range(1, k + 1):
+        nxt = {}
+        for members in itertools.combinations(range(n), size):
+            total = zero
+            for i, r in enumerate(members):
+                rest = members[:i] + members[i + 1:]
+                left = 1.0 - p[..., list(rest)].sum(axis=-1)
+                step = np.divide(p[..., r], left, out=np.zeros_like(left), where=left > 0)
+                total = total + prob[rest] * step
+            nxt[members] = total
+        prob = nxt
+    out = np.zeros(p.shape)
+    for members, value in prob.items():
+        out[..., list(members)] += value[..., None]
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -524,15 +558,22 @@ def plot_accuracy_heatmap(ax, log, rules, measure):
     ax.figure.colorbar(im, ax=ax, label="accuracy")
 
 
-def plot_sampling(ax, log, rules):
+def plot_sampling(ax, log, rules, rules_per_batch=1):
+    """Each rule's expected share of a step's trials: its sampling weight p with one rule per
+    step; with k > 1 rules per step (drawn without replacement) its inclusion probability / k,
+    which is flatter than p (no rule can be in more than every step)."""
     steps = [e["step"] for e in log]
     p = np.array([[e["p"][r] for r in rules] for e in log])
+    share = inclusion_probabilities(p, rules_per_batch) / rules_per_batch
     colors = plt_colors(len(rules))
-    ax.stackplot(steps, p.T, labels=rules, colors=colors, alpha=0.9, step="post")
+    ax.stackplot(steps, share.T, labels=rules, colors=colors, alpha=0.9, step="post")
     ax.set_xlim(steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1)
     ax.set_ylim(0, 1)
     step_axis(ax)
-    ax.set_ylabel("rule sampling weight p")  # with rules_per_batch > 1, drawn without replacement
+    ax.set_ylabel("expected share of a step's trials")
+    ax.set_title("rule sampling (adaptive, SPEC §4)" if rules_per_batch == 1 else
+                 f"rule sampling: {rules_per_batch} rules per step, drawn without replacement "
+                 f"by weight p", fontsize=9)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=6, loc="center left",
               bbox_to_anchor=(1.0, 0.5))  # top-down, as stacked
@@ -599,7 +640,7 @@ def example_trials(net, valid):
     return trials
 
 
-def make_figures(paths, log, rules, trials):
+def make_figures(paths, log, rules, trials, rules_per_batch=1):
     import matplotlib.pyplot as plt
     helper.set_style()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -611,7 +652,7 @@ def make_figures(paths, log, rules, trials):
         plot_accuracy_heatmap(ax, log, rules, measure)
     helper.save_figure(fig, paths.figure("training_accuracy_heatmap"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    plot_sampling(ax, log, rules)
+    plot_sampling(ax, log, rules, rules_per_batch)
     helper.save_figure(fig, paths.figure("training_sampling"))
     n_cols = min(3, len(rules))
     n_rows = math.ceil(len(rules) / n_cols)
@@ -669,7 +710,8 @@ def train(cfg, meta, paths):
     if state["step"] not in cfg["snapshot_steps"]:
         save_snapshot(paths, net, cfg, state["step"])
     if cfg["figures"]:
-        make_figures(paths, state["log"], meta["rules"], example_trials(net, valid))
+        make_figures(paths, state["log"], meta["rules"], example_trials(net, valid),
+                     cfg["rules_per_batch"])
     print(f"stopped at step {state['step']} ({state['stop_reason']}); "
           f"{accuracy_summary(state['log'], cfg)}; run folder {paths.dir}")
     if state["stop_reason"] == "max_minutes":  # say how to finish (max_minutes is resumable)

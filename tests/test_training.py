@@ -83,6 +83,43 @@ def test_sampler_floor_keeps_every_rule_sampled():
     assert p[0] > 0.8 and p.sum() == pytest.approx(1.0)
 
 
+def test_inclusion_probabilities_match_numpys_draws():
+    """Planted structure: skewed weights (one rule near certain, one near never). The exact
+    inclusion probabilities must match the frequencies of the draws training makes
+    (Generator.choice without replacement) within sampling error, and differ from p."""
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.full(8, 0.5))
+    k, n_draws = 3, 40_000
+    exact = mt.inclusion_probabilities(p, k)
+    counts = np.zeros(8)
+    for _ in range(n_draws):
+        counts[rng.choice(8, size=k, replace=False, p=p)] += 1
+    freq = counts / n_draws
+    se = np.sqrt(exact * (1 - exact) / n_draws) + 1e-12
+    assert np.max(np.abs(freq - exact) / se) < 4.5  # 8 rules at ~4.5 s.e.: a false alarm ~5e-5
+    assert exact.sum() == pytest.approx(k)
+    assert np.max(np.abs(exact - k * p)) > 0.05  # the weights alone would mislead
+
+
+def test_inclusion_probabilities_limits_and_batching():
+    """No structure to find: uniform weights give k/n each; k = 1 gives p; k = n gives 1;
+    a stack of weight vectors is handled row by row; a zero weight is never drawn."""
+    p = np.array([0.5, 0.2, 0.2, 0.1, 0.0])
+    np.testing.assert_allclose(mt.inclusion_probabilities(np.full(6, 1 / 6), 2), 2 / 6)
+    np.testing.assert_allclose(mt.inclusion_probabilities(p, 1), p)
+    np.testing.assert_allclose(mt.inclusion_probabilities(p[:4], 4), 1.0)
+    assert mt.inclusion_probabilities(p, 3)[4] == 0.0
+    stack = np.stack([p, np.full(5, 0.2)])
+    np.testing.assert_allclose(mt.inclusion_probabilities(stack, 2)[0],
+                               mt.inclusion_probabilities(p, 2))
+    # two rules, k = 2 of 3 by hand: P(a in) = p_a + p_b p_a/(1-p_b) + p_c p_a/(1-p_c)
+    q = np.array([0.6, 0.3, 0.1])
+    by_hand = q[0] + q[1] * q[0] / (1 - q[1]) + q[2] * q[0] / (1 - q[2])
+    assert mt.inclusion_probabilities(q, 2)[0] == pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="k must be"):
+        mt.inclusion_probabilities(p, 6)
+
+
 # ----------------------------------------------------------------------------------------
 # End to end
 
