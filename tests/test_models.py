@@ -14,6 +14,7 @@ import torch
 import helper
 import mpn
 import mpn_engine
+import mpn_tasks
 import net_helpers as nh
 
 ENGINES = list(mpn_engine.ENGINES)
@@ -462,3 +463,45 @@ def test_bad_checkpoint_files_give_one_clear_sentence(tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(helper.StageError, match="not a model checkpoint"):
         nh.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 17, 64, 300])
+def test_tanh_of_runs_is_torch_tanh_bit_for_bit(n, dtype):
+    """The embedding's tanh, evaluated once per run of equal rows, against torch.tanh: equal
+    bits, forward and backward, on piecewise-constant rows with zero tails (a task batch's
+    shape), on rows with no runs (its fallback), and through gradcheck."""
+    gen = torch.Generator().manual_seed(n)
+
+    def trial():  # 7 epochs of 1-8 steps each, then zeros, 40 steps in all
+        rows = [torch.randn(1, n, generator=gen, dtype=dtype).expand(int(k), n)
+                for k in torch.randint(1, 9, (7,), generator=gen)]
+        rows = torch.cat(rows)[:40]
+        return torch.cat([rows, rows.new_zeros(40 - len(rows), n)])
+
+    z = torch.stack([trial() for _ in range(3)]) * 2
+    starts = 1 + (z.reshape(-1, n)[1:] != z.reshape(-1, n)[:-1]).any(1).sum()
+    assert starts < 0.5 * 120  # the runs path, not its fallback
+    assert z.shape == (3, 40, n)
+    noisy = torch.randn(3, 40, n, generator=gen, dtype=dtype)
+    for inp in (z, noisy):
+        a = inp.clone().requires_grad_(True)
+        b = inp.clone().requires_grad_(True)
+        ya, yb = mpn.tanh_of_runs(a), torch.tanh(b)
+        assert torch.equal(ya, yb) and torch.equal(torch.signbit(ya), torch.signbit(yb))
+        g = torch.randn(ya.shape, generator=gen, dtype=dtype)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(a.grad, b.grad)
+    if dtype == torch.float64 and n <= 17:
+        assert torch.autograd.gradcheck(mpn.tanh_of_runs, (z[:1, :12].clone().requires_grad_(True),))
+        assert torch.autograd.gradgradcheck(mpn.tanh_of_runs,
+                                            (z[:1, :12].clone().requires_grad_(True),))
+
+
+def test_dmpn_embedding_on_a_task_batch_is_torch_tanh():
+    batch = mpn_tasks.mixed_batch(["dmsgo", "delaydm1", "fdgo"], 4, np.random.default_rng(0))
+    net = mpn.build_model("dmpn", n_hidden=24, seed=1)
+    u = torch.as_tensor(batch.inputs)
+    out = net(u, record=("x",))
+    assert torch.equal(out["x"], torch.tanh(u @ net.W_in.T))
