@@ -64,7 +64,7 @@ def tanh_of_runs(z):
 
 
 def _runs_tanh(z):
-    flat = z.detach().reshape(-1, z.shape[-1])
+    flat = z.detach().reshape(-1, z.shape[-1]).contiguous()
     rows = flat.numpy()
     bits = rows.view(np.int64 if rows.shape[1] * rows.itemsize % 8 == 0 else np.int32)
     new = np.empty(len(rows), dtype=bool)

@@ -14,6 +14,7 @@ The weights after the timed steps are hashed: they must be the same for every th
 Example:
     python benchmarks/bench_train_step.py                       # 300 steps, threads 1 and 2
     python benchmarks/bench_train_step.py --threads=2 --steps=1000 -- --rules_per_batch=4
+    python benchmarks/bench_train_step.py --threads=2 --p_from=runs/<run>/log.json
 Arguments after `--` are config overrides, as for multiple_task.py.
 """
 import argparse
@@ -35,13 +36,14 @@ import net_helpers  # noqa: E402
 PARTS = ("batch", "to_torch", "forward", "loss", "backward", "opt")
 
 
-def time_steps(cfg, threads, steps, warmup):
-    """ms per step of each part (wall), wall and CPU ms per step, eval seconds, weight hash."""
+def time_steps(cfg, threads, steps, warmup, p=None):
+    """ms per step of each part (wall), wall and CPU ms per step, eval seconds, weight hash.
+    p: the rule sampling weights (uniform by default)."""
     torch.manual_seed(0)
     meta = multiple_task.derived(cfg)
     net, opt, _ = multiple_task.build(cfg, meta, torch.device("cpu"))
     rules = meta["rules"]
-    p = np.full(len(rules), 1.0 / len(rules))
+    p = np.full(len(rules), 1.0 / len(rules)) if p is None else p
     rng = np.random.default_rng(0)
     sums = dict.fromkeys(PARTS, 0.0)
     with mpn_cpp.using_threads(threads):
@@ -86,6 +88,10 @@ def main():
     ap.add_argument("--threads", default="1,2", help="kernel thread counts, comma-separated")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--p_from", default=None,
+                    help="a run's log.json: draw rules by its last evaluation's sampling "
+                         "weights, as training does then (adaptive sampling favours the long "
+                         "decision-making trials), instead of uniformly")
     args, overrides = ap.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
     os.chdir(Path(__file__).resolve().parent.parent)
@@ -93,6 +99,12 @@ def main():
     torch.set_num_threads(cfg["num_threads"] or 1)
     if mpn_cpp.kernel() is None:
         print("compiled kernel unavailable: timing the 'fast' engine")
+    p = None
+    if args.p_from:
+        last = helper.load_json(args.p_from)["evals"][-1]
+        rules = multiple_task.derived(cfg)["rules"]
+        p = np.array([last["p"][r] for r in rules])
+        print(f"rules drawn by the sampling weights of {args.p_from} at step {last['step']}")
     print(f"{args.config} {' '.join(overrides)}: N = {cfg['n_hidden']}, batch "
           f"{cfg['batch_size']}, {args.steps} steps after {args.warmup}; torch threads "
           f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")
@@ -101,7 +113,7 @@ def main():
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for threads in (int(t) for t in args.threads.split(",")):
-        per, wall, cpu, eval_s, digest = time_steps(cfg, threads, args.steps, args.warmup)
+        per, wall, cpu, eval_s, digest = time_steps(cfg, threads, args.steps, args.warmup, p)
         with_eval = wall + 1000 * eval_s / cfg["eval_every"]
         cells = [str(threads), *(f"{per[k]:.2f}" for k in PARTS), f"{wall:.1f}", f"{cpu:.1f}",
                  f"{eval_s:.2f}", f"{with_eval:.1f}", f"{1000 / with_eval:.1f}", digest]

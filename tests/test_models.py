@@ -499,6 +499,14 @@ def test_tanh_of_runs_is_torch_tanh_bit_for_bit(n, dtype):
                                             (z[:1, :12].clone().requires_grad_(True),))
 
 
+def test_tanh_of_runs_takes_non_contiguous_input():
+    z = torch.zeros(5, 6, 4)
+    z[:, :3] = torch.randn(5, 1, 4)
+    zt = z.transpose(0, 1)  # (6, 5, 4), rows no longer adjacent in memory
+    assert torch.equal(mpn.tanh_of_runs(zt), torch.tanh(zt))
+    assert torch.equal(mpn.tanh_of_runs(z.transpose(1, 2)), torch.tanh(z.transpose(1, 2)))
+
+
 def test_dmpn_embedding_on_a_task_batch_is_torch_tanh():
     batch = mpn_tasks.mixed_batch(["dmsgo", "delaydm1", "fdgo"], 4, np.random.default_rng(0))
     net = mpn.build_model("dmpn", n_hidden=24, seed=1)
