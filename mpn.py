@@ -67,6 +67,8 @@ def _runs_tanh(z):
     flat = z.detach().reshape(-1, z.shape[-1]).contiguous()
     rows = flat.numpy()
     bits = rows.view(np.int64 if rows.shape[1] * rows.itemsize % 8 == 0 else np.int32)
+    if 2 * np.count_nonzero(bits[1:, 0] != bits[:-1, 0]) >= len(rows):  # noisy: no runs
+        return torch.tanh(z.detach())
     new = np.empty(len(rows), dtype=bool)
     new[0] = True
     np.any(bits[1:] != bits[:-1], axis=1, out=new[1:])
