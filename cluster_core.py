@@ -40,6 +40,8 @@ from scipy.spatial.distance import pdist, squareform
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
+import forked_jobs
+
 K_MIN = 5  # smallest k considered
 ARI_MEMORY_BYTES = 128 * 2**20  # contingency tables held at once by _pairwise_ari_curves
 SD_FLOOR = 0.01  # smallest null s.d. of a silhouette used: toward k = n real and null curves
@@ -374,7 +376,7 @@ def pregroup(X, n_groups, seed):
 
 
 def cluster_synapses(X, rng, *, n_groups=300, n_restarts=20, n_null=20, k_max=300, tol=0.95,
-                     level=0.95):
+                     level=0.95, processes=1):
     """Cluster many points (synapse columns) X (n, features) via pre-grouping (SPEC §5.3).
 
     Each restart groups the points with MiniBatchKMeans (G = min(n_groups, distinct points))
@@ -387,6 +389,10 @@ def cluster_synapses(X, rng, *, n_groups=300, n_restarts=20, n_null=20, k_max=30
     Returns choose_k's dict, where linkage / leaf_order / labels_by_k refer to the groups of
     the kept restart, plus groups (n,) (point -> group), restart, ari_restarts (n_restarts,
     n_ks), point-level labels (n,) at k_ref and leaf_order_points (n,).
+    The restarts and nulls (each one pre-grouping, linkage and silhouette curve, single-
+    threaded) are shared among `processes` forked processes (forked_jobs.run_jobs; 0: one
+    per core): the same numbers in any number, as every one has its own seed and the null
+    copies are drawn here, in the order one process draws them.
     """
     X = np.asarray(X, dtype=np.float64)
     G = min(n_groups, len(np.unique(X, axis=0)))
@@ -394,13 +400,33 @@ def cluster_synapses(X, rng, *, n_groups=300, n_restarts=20, n_null=20, k_max=30
     if len(X) <= n_groups or len(ks) == 0:
         return choose_k(X, rng, n_null=n_null, k_max=k_max, tol=tol, level=level)
     seeds = rng.integers(0, 2**31 - 1, size=n_restarts + n_null)
-    fits = [pregroup(X, G, int(seed)) for seed in seeds[:n_restarts]]
-    groups = np.stack([g for g, _ in fits])
-    sil, lo_hi = _curves([m for _, m in fits], ks)
-    null_sil = np.concatenate([_curves([pregroup(P, G, int(seed))[1]], ks)[0] for P, seed in
-                               zip(permuted_copies(X, rng, n_null), seeds[n_restarts:])])
+    copies = permuted_copies(X, rng, n_null)
+    processes = forked_jobs.process_count(processes)
+    shared = processes > 1
+
+    def array(shape, dtype):
+        return forked_jobs.shared_array(shape, dtype) if shared else np.empty(shape, dtype)
+
+    groups = array((n_restarts, len(X)), np.int64)
+    means = array((n_restarts, G, X.shape[1]), np.float64)
+    sil = array((n_restarts, len(ks)), np.float64)
+    lo_hi = array((n_restarts, 2, G - 1), np.int64)
+    null_sil = array((n_null, len(ks)), np.float64)
+
+    def restart_job(r):
+        groups[r], means[r] = pregroup(X, G, int(seeds[r]))
+        sil[r], lo_hi[r] = (a[0] for a in _curves([means[r]], ks))
+
+    def null_job(i):
+        null_sil[i] = _curves([pregroup(copies[i], G, int(seeds[n_restarts + i]))[1]], ks)[0][0]
+
+    jobs = [(1, lambda r=r: restart_job(r)) for r in range(n_restarts)] + \
+        [(1, lambda i=i: null_job(i)) for i in range(n_null)]
+    forked_jobs.run_jobs(jobs, processes)
+    groups, means, sil, lo_hi, null_sil = (np.array(a) for a in
+                                           (groups, means, sil, lo_hi, null_sil))
     restart, per_restart = _consistent_restart(groups, lo_hi, ks, G, sil, null_sil, tol, level)
-    out = _axis_result(ward_linkage(fits[restart][1]), ks, np.median(sil, axis=0), null_sil,
+    out = _axis_result(ward_linkage(means[restart]), ks, np.median(sil, axis=0), null_sil,
                        tol, level)
     out.update(groups=groups[restart], restart=restart, ari_restarts=per_restart,
                labels=out["labels"][groups[restart]],

@@ -57,6 +57,7 @@ CONFIG = dict(
     fixed_k=20,  # k later stages may cut at (clipped to the ks computed, e.g. 15 for N=16) {>= 2}
     cluster_seed=0,  # seeds the nulls and k-means restarts (one stream per representation, form) {>= 0}
     stability=True,  # re-choose k on the perturbed designs of the variance file (input, hidden) {@bool}
+    processes=0,  # processes sharing the synapse restarts and nulls (forked_jobs.run_jobs; 0: one per core; not Linux: 1); same results in any number {>= 0}
     figures=True,  # draw the figures (the HDF5 files are written either way) {@bool}
 )
 
@@ -88,7 +89,7 @@ def transform(V, form):
 
 def cluster_representation(V, form, rng, *, row_names=None, synapses=False, n_null=20,
                            k_max=300, tol=0.95, level=0.95, n_groups=300, n_restarts=20,
-                           name="matrix"):
+                           name="matrix", processes=1):
     """Cluster the columns and rows of one raw task-variance matrix (n_periods, n_columns).
 
     Unresponsive columns are excluded in both forms and labelled k_ref (their own, last
@@ -97,6 +98,7 @@ def cluster_representation(V, form, rng, *, row_names=None, synapses=False, n_nu
     columns), responsive (n_columns,) bool, columns and rows (cc.choose_k dicts). `columns`
     covers every column: labels (n_columns,) at k_ref, leaf_order (unresponsive last);
     its labels_by_k is over the responsive columns (or groups): cc.labels_at(columns, k).
+    `processes` share the synapse restarts and nulls (cc.cluster_synapses).
     """
     V = np.asarray(V, dtype=np.float64)
     responsive = ~unresponsive_columns(V, synapses)
@@ -108,7 +110,8 @@ def cluster_representation(V, form, rng, *, row_names=None, synapses=False, n_nu
     opts = dict(n_null=n_null, k_max=k_max, tol=tol, level=level)
     points = used[:, responsive].T
     if synapses:
-        cols = cc.cluster_synapses(points, rng, n_groups=n_groups, n_restarts=n_restarts, **opts)
+        cols = cc.cluster_synapses(points, rng, n_groups=n_groups, n_restarts=n_restarts,
+                                   processes=processes, **opts)
     else:
         cols = cc.choose_k(points, rng, **opts)
     rows = cc.choose_k(used[:, responsive], rng, null_axis=0, **opts)
@@ -218,7 +221,8 @@ def cluster_one(arrays, rep, form, variance_hash, cfg):
                 level=cfg["null_level"])
     res = cluster_representation(arrays[rep]["unnormalized"], form, rng, synapses=synapses,
                                  row_names=arrays["row_names"], n_groups=cfg["n_groups"],
-                                 n_restarts=cfg["n_restarts"], name=f"{rep} ({form})", **opts)
+                                 n_restarts=cfg["n_restarts"], name=f"{rep} ({form})",
+                                 processes=cfg["processes"], **opts)
     R = entry_arrays(res, cfg["fixed_k"], variance_hash, synapses)
     perturbed = {d: reps_[rep] for d, reps_ in arrays.get("perturbed", {}).items()
                  if rep in reps_}

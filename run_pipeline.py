@@ -178,8 +178,9 @@ def print_figures(paths):
 
 
 def seed_command(base, net, seed, cores):
-    """The command line of one (net, seed) pipeline of a parallel sweep; its lesion stage's
-    worker processes are held to the run's share of the cores unless base sets them."""
+    """The command line of one (net, seed) pipeline of a parallel sweep; the worker processes
+    of its lesion and clustering stages are held to the run's share of the cores unless base
+    sets them."""
     cmd = [sys.executable, __file__, *base, *([f"--net={net}"] if net else []), f"--seed={seed}"]
     if not any(a.startswith("--processes") for a in base):
         cmd.append(f"--processes={cores}")

@@ -166,6 +166,23 @@ def test_synapse_clustering_recovers_planted_groups():
     assert sorted(cols["leaf_order"]) == list(range(900))
 
 
+def test_synapse_clustering_is_the_same_in_forked_processes():
+    """Restarts and nulls shared among 3 forked processes give the numbers one process gives,
+    bit for bit (each has its own seed; the null copies are drawn before the work is shared)."""
+    V, _ = _planted(np.random.default_rng(4), n_clusters=4, per_cluster=100, noise=0.3)
+    one, three = (cc.cluster_synapses(V.T, np.random.default_rng(7), n_groups=30, n_restarts=4,
+                                      processes=p) for p in (1, 3))
+    assert one.keys() == three.keys()
+    for key, value in one.items():
+        if isinstance(value, dict):
+            assert value.keys() == three[key].keys(), key
+            for sub in value:
+                np.testing.assert_array_equal(value[sub], three[key][sub], err_msg=key)
+        else:
+            np.testing.assert_array_equal(value, three[key], err_msg=key)
+    assert one["null_silhouettes"].shape == (20, len(one["ks"]))
+
+
 def test_synapse_restart_ari_equals_sklearn():
     V, _ = _planted(np.random.default_rng(4), n_clusters=4, per_cluster=100, noise=0.3)
     X = V.T
