@@ -402,10 +402,7 @@ def cluster_synapses(X, rng, *, n_groups=300, n_restarts=20, n_null=20, k_max=30
     seeds = rng.integers(0, 2**31 - 1, size=n_restarts + n_null)
     copies = permuted_copies(X, rng, n_null)
     processes = forked_jobs.process_count(processes)
-    shared = processes > 1
-
-    def array(shape, dtype):
-        return forked_jobs.shared_array(shape, dtype) if shared else np.empty(shape, dtype)
+    array = forked_jobs.shared_array if processes > 1 else np.empty  # as lesion_engine's
 
     groups = array((n_restarts, len(X)), np.int64)
     means = array((n_restarts, G, X.shape[1]), np.float64)

@@ -571,9 +571,9 @@ def plot_sampling(ax, log, rules, rules_per_batch=1):
     ax.set_ylim(0, 1)
     step_axis(ax)
     ax.set_ylabel("expected share of a step's trials")
-    ax.set_title("rule sampling (adaptive, SPEC §4)" if rules_per_batch == 1 else
-                 f"rule sampling: {rules_per_batch} rules per step, drawn without replacement "
-                 f"by weight p", fontsize=9)
+    ax.set_title("rule sampling: one rule per step, drawn by weight p" if rules_per_batch == 1
+                 else f"rule sampling: {rules_per_batch} rules per step, drawn without "
+                      f"replacement by weight p", fontsize=9)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=6, loc="center left",
               bbox_to_anchor=(1.0, 0.5))  # top-down, as stacked
