@@ -27,10 +27,15 @@ import numpy as np
 import torch
 
 
+def fork_safe(cuda=False):
+    """Whether this process may fork workers: on Linux, for work that uses no CUDA."""
+    return not cuda and sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
 def process_count(processes, cuda=False):
     """`processes`, where 0 means one per core this process may run on; 1 for CUDA work and
     where fork is unavailable or unsafe (off Linux)."""
-    if cuda or not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+    if not fork_safe(cuda):
         return 1
     if not processes:
         processes = len(os.sched_getaffinity(0))
@@ -93,7 +98,7 @@ def run_jobs(jobs, processes, bar=None):
         failed = _wait(children, show)
     except BaseException:
         for pid in children:
-            _stop(pid)
+            stop_child(pid)
         raise
     finally:
         gc.unfreeze()
@@ -166,7 +171,8 @@ def _wait(children, show):
     return failed
 
 
-def _stop(pid):
+def stop_child(pid):
+    """Stops a forked child and reaps it (nothing happens if it has already exited)."""
     try:
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)

@@ -20,6 +20,7 @@ resolved config (only the keys in RESUMABLE_KEYS may change); a different config
 
 Axis order: trials x time x channels, (B, T, C).
 """
+import functools
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+import batch_feed
 import helper
 import mpn
 import mpn_cpp
@@ -84,6 +86,7 @@ CONFIG = dict(
     device="auto",  # "auto" (cuda if available), "cpu" or "cuda" {@device}
     engine="auto",  # plastic-layer engine of mpn_engine {@engine}
     num_threads=0,  # torch CPU threads (0: torch's default) {>= 0}
+    prefetch=True,  # draw each next training batch in a forked child process during the step (Linux, CPU; the same batches: results do not depend on it) {@bool}
     kernel_threads=0,  # compiled-kernel threads; 0: 2 while a second core is free, else 1, re-chosen every evaluation (mpn_cpp.AdaptiveThreads; $MPN_KERNEL_THREADS fixes it); results do not depend on it {>= 0}
     runs_dir=None,  # root of the run folders (None: $MPN_RUNS_DIR or runs/) {None | @path}
     figures=True,  # draw the training figures into figures/ at the end {@bool}
@@ -96,8 +99,8 @@ CONFIG = dict(
 # engine equals an uninterrupted one up to float rounding, not bit for bit (tests/
 # test_training.py checks both).
 RESUMABLE_KEYS = ("max_steps", "max_minutes", "target_acc", "patience_evals", "ckpt_every",
-                  "device", "engine", "num_threads", "kernel_threads", "runs_dir", "resume",
-                  "figures")
+                  "device", "engine", "num_threads", "kernel_threads", "prefetch", "runs_dir",
+                  "resume", "figures")
 CONFIG_ID_KEYS = ("ruleset", "net", "n_hidden", "batch_size", "seed")  # in every config.json
 
 
@@ -455,10 +458,18 @@ def kernel_threads(cfg):
     return mpn_cpp.AdaptiveThreads(min(2, cores or 1))
 
 
+def stretch_steps(step, cfg):
+    """Steps from `step` to the next scheduled evaluation or max_steps: the rule weights p
+    change only at an evaluation, so one p draws all of their batches."""
+    return min(cfg["eval_every"] - step % cfg["eval_every"], cfg["max_steps"] - step)
+
+
 def train_loop(ctx, state, fresh):
     """Steps until a stop reason; a NaN/inf loss leaves the last checkpoint untouched."""
     cfg, rules = ctx["cfg"], ctx["meta"]["rules"]
     bar = helper.progress(total=cfg["max_steps"], initial=state["step"], unit="step")
+    feed = batch_feed.BatchFeed(functools.partial(training_batch, cfg, rules), ctx["rng"],
+                                forked=cfg["prefetch"] and ctx["device"].type == "cpu")
     try:
         t0 = time.time() - state["elapsed_s"]
         c0 = time.process_time() - state["cpu_s"]  # new_state's 0 where a checkpoint lacks it
@@ -469,7 +480,9 @@ def train_loop(ctx, state, fresh):
             if cfg["lr_schedule"] == "cosine":
                 for group in ctx["opt"].param_groups:
                     group["lr"] = cosine_lr(cfg, state["step"])
-            batch = training_batch(cfg, rules, ctx["sampler"].p, ctx["rng"])
+            if not feed.left:
+                feed.plan(ctx["sampler"].p, stretch_steps(state["step"], cfg))
+            batch = feed.next()  # leaves ctx["rng"] as drawing it here would
             with mpn_cpp.using_threads(chooser.threads):
                 parts = train_step(ctx["net"], ctx["opt"], batch, cfg, ctx["device"])
             for k, v in parts.items():
@@ -493,6 +506,7 @@ def train_loop(ctx, state, fresh):
             f"training diverged at step {state['step']} ({err}); {kept}; lower --lr or "
             f"change the config and retrain under another --run_tag.") from err
     finally:
+        feed.close()
         bar.close()
     return state
 

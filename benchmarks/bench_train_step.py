@@ -8,6 +8,11 @@ validation pass (15 rules x n_valid trials, forward only; the preset runs one ev
 eval_every steps) and prints ms per step with it spread over eval_every steps. Wall and
 process CPU time; on 2 idle cores the kernel's threads run side by side (CPU > wall).
 
+With --prefetch=on the batches come from batch_feed's forked child, as training draws them
+(prefetch = True): "batch" is then the wait for the child's next batch, and "step CPU"
+leaves out the child's drawing (this process's CPU time only). --prefetch=both
+times both ways, one after the other, per thread count.
+
 The weights after the timed steps are hashed: they must be the same for every thread count
 (the kernel's result does not depend on its threads).
 
@@ -15,10 +20,14 @@ Example:
     python benchmarks/bench_train_step.py                       # 300 steps, threads 1 and 2
     python benchmarks/bench_train_step.py --threads=2 --steps=1000 -- --rules_per_batch=4
     python benchmarks/bench_train_step.py --threads=2 --p_from=runs/<run>/log.json
+    python benchmarks/bench_train_step.py --threads=2 --prefetch=both   # batches drawn
+                       # in the loop, then by a forked child as training does (batch_feed)
 Arguments after `--` are config overrides, as for multiple_task.py.
 """
 import argparse
+import functools
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -30,15 +39,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helper  # noqa: E402
 import mpn_cpp  # noqa: E402
+import batch_feed  # noqa: E402
 import multiple_task  # noqa: E402
 import net_helpers  # noqa: E402
 
 PARTS = ("batch", "to_torch", "forward", "loss", "backward", "opt")
 
 
-def time_steps(cfg, threads, steps, warmup, p=None):
+def time_steps(cfg, threads, steps, warmup, p=None, prefetch=False):
     """ms per step of each part (wall), wall and CPU ms per step, eval seconds, weight hash.
-    p: the rule sampling weights (uniform by default)."""
+    p: the rule sampling weights (uniform by default); prefetch: batches from a forked
+    child (batch_feed), planned eval_every steps at a time as in training."""
     torch.manual_seed(0)
     meta = multiple_task.derived(cfg)
     net, opt, _ = multiple_task.build(cfg, meta, torch.device("cpu"))
@@ -46,13 +57,16 @@ def time_steps(cfg, threads, steps, warmup, p=None):
     p = np.full(len(rules), 1.0 / len(rules)) if p is None else p
     rng = np.random.default_rng(0)
     sums = dict.fromkeys(PARTS, 0.0)
-    with mpn_cpp.using_threads(threads):
+    draw = functools.partial(multiple_task.training_batch, cfg, rules)
+    with mpn_cpp.using_threads(threads), batch_feed.BatchFeed(draw, rng, prefetch) as feed:
         for i in range(warmup + steps):
             if i == warmup:
                 sums = dict.fromkeys(PARTS, 0.0)
                 wall0, cpu0 = time.perf_counter(), time.process_time()
+            if not feed.left:
+                feed.plan(p, cfg["eval_every"])
             t = [time.perf_counter()]
-            batch = multiple_task.training_batch(cfg, rules, p, rng)
+            batch = feed.next()
             t.append(time.perf_counter())
             batch_t = net_helpers.batch_to_torch(batch, "cpu")
             t.append(time.perf_counter())
@@ -92,6 +106,9 @@ def main():
                     help="a run's log.json: draw rules by its last evaluation's sampling "
                          "weights, as training does then (adaptive sampling favours the long "
                          "decision-making trials), instead of uniformly")
+    ap.add_argument("--prefetch", default="off", choices=("off", "on", "both"),
+                    help="draw the batches in the loop (off), in a forked child as training "
+                         "does (on), or time both")
     args, overrides = ap.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
     os.chdir(Path(__file__).resolve().parent.parent)
@@ -108,14 +125,16 @@ def main():
     print(f"{args.config} {' '.join(overrides)}: N = {cfg['n_hidden']}, batch "
           f"{cfg['batch_size']}, {args.steps} steps after {args.warmup}; torch threads "
           f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")
-    head = ["kernel threads", *PARTS, "step wall", "step CPU",
+    head = ["kernel threads", "prefetch", *PARTS, "step wall", "step CPU",
             f"eval (s, /{cfg['eval_every']} steps)", "wall + eval", "steps/s", "weights"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for threads in (int(t) for t in args.threads.split(",")):
-        per, wall, cpu, eval_s, digest = time_steps(cfg, threads, args.steps, args.warmup, p)
+    ways = {"off": (False,), "on": (True,), "both": (False, True)}[args.prefetch]
+    for threads, prefetch in itertools.product((int(t) for t in args.threads.split(",")), ways):
+        per, wall, cpu, eval_s, digest = time_steps(cfg, threads, args.steps, args.warmup, p,
+                                                    prefetch)
         with_eval = wall + 1000 * eval_s / cfg["eval_every"]
-        cells = [str(threads), *(f"{per[k]:.2f}" for k in PARTS), f"{wall:.1f}", f"{cpu:.1f}",
+        cells = [str(threads), "on" if prefetch else "off", *(f"{per[k]:.2f}" for k in PARTS), f"{wall:.1f}", f"{cpu:.1f}",
                  f"{eval_s:.2f}", f"{with_eval:.1f}", f"{1000 / with_eval:.1f}", digest]
         print("| " + " | ".join(cells) + " |")
 

@@ -402,3 +402,37 @@ def test_kernel_threads_switching_mid_run_changes_nothing(tmp_path, monkeypatch)
     assert_same_params(params(switching["paths"]), params(one["paths"]))
     ran = [e["kernel_threads"] for e in switching["log"] if "kernel_threads" in e]
     assert ran == [2, 1, 2]  # 3 stretches of 10 steps
+
+
+def test_prefetched_batches_train_the_same_run_across_a_mid_stretch_resume(tmp_path,
+                                                                           monkeypatch):
+    """Batches drawn by the forked feed (prefetch) train the same weights and log as batches
+    drawn in the loop, also when the run is interrupted between evaluations and resumed from
+    a checkpoint taken mid-stretch (the child had drawn ahead of it)."""
+    import batch_feed
+    small = dict(eval_every=7, ckpt_every=4)  # stretches 1-7, 8-14, ...; checkpoint at 20
+    inline = mt.main(tiny(tmp_path / "inline", prefetch=False, **small))
+    forked, real_feed, real_step, calls = [], batch_feed.BatchFeed, mt.train_step, [0]
+
+    def feed(*args, **kwargs):
+        made = real_feed(*args, **kwargs)
+        forked.append(made.forked)
+        return made
+
+    def crashing_step(*args):
+        calls[0] += 1
+        if calls[0] == 23:  # after the checkpoint at step 20, inside the stretch 22-28
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(batch_feed, "BatchFeed", feed)
+    monkeypatch.setattr(mt, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        mt.main(tiny(tmp_path / "forked", **small))
+    monkeypatch.setattr(mt, "train_step", real_step)
+    out = mt.main(tiny(tmp_path / "forked", resume=True, **small))
+    assert forked == [batch_feed.forked_jobs.fork_safe()] * 2
+    assert_same_params(params(out["paths"]), params(inline["paths"]))
+    log, ref = (helper.load_json(r["paths"].log)["evals"] for r in (out, inline))
+    assert [(e["step"], e["loss"], e["p"]) for e in log] == \
+        [(e["step"], e["loss"], e["p"]) for e in ref]
