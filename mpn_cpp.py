@@ -43,10 +43,14 @@ Only W_rec's gradient is left to one matmul outside.
 a column factor. Matrix η/λ, per-trial W, record callbacks, CUDA tensors and masks that
 require grad are not handled here (`unsupported` says why; mpn_engine then uses "fast").
 
-The extension is built lazily on first use with torch.utils.cpp_extension.load_inline (needs
-a C++ compiler and ninja; the first build takes 25-60 s on 2 shared cores, ~25 s of CPU) and
-cached in torch's extensions directory; if the build fails, or MPN_CPP=0 is set, `kernel()`
-returns None once and for all and a single warning is logged.
+The extension is built lazily on first use with torch.utils.cpp_extension.load (needs a C++
+compiler and ninja) from two translation units that ninja compiles side by side (SOURCES):
+the kernel in plain C++, and the torch/pybind11 binding. The first build takes ~23 s on 2
+idle cores (7 Dec; as one unit behind <torch/extension.h>, 55 s, 37 of them parsing that
+header, and 64-77 s in the pipeline's fresh-clone runs); the same source compiled either way
+gives the same bits (the bench's weight hash). It is cached in torch's extensions directory;
+if the build fails, or MPN_CPP=0 is set, `kernel()` returns None once and for all and a
+single warning is logged.
 
 Measured with version 4, i.e. on one thread (benchmarks/bench_engine.py, 2 shared cores, paper
 size N = 300, B = 128, T = 100, float32): forward+backward 2.1-2.8 s, 26-27x the reference loop
@@ -65,10 +69,41 @@ log = logging.getLogger(__name__)
 
 SEG_BYTES = 1 << 26  # M history kept per thread while reversing a segment (in L3 here)
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <algorithm>
+# The kernel is two translation units, compiled side by side (a torch extension's build runs
+# ninja): kernel.cpp, plain C++ with raw pointers, and binding.cpp, the torch/pybind11 wrapper.
+# One unit behind <torch/extension.h> took ~55 s to compile here, ~37 s of it parsing that
+# header; now the two take ~20 s each, in parallel. _COMMON is the part both include.
+_COMMON = r"""#include <cstdint>
+
+// What the two translation units share: the kernel's parameters, its backward's outputs and
+// its two entry points (defined, for float and double, in kernel.cpp).
+namespace mpnk {
+
+template <typename S>
+struct Prm {
+  int64_t B, T, No, Np;
+  const S *x, *W, *bias, *er, *ec, *lr, *lc, *Wrec, *mask, *keep;
+  int64_t keep_bs;   // trial stride of keep (0: shared)
+  bool assoc, strict;
+  bool lc1;          // λ's column factor is all ones (scalar or per-post λ): one multiply less
+  S lo, hi, pc;
+};
+
+struct BwdOut {
+  void *gh, *gM, *delta, *dx, *acc, *hs, *eta_r, *eta_c, *lam_r, *lam_c;
+  bool need_x, need_acc, need_lamc, need_lam;
+  int64_t seg;
+};
+
+template <typename S>
+void forward(const Prm<S>& p, bool mult, bool keep, S* h, S* M, const S* M0, int64_t threads);
+template <typename S>
+void backward(const Prm<S>& p, bool mult, bool keep, const BwdOut& o, int64_t threads);
+
+}  // namespace mpnk
+"""
+
+_KERNEL = r"""#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -79,7 +114,11 @@ _SOURCE = r"""
 #include <thread>
 #include <vector>
 
+""" + _COMMON + r"""
 namespace {
+
+using mpnk::BwdOut;
+using mpnk::Prm;
 
 // A select as a bit blend: GCC if-converts it, where a ?: whose arm holds a division (which
 // may trap) stays a branch and keeps the loop over tanh_vec scalar.
@@ -143,15 +182,6 @@ static inline __attribute__((always_inline)) float tanh_vec(float a) {
 
 static inline double tanh_vec(double a) { return std::tanh(a); }
 
-template <typename S>
-struct Prm {
-  int64_t B, T, No, Np;
-  const S *x, *W, *bias, *er, *ec, *lr, *lc, *Wrec, *mask, *keep;
-  int64_t keep_bs;   // trial stride of keep (0: shared)
-  bool assoc, strict;
-  bool lc1;          // λ's column factor is all ones (scalar or per-post λ): one multiply less
-  S lo, hi, pc;
-};
 
 // The steps of trial b that can change anything: 1 + the last step whose input x_t (or, in
 // the backward, whose dL/dh_t) has a nonzero entry. Steps after it are a padded trial's tail,
@@ -333,11 +363,6 @@ void forward_impl(const Prm<S>& p, S* hout, S* Mout, const S* M0, int64_t nthr) 
   });
 }
 
-struct BwdOut {
-  void *gh, *gM, *delta, *dx, *acc, *hs, *eta_r, *eta_c, *lam_r, *lam_c;
-  bool need_x, need_acc, need_lamc, need_lam;
-  int64_t seg;
-};
 
 // One trial's recomputed forward: M at segment starts (ckpt), the segment's M_{t-1} history
 // (Mp[t - t0] points into ckpt, hist or scratch), and g = tanh(a) of every step.
@@ -660,6 +685,48 @@ void backward_impl(const Prm<S>& p, const BwdOut& o, int64_t nthr) {
   reverse_all(R);
 }
 
+}  // namespace
+
+namespace mpnk {
+
+template <typename S>
+void forward(const Prm<S>& p, bool mult, bool keep, S* h, S* M, const S* M0, int64_t threads) {
+  if (mult && keep) forward_impl<S, true, true>(p, h, M, M0, threads);
+  else if (mult) forward_impl<S, true, false>(p, h, M, M0, threads);
+  else if (keep) forward_impl<S, false, true>(p, h, M, M0, threads);
+  else forward_impl<S, false, false>(p, h, M, M0, threads);
+}
+
+template <typename S>
+void backward(const Prm<S>& p, bool mult, bool keep, const BwdOut& o, int64_t threads) {
+  if (mult && keep) backward_impl<S, true, true>(p, o, threads);
+  else if (mult) backward_impl<S, true, false>(p, o, threads);
+  else if (keep) backward_impl<S, false, true>(p, o, threads);
+  else backward_impl<S, false, false>(p, o, threads);
+}
+
+template void forward<float>(const Prm<float>&, bool, bool, float*, float*, const float*,
+                             int64_t);
+template void forward<double>(const Prm<double>&, bool, bool, double*, double*, const double*,
+                              int64_t);
+template void backward<float>(const Prm<float>&, bool, bool, const BwdOut&, int64_t);
+template void backward<double>(const Prm<double>&, bool, bool, const BwdOut&, int64_t);
+
+}  // namespace mpnk
+"""
+
+_BINDING = r"""#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+""" + _COMMON + r"""
+namespace {
+
+using mpnk::BwdOut;
+using mpnk::Prm;
+
 template <typename S>
 Prm<S> make_prm(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias,
                 const at::Tensor& er, const at::Tensor& ec, const at::Tensor& lr,
@@ -699,10 +766,7 @@ std::vector<at::Tensor> mpn_forward(at::Tensor x, at::Tensor W, at::Tensor bias,
     scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* Mp = M.data_ptr<scalar_t>();
     const scalar_t* m0 = M0.has_value() ? M0->data_ptr<scalar_t>() : nullptr;
-    if (mult && k) forward_impl<scalar_t, true, true>(p, hp, Mp, m0, threads);
-    else if (mult) forward_impl<scalar_t, true, false>(p, hp, Mp, m0, threads);
-    else if (k) forward_impl<scalar_t, false, true>(p, hp, Mp, m0, threads);
-    else forward_impl<scalar_t, false, false>(p, hp, Mp, m0, threads);
+    mpnk::forward<scalar_t>(p, mult, k, hp, Mp, m0, threads);
   });
   return {h, M};
 }
@@ -743,10 +807,7 @@ std::vector<at::Tensor> mpn_backward(at::Tensor x, at::Tensor W, at::Tensor bias
     out.need_x = need_x; out.need_acc = need_acc; out.need_lamc = need_lamc;
     out.need_lam = need_lam;
     out.seg = seg;
-    if (mult && k) backward_impl<scalar_t, true, true>(p, out, threads);
-    else if (mult) backward_impl<scalar_t, true, false>(p, out, threads);
-    else if (k) backward_impl<scalar_t, false, true>(p, out, threads);
-    else backward_impl<scalar_t, false, false>(p, out, threads);
+    mpnk::backward<scalar_t>(p, mult, k, out, threads);
   });
   return {delta, dx, acc, hs, eta_r, eta_c, lam_r, lam_c};
 }
@@ -757,14 +818,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the GIL is released while a kerne
 }
 """
 
-_VERSION = 9  # bump when _SOURCE changes meaning (load_inline also rebuilds on any edit)
+SOURCES = {"kernel.cpp": _KERNEL, "binding.cpp": _BINDING}
+
+_VERSION = 10  # bump when SOURCES change meaning (torch's load also rebuilds on any edit)
 
 
 def _name():
     """Extension name, keyed by the CPU's instruction-set flags (the build uses -march=native,
     so a cache directory shared between different machines never loads a foreign build) and
     by the torch installation (two virtualenvs would otherwise rebuild over each other's
-    build, 30 s each time)."""
+    build, 20-60 s each time)."""
     import hashlib
     import sys
     flags = ""
@@ -787,8 +850,30 @@ def _failed_marker(name):
     a build that cannot work (delete it to retry)."""
     import hashlib
     from torch.utils.cpp_extension import _get_build_directory
-    key = hashlib.md5((_SOURCE + " ".join(CFLAGS)).encode()).hexdigest()[:8]
+    key = hashlib.md5(("".join(SOURCES.values()) + " ".join(CFLAGS)).encode()).hexdigest()[:8]
     return os.path.join(_get_build_directory(name, verbose=False), f"BUILD_FAILED_{key}.txt")
+
+
+def _write_sources(name):
+    """SOURCES as files in the extension's build directory, each rewritten (atomically) only
+    when its text changed: a rewrite would make ninja compile it again."""
+    from torch.utils.cpp_extension import _get_build_directory
+    folder = _get_build_directory(name, verbose=False)
+    paths = []
+    for file_name, text in SOURCES.items():
+        path = os.path.join(folder, file_name)
+        try:
+            with open(path) as f:
+                same = f.read() == text
+        except OSError:
+            same = False
+        if not same:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths
 
 
 STALE_LOCK_S = 600  # a build lock older than this was left by a killed build (one takes < 2 min)
@@ -833,9 +918,9 @@ def kernel():
                 if os.path.exists(marker):
                     raise RuntimeError(f"an earlier build failed ({marker}; delete it to retry)")
                 _clear_stale_lock(name)
-                from torch.utils.cpp_extension import load_inline
-                _state["module"] = load_inline(name, cpp_sources=_SOURCE, extra_cflags=CFLAGS,
-                                               verbose=False)
+                from torch.utils.cpp_extension import load
+                _state["module"] = load(name, sources=_write_sources(name), extra_cflags=CFLAGS,
+                                        verbose=False)
             except Exception as e:  # no compiler / ninja, or a build error: fall back
                 lines = str(e).strip().splitlines()
                 _state["error"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
