@@ -9,7 +9,6 @@ largest entry). Sizes are tiny so the whole file runs in seconds.
 import itertools
 import os
 import time
-from pathlib import Path
 
 import pytest
 import numpy as np
@@ -526,24 +525,6 @@ def test_kernel_build_failure_falls_back_to_fast(monkeypatch, caplog):
             assert_close(run(engine, args, masks), run("fast", args, masks), 0.0)
     assert mpn_cpp.kernel() is None and "Ninja is required" in mpn_cpp._state["error"]
     assert len([r for r in caplog.records if r.name == "mpn_cpp"]) == 1
-
-
-def test_kernel_sources_are_rewritten_only_when_their_text_changed(monkeypatch, tmp_path):
-    """A rewrite of an unchanged source would make ninja compile it again (~20 s); a changed
-    or missing one is written whole."""
-    import torch.utils.cpp_extension as cpp_extension
-    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
-    paths = mpn_cpp._write_sources("x")
-    assert [Path(p).read_text() for p in paths] == list(mpn_cpp.SOURCES.values())
-    old = time.time() - 100
-    for p in paths:
-        os.utime(p, (old, old))
-    Path(paths[1]).write_text("stale")
-    os.utime(paths[1], (old, old))
-    assert mpn_cpp._write_sources("x") == paths
-    assert os.path.getmtime(paths[0]) == old  # unchanged: left alone
-    assert Path(paths[1]).read_text() == mpn_cpp.SOURCES["binding.cpp"]
-    assert sorted(os.listdir(tmp_path)) == ["binding.cpp", "kernel.cpp"]  # no temp file left
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path, caplog):
