@@ -302,6 +302,22 @@ MANIFEST = "manifest.json"
 _HELD = {}  # resolved run folder -> [lock file descriptor, nesting depth]
 
 
+def _forget_locks_in_child():
+    """Runs in every child forked from this process (os.register_at_fork): closes the child's
+    copies of the lock descriptors held here, without unlocking (the parent still holds the
+    lock through its own). Otherwise a forked worker or batch process that outlives a killed
+    parent (kill -9, out of memory) would keep the run folder locked until it finishes; no
+    forked child writes run folders."""
+    for fd, _ in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def _lock_holder(lock_path):
     with contextlib.suppress(OSError):
         return Path(lock_path).read_text().strip() or "unknown"

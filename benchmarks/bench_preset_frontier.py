@@ -5,7 +5,10 @@ Reads the log.json and config.json of finished training runs (made with
 run: what it changes from configs/cpu_quick.py, its process CPU time per step (logged since
 the `cpu_s` field exists; runs trained side by side compare fairly), the mean accuracy
 (`angle` / `trial`) at a few step counts, and the first evaluation where the preset's promise
-(mean `angle` >= 0.90 and `trial` >= 0.95) holds.
+(mean `angle` >= 0.90 and `trial` >= 0.95) holds, with the run's own training wall time
+there (a first run on a machine includes the kernel build; a busy machine, its slowdown).
+The CPU time is the training process's own: since `prefetch` (7 Dec) a forked child draws the
+batches, ~2 ms a step not counted, so compare CPU times of runs trained the same way.
 
 Accuracy per step is deterministic on one CPU type, whatever the load, so the steps-axis is
 exact; the time-axis is steps x seconds per step, which depends on the machine: pass the idle
@@ -46,10 +49,8 @@ def changes(cfg, base):
 
 
 def first_promise(evals):
-    for e in evals:
-        if all(e[k] >= v for k, v in PROMISE.items()):
-            return e["step"]
-    return None
+    """The first evaluation that keeps the promise, or None."""
+    return next((e for e in evals if all(e[k] >= v for k, v in PROMISE.items())), None)
 
 
 def row(folder, base, marks, idle_rate):
@@ -62,7 +63,8 @@ def row(folder, base, marks, idle_rate):
             if m in by_step else "–" for m in marks]
     hit = first_promise(evals)
     when = "not reached" if hit is None else (
-        f"step {hit}" + (f" ({hit / idle_rate / 60:.1f} min)" if idle_rate else ""))
+        f"step {hit['step']}, {hit['wall_s'] / 60:.1f} min into this run" +
+        (f" ({hit['step'] / idle_rate / 60:.1f} min at the idle rate)" if idle_rate else ""))
     change = ", ".join(f"{k}={v}" for k, v in changes(cfg, base).items()) or "the preset"
     return [folder.name.rsplit("_", 1)[-1], change, cpu, *accs,
             f"{last['mean_angle']:.3f} / {last['mean_trial']:.3f} at {last['step']}", when]

@@ -3,6 +3,8 @@ order, leaves the generator as drawing them here would, and losing the child los
 import functools
 import os
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -142,3 +144,31 @@ def test_inline_feed_draws_the_same_sequence():
                 feed.plan(p, n)
                 for j in range(n):
                     assert_same_batch(feed.next(), inline_batches(PLANS)[i + j][0])
+
+
+def test_a_killed_trainer_leaves_no_lock_held_by_its_batch_process(tmp_path):
+    """The child inherits the run folder's lock descriptor when it is forked; it closes its
+    copy (run_folder), so after the trainer is killed with SIGKILL the folder is free at
+    once, even while the orphaned child is still busy drawing."""
+    import run_folder
+    script = f"""
+import sys, time
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import batch_feed, run_folder
+with run_folder.run_lock({str(tmp_path)!r}):
+    feed = batch_feed.BatchFeed(lambda p, rng: time.sleep(30), np.random.default_rng(0))
+    feed.plan([1.0], 1)
+    print(feed.pid, flush=True)
+    time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    child = int(proc.stdout.readline())
+    try:
+        proc.kill()
+        proc.wait()
+        os.kill(child, 0)  # the orphaned child is still drawing
+        with run_folder.run_lock(tmp_path):  # and the folder is free
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)

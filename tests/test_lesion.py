@@ -7,6 +7,8 @@ import functools
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -191,6 +193,47 @@ def test_a_job_failing_in_the_parent_raises_and_stops_the_children():
     assert time.monotonic() - started < 1.5  # the child was stopped, not waited for (2 s)
     with pytest.raises(ChildProcessError):  # and reaped: no child of ours is left
         os.waitpid(-1, os.WNOHANG)
+
+
+def test_workers_of_a_killed_stage_do_not_keep_its_run_folder_locked(tmp_path):
+    """Forked workers inherit the run folder's lock descriptor; they close their copies
+    (run_folder), so when the stage is killed with SIGKILL the folder is free at once, even
+    while an orphaned worker is still in a job."""
+    import run_folder
+    run, pids = tmp_path / "run", tmp_path / "pids"
+    run.mkdir()
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+import forked_jobs, run_folder
+
+def job():
+    with open({str(pids)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    time.sleep(30)
+
+with run_folder.run_lock({str(run)!r}):
+    forked_jobs.run_jobs([(1, job), (1, job)], processes=2)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while time.time() < deadline and len(_pid_lines(pids)) < 2:
+        time.sleep(0.05)
+    workers = [p for p in _pid_lines(pids) if p != proc.pid]
+    try:
+        assert len(workers) == 1, _pid_lines(pids)
+        proc.kill()
+        proc.wait()
+        os.kill(workers[0], 0)  # the orphaned worker is still in its job
+        with run_folder.run_lock(run):  # and the folder is free
+            pass
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pid_lines(path):
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
 def test_stacked_outputs_equal_single_condition_outputs(net, tests):
