@@ -114,9 +114,11 @@ class BatchFeed:
         sys.stdout.flush()
         sys.stderr.flush()  # else the child could write the parent's buffered text again
         gc.freeze()  # the child's collector leaves the inherited objects (and their pages) alone
+        parent = os.getpid()
         try:
             pid = os.fork()
             if pid == 0:
+                forked_jobs.die_with_parent(parent)
                 here.close()
                 _child(there, self.draw, self.rng)  # never returns
         finally:

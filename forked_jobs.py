@@ -88,9 +88,11 @@ def run_jobs(jobs, processes, bar=None):
     gc.freeze()
     children = []
     try:
+        parent = os.getpid()
         for _ in range(min(processes, len(jobs)) - 1):
             pid = os.fork()
             if pid == 0:
+                die_with_parent(parent)
                 _child(claim, jobs, finished)  # never returns
             children.append(pid)
         while (j := claim()) is not None:
@@ -169,6 +171,22 @@ def _wait(children, show):
         if running:
             time.sleep(0.1)
     return failed
+
+
+def die_with_parent(parent_pid):
+    """In a forked child: asks Linux to send it SIGKILL when its parent dies (prctl
+    PR_SET_PDEATHSIG), so a stage killed with kill -9 leaves no worker running its remaining
+    jobs for nobody; exits at once if the parent is already gone. Does nothing where prctl
+    cannot be reached. Linux sends the signal when the *thread* that forked ends, so fork from
+    a thread that outlives the child (run_jobs and BatchFeed wait for theirs)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - whatever fails here, the child must not run on as the parent
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def stop_child(pid):

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -146,16 +147,17 @@ def test_inline_feed_draws_the_same_sequence():
                     assert_same_batch(feed.next(), inline_batches(PLANS)[i + j][0])
 
 
-def test_a_killed_trainer_leaves_no_lock_held_by_its_batch_process(tmp_path):
-    """The child inherits the run folder's lock descriptor when it is forked; it closes its
-    copy (run_folder), so after the trainer is killed with SIGKILL the folder is free at
-    once, even while the orphaned child is still busy drawing."""
-    import run_folder
+def killed_trainer(tmp_path, die_with_parent=True):
+    """Starts a trainer-like process that holds a run folder's lock and whose batch process
+    is busy drawing (30 s), kills it with SIGKILL, and returns the batch process's PID.
+    die_with_parent=False: as where prctl is unavailable."""
     script = f"""
 import sys, time
 import numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-import batch_feed, run_folder
+import batch_feed, forked_jobs, run_folder
+if not {die_with_parent}:
+    forked_jobs.die_with_parent = lambda parent: None
 with run_folder.run_lock({str(tmp_path)!r}):
     feed = batch_feed.BatchFeed(lambda p, rng: time.sleep(30), np.random.default_rng(0))
     feed.plan([1.0], 1)
@@ -164,11 +166,39 @@ with run_folder.run_lock({str(tmp_path)!r}):
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     child = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    return child
+
+
+def alive(pid):
+    """Running (a zombie awaiting its reaper counts as gone)."""
     try:
-        proc.kill()
-        proc.wait()
-        os.kill(child, 0)  # the orphaned child is still drawing
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_trainer_leaves_no_lock_held_by_its_batch_process(tmp_path):
+    """The child inherits the run folder's lock descriptor when it is forked; it closes its
+    copy (run_folder), so after the trainer is killed with SIGKILL the folder is free at
+    once, even while the orphaned child is still busy drawing."""
+    import run_folder
+    child = killed_trainer(tmp_path, die_with_parent=False)
+    try:
+        assert alive(child)  # the orphaned child is still drawing
         with run_folder.run_lock(tmp_path):  # and the folder is free
             pass
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_the_batch_process_dies_with_its_trainer(tmp_path):
+    child = killed_trainer(tmp_path)
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the batch process outlived its killed trainer")

@@ -195,17 +195,18 @@ def test_a_job_failing_in_the_parent_raises_and_stops_the_children():
         os.waitpid(-1, os.WNOHANG)
 
 
-def test_workers_of_a_killed_stage_do_not_keep_its_run_folder_locked(tmp_path):
-    """Forked workers inherit the run folder's lock descriptor; they close their copies
-    (run_folder), so when the stage is killed with SIGKILL the folder is free at once, even
-    while an orphaned worker is still in a job."""
-    import run_folder
+def killed_stage(tmp_path, die_with_parent=True):
+    """Starts a stage-like process that holds a run folder's lock and runs 2 slow jobs in 2
+    processes, kills it with SIGKILL once both jobs started, and returns (run folder, PID of
+    the orphaned worker). die_with_parent=False: as where prctl is unavailable."""
     run, pids = tmp_path / "run", tmp_path / "pids"
     run.mkdir()
     script = f"""
 import os, sys, time
 sys.path.insert(0, {str(REPO)!r})
 import forked_jobs, run_folder
+if not {die_with_parent}:
+    forked_jobs.die_with_parent = lambda parent: None
 
 def job():
     with open({str(pids)!r}, "a") as f:
@@ -217,23 +218,51 @@ with run_folder.run_lock({str(run)!r}):
 """
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
-    while time.time() < deadline and len(_pid_lines(pids)) < 2:
+    while time.time() < deadline and len(pid_lines(pids)) < 2:
         time.sleep(0.05)
-    workers = [p for p in _pid_lines(pids) if p != proc.pid]
+    workers = [p for p in pid_lines(pids) if p != proc.pid]
+    proc.kill()
+    proc.wait()
+    assert len(workers) == 1, pid_lines(pids)
+    return run, workers[0]
+
+
+def pid_lines(path):
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid):
+    """Running (a zombie awaiting its reaper counts as gone)."""
     try:
-        assert len(workers) == 1, _pid_lines(pids)
-        proc.kill()
-        proc.wait()
-        os.kill(workers[0], 0)  # the orphaned worker is still in its job
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_of_a_killed_stage_do_not_keep_its_run_folder_locked(tmp_path):
+    """Forked workers inherit the run folder's lock descriptor; they close their copies
+    (run_folder), so when the stage is killed with SIGKILL the folder is free at once, even
+    while an orphaned worker is still in a job."""
+    import run_folder
+    run, worker = killed_stage(tmp_path, die_with_parent=False)
+    try:
+        assert alive(worker)  # the orphaned worker is still in its job
         with run_folder.run_lock(run):  # and the folder is free
             pass
     finally:
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
 
 
-def _pid_lines(path):
-    return [int(x) for x in path.read_text().split()] if path.exists() else []
+def test_workers_of_a_killed_stage_stop_with_it(tmp_path):
+    """A worker does not run on for nobody after its stage is killed (die_with_parent)."""
+    _, worker = killed_stage(tmp_path)
+    deadline = time.time() + 10
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.05)
+    if alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its killed stage")
 
 
 def test_stacked_outputs_equal_single_condition_outputs(net, tests):
