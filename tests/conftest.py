@@ -1,5 +1,8 @@
 """Shared test set-up: the repository root is importable and runs go to a temporary folder."""
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,3 +26,30 @@ def fused_uncompiled(request, monkeypatch):
     if request.node.get_closest_marker("cuda") is None:
         import mpn_fused
         monkeypatch.setattr(mpn_fused, "COMPILE", False)
+
+
+@pytest.fixture
+def still_running():
+    """still_running(pid, wait_s=0) -> whether the process still runs after waiting up to
+    wait_s seconds for it to stop (a zombie awaiting its reaper counts as stopped). Every
+    process asked about is killed after the test, so an orphan a test creates never lingers."""
+    asked = []
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def check(pid, wait_s=0.0):
+        asked.append(pid)
+        deadline = time.time() + wait_s
+        while running(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        return running(pid)
+
+    yield check
+    for pid in asked:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -171,34 +170,17 @@ with run_folder.run_lock({str(tmp_path)!r}):
     return child
 
 
-def alive(pid):
-    """Running (a zombie awaiting its reaper counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def test_a_killed_trainer_leaves_no_lock_held_by_its_batch_process(tmp_path):
+def test_a_killed_trainer_leaves_no_lock_held_by_its_batch_process(tmp_path, still_running):
     """The child inherits the run folder's lock descriptor when it is forked; it closes its
     copy (run_folder), so after the trainer is killed with SIGKILL the folder is free at
     once, even while the orphaned child is still busy drawing."""
     import run_folder
     child = killed_trainer(tmp_path, die_with_parent=False)
-    try:
-        assert alive(child)  # the orphaned child is still drawing
-        with run_folder.run_lock(tmp_path):  # and the folder is free
-            pass
-    finally:
-        os.kill(child, signal.SIGKILL)
+    assert still_running(child)  # the orphaned child is still drawing
+    with run_folder.run_lock(tmp_path):  # and the folder is free
+        pass
 
 
-def test_the_batch_process_dies_with_its_trainer(tmp_path):
+def test_the_batch_process_dies_with_its_trainer(tmp_path, still_running):
     child = killed_trainer(tmp_path)
-    deadline = time.time() + 10
-    while alive(child) and time.time() < deadline:
-        time.sleep(0.05)
-    if alive(child):
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the batch process outlived its killed trainer")
+    assert not still_running(child, wait_s=10), "the batch process outlived its killed trainer"

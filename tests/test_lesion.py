@@ -231,38 +231,21 @@ def pid_lines(path):
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def alive(pid):
-    """Running (a zombie awaiting its reaper counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def test_workers_of_a_killed_stage_do_not_keep_its_run_folder_locked(tmp_path):
+def test_workers_of_a_killed_stage_do_not_keep_its_run_folder_locked(tmp_path, still_running):
     """Forked workers inherit the run folder's lock descriptor; they close their copies
     (run_folder), so when the stage is killed with SIGKILL the folder is free at once, even
     while an orphaned worker is still in a job."""
     import run_folder
     run, worker = killed_stage(tmp_path, die_with_parent=False)
-    try:
-        assert alive(worker)  # the orphaned worker is still in its job
-        with run_folder.run_lock(run):  # and the folder is free
-            pass
-    finally:
-        os.kill(worker, signal.SIGKILL)
+    assert still_running(worker)  # the orphaned worker is still in its job
+    with run_folder.run_lock(run):  # and the folder is free
+        pass
 
 
-def test_workers_of_a_killed_stage_stop_with_it(tmp_path):
+def test_workers_of_a_killed_stage_stop_with_it(tmp_path, still_running):
     """A worker does not run on for nobody after its stage is killed (die_with_parent)."""
     _, worker = killed_stage(tmp_path)
-    deadline = time.time() + 10
-    while alive(worker) and time.time() < deadline:
-        time.sleep(0.05)
-    if alive(worker):
-        os.kill(worker, signal.SIGKILL)
-        pytest.fail("the worker outlived its killed stage")
+    assert not still_running(worker, wait_s=10), "the worker outlived its killed stage"
 
 
 def test_stacked_outputs_equal_single_condition_outputs(net, tests):
