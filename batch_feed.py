@@ -3,9 +3,10 @@
 Drawing a CPU preset batch (4 rules x 8 trials, numpy) takes ~2.2 ms of a ~22 ms step, on
 the Python side, while a core sits idle through the step's serial parts (loss, optimiser,
 the small ops around the kernel). A child process draws the next batch meanwhile, so the
-step no longer waits for it: 8-9% more steps per second on 2 idle cores, and no loss under
-load (measured with benchmarks/bench_contention.py). A thread cannot do this: it holds the
-interpreter lock while it draws (tried: slower).
+step no longer waits for it (7 Dec, 2 idle cores: 17% more steps per second in
+benchmarks/bench_train_step.py, 10% over the preset's whole run, whose adaptive sampling
+favours long trials; under load the same or more, benchmarks/bench_contention.py). A thread
+cannot do this: it holds the interpreter lock while it draws (tried: slower).
 
 The batches are the ones the loop would draw itself, in the same order, from the same
 generator: the rule weights p change only at an evaluation, so the training loop plans a
@@ -19,7 +20,9 @@ Nothing but numbers crosses the pipe: a JSON header (the generator's state, the 
 names, dtypes and shapes) and the arrays' bytes; nothing is pickled. If the child stops (it
 is killed, its pipe breaks, or drawing fails there), the parent says so once and draws the
 rest itself from the state of the last batch it received: a lost child costs time, never
-results, and an error in drawing is raised here, where the same draw fails again. The child runs
+results, and an error in drawing is raised here, where the same draw fails again. The child
+dies with this process (forked_jobs.die_with_parent) and does not keep its run folder
+locked (run_folder closes a forked child's copies of the lock). The child runs
 only where forking is safe (Linux, no CUDA in use: forked_jobs.fork_safe); elsewhere, or
 with prefetch = False, the loop draws every batch itself through the same interface.
 

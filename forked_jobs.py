@@ -9,6 +9,9 @@ between processes and the results are the same numbers in any number of processe
 
 Forking is safe only on Linux (macOS frameworks and Windows have no safe fork) and where the
 parent holds no CUDA context; elsewhere `process_count` gives 1 and one process runs all.
+A child dies with the parent that forked it (`die_with_parent`), so a stage killed with
+kill -9 leaves no worker running its jobs for nobody, and it closes its copies of the run
+folder locks the parent holds (run_folder), so the folder is free at once.
 
 Example:
     out = shared_array(n, np.float64)
