@@ -21,7 +21,7 @@ names, dtypes and shapes) and the arrays' bytes; nothing is pickled. If the chil
 is killed, its pipe breaks, or drawing fails there), the parent says so once and draws the
 rest itself from the state of the last batch it received: a lost child costs time, never
 results, and an error in drawing is raised here, where the same draw fails again. The child
-dies with this process (forked_jobs.die_with_parent) and does not keep its run folder
+dies with this process (forked_jobs.fork_child) and does not keep its run folder
 locked (run_folder closes a forked child's copies of the lock). The child runs
 only where forking is safe (Linux, no CUDA in use: forked_jobs.fork_safe); elsewhere, or
 with prefetch = False, the loop draws every batch itself through the same interface.
@@ -32,12 +32,10 @@ Example:
     batch = feed.next()             # .inputs .targets .mask .rule .length, as Batch
     feed.close()
 """
-import gc
 import json
 import multiprocessing
 import os
 import signal
-import sys
 import warnings
 from typing import NamedTuple
 
@@ -45,7 +43,6 @@ import numpy as np
 
 import forked_jobs
 
-FIELDS = ("inputs", "targets", "mask", "rule", "length")  # what net_helpers.batch_to_torch reads
 ALIGN = 8  # bytes: each array starts at a multiple of this in the payload (aligned for any dtype sent)
 
 
@@ -56,6 +53,9 @@ class Arrays(NamedTuple):
     mask: np.ndarray
     rule: np.ndarray
     length: np.ndarray
+
+
+FIELDS = Arrays._fields
 
 
 class BatchFeed:
@@ -114,18 +114,10 @@ class BatchFeed:
 
     def _fork(self):
         here, there = multiprocessing.Pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()  # else the child could write the parent's buffered text again
-        gc.freeze()  # the child's collector leaves the inherited objects (and their pages) alone
-        parent = os.getpid()
-        try:
-            pid = os.fork()
-            if pid == 0:
-                forked_jobs.die_with_parent(parent)
-                here.close()
-                _child(there, self.draw, self.rng)  # never returns
-        finally:
-            gc.unfreeze()
+        pid = forked_jobs.fork_child()
+        if pid == 0:
+            here.close()
+            _child(there, self.draw, self.rng)  # never returns
         there.close()
         self.pid, self.conn = pid, here
 
@@ -149,9 +141,8 @@ class BatchFeed:
         """Goes on without the child: the parent's generator holds the state after the last
         batch taken, so drawing here continues the same sequence."""
         warnings.warn(f"the batch process stopped ({err.__class__.__name__} on its pipe); "
-                      f"drawing training batches in "
-                      f"this process from here on (same batches, slower)", RuntimeWarning,
-                      stacklevel=3)
+                      "drawing training batches in this process from here on (same batches, "
+                      "slower)", RuntimeWarning, stacklevel=3)
         self.close()
 
 

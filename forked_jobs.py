@@ -84,18 +84,11 @@ def run_jobs(jobs, processes, bar=None):
             run(j)
         return
     claim = JobCounter(len(jobs))
-    sys.stdout.flush()
-    sys.stderr.flush()  # else a child could write the parent's buffered text a second time
-    # frozen, the inherited objects are left alone by the children's garbage collector, which
-    # would otherwise write to (and so copy) every shared page of them that it visits
-    gc.freeze()
     children = []
     try:
-        parent = os.getpid()
         for _ in range(min(processes, len(jobs)) - 1):
-            pid = os.fork()
+            pid = fork_child()
             if pid == 0:
-                die_with_parent(parent)
                 _child(claim, jobs, finished)  # never returns
             children.append(pid)
         while (j := claim()) is not None:
@@ -105,8 +98,6 @@ def run_jobs(jobs, processes, bar=None):
         for pid in children:
             stop_child(pid)
         raise
-    finally:
-        gc.unfreeze()
     left = np.flatnonzero(finished == 0)
     if left.size:
         why = (f"{failed} worker process(es) stopped before finishing" if failed else
@@ -174,6 +165,28 @@ def _wait(children, show):
         if running:
             time.sleep(0.1)
     return failed
+
+
+def fork_child():
+    """os.fork() as every child of this project needs it: 0 in the child, its PID here. The
+    parent's buffered output is flushed first (else the child could write it a second time);
+    the inherited objects are frozen for the child's garbage collector, which would otherwise
+    write to (and so copy) every shared page of them that it visits; and the child dies with
+    this process (die_with_parent)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    gc.freeze()
+    try:
+        pid = os.fork()
+    except BaseException:
+        gc.unfreeze()
+        raise
+    if pid == 0:
+        die_with_parent(parent)
+    else:
+        gc.unfreeze()
+    return pid
 
 
 def die_with_parent(parent_pid):

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import batch_feed  # noqa: E402
 import helper  # noqa: E402
 import mpn_cpp  # noqa: E402
-import batch_feed  # noqa: E402
 import multiple_task  # noqa: E402
 import net_helpers  # noqa: E402
 
@@ -134,8 +134,8 @@ def main():
         per, wall, cpu, eval_s, digest = time_steps(cfg, threads, args.steps, args.warmup, p,
                                                     prefetch)
         with_eval = wall + 1000 * eval_s / cfg["eval_every"]
-        cells = [str(threads), "on" if prefetch else "off", *(f"{per[k]:.2f}" for k in PARTS), f"{wall:.1f}", f"{cpu:.1f}",
-                 f"{eval_s:.2f}", f"{with_eval:.1f}", f"{1000 / with_eval:.1f}", digest]
+        cells = [str(threads), "on" if prefetch else "off", *(f"{per[k]:.2f}" for k in PARTS),
+                 f"{wall:.1f}", f"{cpu:.1f}", f"{eval_s:.2f}", f"{with_eval:.1f}", f"{1000 / with_eval:.1f}", digest]
         print("| " + " | ".join(cells) + " |")
 
 
